@@ -1,0 +1,186 @@
+//! Reading tarball entries safely: every entry of an input archive becomes an
+//! [`EntryMeta`] after its path has been checked.
+//!
+//! Refused: absolute paths, `..` components, hard links that leave the tree, and entry types
+//! a root filesystem cannot hold (GNU sparse and multi-volume parts). GNU long names, PAX
+//! paths and `SCHILY.xattr.*` records are understood; names are kept as raw bytes.
+
+use std::borrow::Cow;
+use std::io::{self, Read};
+
+use anyhow::{Result, bail};
+
+use crate::image::layer::{EntryKind, EntryMeta};
+
+/// Strip a leading `./` (any number) and check that `path` stays inside the tree.
+/// The root itself (`.` or `./`) becomes the empty path.
+pub fn normalize_path(path: &[u8]) -> Result<Vec<u8>, String> {
+    if path.first() == Some(&b'/') {
+        return Err("absolute path".to_string());
+    }
+    let mut out: Vec<u8> = Vec::with_capacity(path.len());
+    for component in path.split(|&b| b == b'/') {
+        match component {
+            b"" | b"." => continue,
+            b".." => return Err("path leaves the tree ('..')".to_string()),
+            c => {
+                if !out.is_empty() {
+                    out.push(b'/');
+                }
+                out.extend_from_slice(c);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Show a raw path for a message: lossy UTF-8, at most 200 characters.
+pub fn display_path(path: &[u8]) -> String {
+    let s = String::from_utf8_lossy(path);
+    if s.chars().count() > 200 {
+        let cut: String = s.chars().take(200).collect();
+        format!("{cut}…")
+    } else {
+        s.into_owned()
+    }
+}
+
+/// Turn one input entry into an [`EntryMeta`], or explain why it cannot be part of an image.
+pub fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta> {
+    let raw_path: Vec<u8> = entry.path_bytes().into_owned();
+    let path = normalize_path(&raw_path)
+        .map_err(|why| anyhow::anyhow!("entry {:?}: {why}", display_path(&raw_path)))?;
+    let header = entry.header();
+    let what = || format!("entry {:?}", display_path(&raw_path));
+    let num = |r: io::Result<u64>, field: &str| -> Result<u64> {
+        r.map_err(|e| anyhow::anyhow!("{}: bad {field} field: {e}", what()))
+    };
+    let mode = num(header.mode().map(u64::from), "mode")? as u32;
+    let uid = num(header.uid(), "uid")?;
+    let gid = num(header.gid(), "gid")?;
+    let mtime = num(header.mtime(), "mtime")?;
+    let uname = header.username_bytes().unwrap_or_default().to_vec();
+    let gname = header.groupname_bytes().unwrap_or_default().to_vec();
+    let link = || -> Result<Vec<u8>> {
+        match entry.link_name_bytes() {
+            Some(Cow::Borrowed(b)) => Ok(b.to_vec()),
+            Some(Cow::Owned(b)) => Ok(b),
+            None => bail!("{}: link without a target", what()),
+        }
+    };
+    let device = |r: io::Result<Option<u32>>| -> Result<u32> {
+        r.map_err(|e| anyhow::anyhow!("{}: bad device number: {e}", what()))
+            .map(Option::unwrap_or_default)
+    };
+    let kind = match header.entry_type() {
+        tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::Regular {
+            size: entry.size(),
+        },
+        tar::EntryType::Directory => EntryKind::Directory,
+        tar::EntryType::Symlink => EntryKind::Symlink { target: link()? },
+        tar::EntryType::Link => {
+            let target = normalize_path(&link()?).map_err(|why| {
+                anyhow::anyhow!("{}: hard link target: {why}", what())
+            })?;
+            EntryKind::HardLink { target }
+        }
+        tar::EntryType::Char => EntryKind::Char {
+            major: device(header.device_major())?,
+            minor: device(header.device_minor())?,
+        },
+        tar::EntryType::Block => EntryKind::Block {
+            major: device(header.device_major())?,
+            minor: device(header.device_minor())?,
+        },
+        tar::EntryType::Fifo => EntryKind::Fifo,
+        other => bail!("{}: unsupported entry type {other:?}", what()),
+    };
+    let mut xattrs = Vec::new();
+    if let Some(exts) = entry
+        .pax_extensions()
+        .map_err(|e| anyhow::anyhow!("{}: bad PAX header: {e}", what()))?
+    {
+        for ext in exts {
+            let ext = ext.map_err(|e| anyhow::anyhow!("{}: bad PAX record: {e}", what()))?;
+            if let Ok(key) = ext.key()
+                && let Some(name) = key
+                    .strip_prefix("SCHILY.xattr.")
+                    .or_else(|| key.strip_prefix("LIBARCHIVE.xattr."))
+            {
+                xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+            }
+        }
+    }
+    Ok(EntryMeta {
+        path,
+        kind,
+        mode: mode & 0o7777,
+        uid,
+        gid,
+        uname,
+        gname,
+        mtime,
+        xattrs,
+    })
+}
+
+/// Passes bytes through and remembers whether the stream ended with a zero block, so that
+/// an uncompressed tarball cut at an entry boundary is still reported as truncated.
+pub struct TrailerCheck<R> {
+    inner: R,
+    trailing_zeros: u64,
+}
+
+impl<R> TrailerCheck<R> {
+    pub fn new(inner: R) -> Self {
+        TrailerCheck {
+            inner,
+            trailing_zeros: 0,
+        }
+    }
+
+    /// True when at least one all-zero 512-byte block ended what was read.
+    pub fn saw_end_marker(&self) -> bool {
+        self.trailing_zeros >= 512
+    }
+}
+
+impl<R: Read> Read for TrailerCheck<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        match buf[..n].iter().rposition(|&b| b != 0) {
+            Some(i) => self.trailing_zeros = (n - i - 1) as u64,
+            None => self.trailing_zeros += n as u64,
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_normalised_and_escapes_refused() {
+        assert_eq!(normalize_path(b"./usr/bin/").unwrap(), b"usr/bin");
+        assert_eq!(normalize_path(b"./").unwrap(), b"");
+        assert_eq!(normalize_path(b".").unwrap(), b"");
+        assert_eq!(normalize_path(b"a//b/./c").unwrap(), b"a/b/c");
+        assert!(normalize_path(b"/etc/passwd").is_err());
+        assert!(normalize_path(b"./a/../../etc").is_err());
+        assert!(normalize_path(b"..").is_err());
+        assert_eq!(normalize_path(b"a/..b").unwrap(), b"a/..b");
+    }
+
+    #[test]
+    fn trailer_check_needs_a_zero_block_at_the_end() {
+        let mut data = vec![1u8; 1000];
+        let mut r = TrailerCheck::new(&data[..]);
+        io::copy(&mut r, &mut io::sink()).unwrap();
+        assert!(!r.saw_end_marker());
+        data.extend_from_slice(&[0u8; 1024]);
+        let mut r = TrailerCheck::new(&data[..]);
+        io::copy(&mut r, &mut io::sink()).unwrap();
+        assert!(r.saw_end_marker());
+    }
+}

@@ -1,0 +1,5 @@
+//! Reading inputs: decompression sniffed from magic bytes, and tar entries checked for
+//! safety before anything else sees them.
+
+pub mod decompress;
+pub mod entries;

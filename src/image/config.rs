@@ -1,0 +1,441 @@
+//! The image config and manifest: platform (from the stage's own ELF binaries), environment,
+//! command, volumes, labels and the creation time.
+//!
+//! Everything here is a pure function of its inputs, serialised with a fixed field order, so
+//! the same layer and settings always give the same config and manifest digests.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+
+use crate::image::layer::LayerInfo;
+use crate::image::store::{CONFIG_MEDIA_TYPE, Descriptor, Digest, MANIFEST_MEDIA_TYPE};
+
+/// OS/architecture/variant, in OCI (GOARCH) terms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Platform {
+    pub architecture: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "linux/{}", self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Platform {
+    type Err = anyhow::Error;
+
+    /// `[linux/]ARCH[/VARIANT]`, e.g. `linux/arm/v7` or `amd64`.
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.strip_prefix("linux/").unwrap_or(s);
+        let mut parts = s.split('/');
+        let arch = parts.next().unwrap_or_default();
+        let variant = parts.next().map(str::to_string);
+        if arch.is_empty() || parts.next().is_some() || variant.as_deref() == Some("") {
+            bail!("platform {s:?}: expected [linux/]ARCH[/VARIANT], e.g. linux/arm64");
+        }
+        Ok(Platform {
+            architecture: arch.to_string(),
+            variant,
+        })
+    }
+}
+
+const EM_386: u16 = 3;
+const EM_PPC: u16 = 20;
+const EM_PPC64: u16 = 21;
+const EM_S390: u16 = 22;
+const EM_ARM: u16 = 40;
+const EM_X86_64: u16 = 62;
+const EM_AARCH64: u16 = 183;
+const EM_RISCV: u16 = 243;
+const EM_LOONGARCH: u16 = 258;
+const SHT_ARM_ATTRIBUTES: u32 = 0x7000_0003;
+
+/// Read the platform from the start of an ELF file (for ARM, the whole file: the CPU
+/// architecture is in the `.ARM.attributes` section). `None` when `data` is not an ELF
+/// executable or shared object of a known machine.
+pub fn platform_from_elf(data: &[u8]) -> Option<Platform> {
+    if data.len() < 52 || &data[..4] != b"\x7fELF" {
+        return None;
+    }
+    let is64 = match data[4] {
+        1 => false,
+        2 => true,
+        _ => return None,
+    };
+    let le = match data[5] {
+        1 => true,
+        2 => false,
+        _ => return None,
+    };
+    let u16_at = |o: usize| -> Option<u16> {
+        let b: [u8; 2] = data.get(o..o + 2)?.try_into().ok()?;
+        Some(if le { u16::from_le_bytes(b) } else { u16::from_be_bytes(b) })
+    };
+    let e_type = u16_at(16)?;
+    if e_type != 2 && e_type != 3 {
+        return None; // not ET_EXEC or ET_DYN
+    }
+    let (arch, variant) = match (u16_at(18)?, is64, le) {
+        (EM_X86_64, true, true) => ("amd64", None),
+        (EM_386, false, true) => ("386", None),
+        (EM_AARCH64, true, true) => ("arm64", Some("v8".to_string())),
+        (EM_ARM, false, true) => ("arm", arm_variant(data)),
+        (EM_PPC64, true, true) => ("ppc64le", None),
+        (EM_PPC64, true, false) => ("ppc64", None),
+        (EM_PPC, false, false) => ("ppc", None),
+        (EM_S390, true, false) => ("s390x", None),
+        (EM_RISCV, true, true) => ("riscv64", None),
+        (EM_LOONGARCH, true, true) => ("loong64", None),
+        _ => return None,
+    };
+    Some(Platform {
+        architecture: arch.to_string(),
+        variant,
+    })
+}
+
+/// `v5`, `v6`, `v7` or `v8` from Tag_CPU_arch in a 32-bit little-endian ARM ELF's
+/// `.ARM.attributes` section.
+fn arm_variant(data: &[u8]) -> Option<String> {
+    let u16_at = |o: usize| -> Option<usize> {
+        Some(u16::from_le_bytes(data.get(o..o + 2)?.try_into().ok()?) as usize)
+    };
+    let u32_at = |o: usize| -> Option<usize> {
+        Some(u32::from_le_bytes(data.get(o..o + 4)?.try_into().ok()?) as usize)
+    };
+    let shoff = u32_at(32)?;
+    let shentsize = u16_at(46)?;
+    let shnum = u16_at(48)?;
+    let section = (0..shnum).find_map(|i| {
+        let sh = shoff.checked_add(i.checked_mul(shentsize)?)?;
+        (u32_at(sh + 4)? as u32 == SHT_ARM_ATTRIBUTES).then_some(())?;
+        let off = u32_at(sh + 16)?;
+        let size = u32_at(sh + 20)?;
+        data.get(off..off.checked_add(size)?)
+    })?;
+    let arch = tag_cpu_arch(section)?;
+    Some(
+        match arch {
+            0..=5 => "v5",
+            6..=9 => "v6",
+            10 | 13 => "v7",
+            _ => "v8",
+        }
+        .to_string(),
+    )
+}
+
+/// Tag_CPU_arch (tag 6) from the "aeabi" file attributes of an attributes section.
+fn tag_cpu_arch(section: &[u8]) -> Option<u64> {
+    fn uleb(d: &[u8], pos: &mut usize) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *d.get(*pos)?;
+            *pos += 1;
+            value |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    if section.first() != Some(&b'A') {
+        return None;
+    }
+    let mut pos = 1;
+    while pos + 4 <= section.len() {
+        let len = u32::from_le_bytes(section[pos..pos + 4].try_into().ok()?) as usize;
+        let sub = section.get(pos..pos.checked_add(len)?)?;
+        pos += len.max(1);
+        let name_end = sub[4..].iter().position(|&b| b == 0)? + 4;
+        if &sub[4..name_end] != b"aeabi" {
+            continue;
+        }
+        let mut p = name_end + 1;
+        while p + 5 <= sub.len() {
+            let tag = sub[p];
+            let size = u32::from_le_bytes(sub[p + 1..p + 5].try_into().ok()?) as usize;
+            let block = sub.get(p..p.checked_add(size)?)?;
+            p += size.max(1);
+            if tag != 1 {
+                continue; // only file-scope attributes
+            }
+            let mut q = 5;
+            while q < block.len() {
+                let t = uleb(block, &mut q)?;
+                match t {
+                    6 => return uleb(block, &mut q),
+                    4 | 5 | 67 => {
+                        q += block[q..].iter().position(|&b| b == 0)? + 1;
+                    }
+                    32 => {
+                        uleb(block, &mut q)?;
+                        q += block[q..].iter().position(|&b| b == 0)? + 1;
+                    }
+                    t if t > 32 && t % 2 == 1 => {
+                        q += block[q..].iter().position(|&b| b == 0)? + 1;
+                    }
+                    _ => {
+                        uleb(block, &mut q)?;
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+/// What goes into an image config besides the layers.
+#[derive(Debug, Clone)]
+pub struct ImageSpec {
+    pub platform: Platform,
+    /// Seconds since the epoch.
+    pub created: i64,
+    pub env: Vec<String>,
+    pub cmd: Vec<String>,
+    pub volumes: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    /// One history line per layer.
+    pub history: Vec<String>,
+}
+
+impl ImageSpec {
+    /// The settings every gentoo-mkimg image shares, as the old tool's images had them.
+    pub fn gentoo(platform: Platform, created: i64) -> Self {
+        ImageSpec {
+            platform,
+            created,
+            env: vec![
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+            ],
+            cmd: vec!["/bin/bash".to_string()],
+            volumes: vec!["/var/db/repos/gentoo".to_string()],
+            labels: BTreeMap::new(),
+            history: Vec::new(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ConfigJson<'a> {
+    created: String,
+    architecture: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<&'a str>,
+    os: &'static str,
+    config: RunConfig<'a>,
+    rootfs: RootFs,
+    history: Vec<History<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct RunConfig<'a> {
+    env: &'a [String],
+    cmd: &'a [String],
+    volumes: BTreeMap<&'a str, serde_json::Map<String, serde_json::Value>>,
+    labels: &'a BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct RootFs {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    diff_ids: Vec<Digest>,
+}
+
+#[derive(Serialize)]
+struct History<'a> {
+    created: String,
+    created_by: &'a str,
+}
+
+/// The config JSON for `spec` over `layers`.
+pub fn config_json(spec: &ImageSpec, layers: &[LayerInfo]) -> Result<Vec<u8>> {
+    let created = rfc3339(spec.created);
+    let config = ConfigJson {
+        created: created.clone(),
+        architecture: &spec.platform.architecture,
+        variant: spec.platform.variant.as_deref(),
+        os: "linux",
+        config: RunConfig {
+            env: &spec.env,
+            cmd: &spec.cmd,
+            volumes: spec
+                .volumes
+                .iter()
+                .map(|v| (v.as_str(), serde_json::Map::new()))
+                .collect(),
+            labels: &spec.labels,
+        },
+        rootfs: RootFs {
+            kind: "layers",
+            diff_ids: layers.iter().map(|l| l.diff_id.clone()).collect(),
+        },
+        history: spec
+            .history
+            .iter()
+            .map(|h| History {
+                created: created.clone(),
+                created_by: h,
+            })
+            .collect(),
+    };
+    Ok(serde_json::to_vec(&config)?)
+}
+
+#[derive(Serialize)]
+struct ManifestJson<'a> {
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    #[serde(rename = "mediaType")]
+    media_type: &'static str,
+    config: &'a Descriptor,
+    layers: Vec<Descriptor>,
+    annotations: &'a BTreeMap<String, String>,
+}
+
+/// The manifest JSON for a stored config and layers.
+pub fn manifest_json(
+    config: &Descriptor,
+    layers: &[LayerInfo],
+    annotations: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    let manifest = ManifestJson {
+        schema_version: 2,
+        media_type: MANIFEST_MEDIA_TYPE,
+        config,
+        layers: layers.iter().map(LayerInfo::descriptor).collect(),
+        annotations,
+    };
+    Ok(serde_json::to_vec(&manifest)?)
+}
+
+pub fn config_descriptor(digest: Digest, size: u64) -> Descriptor {
+    Descriptor::new(CONFIG_MEDIA_TYPE, digest, size)
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (UTC).
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn elf(class: u8, data: u8, machine: u16) -> Vec<u8> {
+        let mut h = vec![0u8; 64];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = class;
+        h[5] = data;
+        let put = |h: &mut Vec<u8>, o: usize, v: u16| {
+            let b = if data == 1 { v.to_le_bytes() } else { v.to_be_bytes() };
+            h[o..o + 2].copy_from_slice(&b);
+        };
+        put(&mut h, 16, 3);
+        put(&mut h, 18, machine);
+        h
+    }
+
+    #[test]
+    fn detects_common_architectures() {
+        let cases = [
+            (elf(2, 1, EM_X86_64), "linux/amd64"),
+            (elf(2, 1, EM_AARCH64), "linux/arm64/v8"),
+            (elf(1, 1, EM_386), "linux/386"),
+            (elf(2, 1, EM_PPC64), "linux/ppc64le"),
+            (elf(2, 2, EM_PPC64), "linux/ppc64"),
+            (elf(2, 1, EM_RISCV), "linux/riscv64"),
+            (elf(2, 2, EM_S390), "linux/s390x"),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(platform_from_elf(&bytes).unwrap().to_string(), want);
+        }
+        assert_eq!(platform_from_elf(b"#!/bin/sh\necho hi\n"), None);
+        let mut relocatable = elf(2, 1, EM_X86_64);
+        relocatable[16] = 1;
+        assert_eq!(platform_from_elf(&relocatable), None);
+    }
+
+    /// A 32-bit ARM ELF with one `.ARM.attributes` section saying Tag_CPU_arch = `arch`.
+    fn arm_elf(arch: u8) -> Vec<u8> {
+        let mut h = elf(1, 1, EM_ARM);
+        h.truncate(52);
+        let mut attrs = vec![b'A'];
+        let mut file_attrs = vec![5u8];
+        file_attrs.extend_from_slice(b"7-A\0"); // Tag_CPU_name, a string
+        file_attrs.extend_from_slice(&[6, arch, 10, 2]); // Tag_CPU_arch, Tag_FP_arch
+        let mut sub = b"aeabi\0".to_vec();
+        sub.push(1);
+        sub.extend_from_slice(&((file_attrs.len() + 5) as u32).to_le_bytes());
+        sub.extend_from_slice(&file_attrs);
+        attrs.extend_from_slice(&((sub.len() + 4) as u32).to_le_bytes());
+        attrs.extend_from_slice(&sub);
+        let attrs_off = h.len();
+        h.extend_from_slice(&attrs);
+        let shoff = h.len();
+        h.extend_from_slice(&[0u8; 40]); // null section
+        let mut sh = [0u8; 40];
+        sh[4..8].copy_from_slice(&SHT_ARM_ATTRIBUTES.to_le_bytes());
+        sh[16..20].copy_from_slice(&(attrs_off as u32).to_le_bytes());
+        sh[20..24].copy_from_slice(&(attrs.len() as u32).to_le_bytes());
+        h.extend_from_slice(&sh);
+        h[32..36].copy_from_slice(&(shoff as u32).to_le_bytes());
+        h[46..48].copy_from_slice(&40u16.to_le_bytes());
+        h[48..50].copy_from_slice(&2u16.to_le_bytes());
+        h
+    }
+
+    #[test]
+    fn arm_variant_comes_from_the_attributes_section() {
+        assert_eq!(platform_from_elf(&arm_elf(10)).unwrap().to_string(), "linux/arm/v7");
+        assert_eq!(platform_from_elf(&arm_elf(6)).unwrap().to_string(), "linux/arm/v6");
+        let mut no_sections = arm_elf(10);
+        no_sections[48] = 0;
+        assert_eq!(platform_from_elf(&no_sections).unwrap().to_string(), "linux/arm");
+    }
+
+    #[test]
+    fn timestamps_format_as_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_771_088_733), "2026-02-14T17:05:33Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn platform_strings_parse() {
+        let p: Platform = "linux/arm/v7".parse().unwrap();
+        assert_eq!(p.variant.as_deref(), Some("v7"));
+        assert!("linux/".parse::<Platform>().is_err());
+        assert!("a/b/c/d".parse::<Platform>().is_err());
+    }
+}

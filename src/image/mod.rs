@@ -1,0 +1,69 @@
+//! Making images: layers, config, manifest, and the image store that holds them.
+
+pub mod config;
+pub mod layer;
+pub mod reference;
+pub mod store;
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+
+use config::ImageSpec;
+use layer::LayerInfo;
+use store::{Descriptor, Store};
+
+/// A stored, tagged image.
+#[derive(Debug, Clone)]
+pub struct StoredImage {
+    pub reference: String,
+    pub manifest: Descriptor,
+    pub config: Descriptor,
+    /// Layer descriptors, as in the manifest.
+    pub layers: Vec<Descriptor>,
+}
+
+impl StoredImage {
+    /// Bytes of the image as stored: config plus compressed layers.
+    pub fn size(&self) -> u64 {
+        self.config.size + self.layers.iter().map(|l| l.size).sum::<u64>()
+    }
+}
+
+/// Write the config and manifest for `layers` (already in the store) and tag the result.
+pub fn commit_image(
+    store: &Store,
+    reference: &str,
+    spec: &ImageSpec,
+    layers: &[LayerInfo],
+) -> Result<StoredImage> {
+    let config_bytes = config::config_json(spec, layers)?;
+    let cfg = store.put_bytes(store::CONFIG_MEDIA_TYPE, &config_bytes)?;
+    let config = config::config_descriptor(cfg.digest, cfg.size);
+    let mut annotations = BTreeMap::new();
+    annotations.insert(
+        "org.opencontainers.image.created".to_string(),
+        config::rfc3339(spec.created),
+    );
+    let manifest_bytes = config::manifest_json(&config, layers, &annotations)?;
+    let manifest = store.put_bytes(store::MANIFEST_MEDIA_TYPE, &manifest_bytes)?;
+    store.tag(reference, manifest.clone())?;
+    Ok(StoredImage {
+        reference: reference.to_string(),
+        manifest,
+        config,
+        layers: layers.iter().map(LayerInfo::descriptor).collect(),
+    })
+}
+
+/// The image tagged `reference` in `store`.
+pub fn open_image(store: &Store, reference: &str) -> Result<StoredImage> {
+    let manifest = store.resolve(reference)?;
+    let parsed = store.read_manifest(&manifest)?;
+    Ok(StoredImage {
+        reference: reference.to_string(),
+        config: parsed.config,
+        layers: parsed.layers,
+        manifest,
+    })
+}

@@ -1,0 +1,61 @@
+//! `gentoo-mkimg images`: what the store holds.
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::image::store::{Digest, Store};
+
+/// One line of the listing.
+#[derive(Debug, Clone)]
+pub struct ImageRow {
+    pub reference: String,
+    pub digest: Digest,
+    /// Config plus compressed layers, in bytes.
+    pub size: u64,
+    pub created: String,
+}
+
+#[derive(Deserialize)]
+struct CreatedOnly {
+    #[serde(default)]
+    created: String,
+}
+
+/// Every tagged image in the store, in index order.
+pub fn list(store: &Store) -> Result<Vec<ImageRow>> {
+    let index = store.read_index()?;
+    let mut rows = Vec::new();
+    for desc in index.manifests {
+        let Some(reference) = desc.ref_name().map(str::to_string) else {
+            continue;
+        };
+        let manifest = store
+            .read_manifest(&desc)
+            .with_context(|| format!("image {reference}"))?;
+        let config: CreatedOnly = serde_json::from_slice(&store.read_blob(&manifest.config.digest)?)
+            .with_context(|| format!("image {reference}: config is not valid JSON"))?;
+        rows.push(ImageRow {
+            reference,
+            digest: desc.digest,
+            size: manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>(),
+            created: config.created,
+        });
+    }
+    Ok(rows)
+}
+
+/// Bytes as a short human size (binary units).
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

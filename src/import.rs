@@ -1,0 +1,166 @@
+//! `gentoo-mkimg import`: a stage3 tarball becomes a one-layer image in the store.
+//!
+//! One streaming pass: decompress, check each entry, re-write it into the normalised layer
+//! tar, compress, hash, and watch for the newest mtime and the stage's architecture on the
+//! way. Nothing reaches the store's index unless the whole tarball was read without fault.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::archive::decompress;
+use crate::archive::entries::{TrailerCheck, display_path, entry_meta};
+use crate::image::config::{ImageSpec, Platform, platform_from_elf};
+use crate::image::layer::{EntryKind, LayerCompression, LayerInfo, LayerWriter};
+use crate::image::reference::Reference;
+use crate::image::store::Store;
+use crate::image::{StoredImage, commit_image};
+use crate::progress::{self, Verbosity};
+
+/// What to import, as plain values.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    pub stage: PathBuf,
+    pub reference: Reference,
+    pub compression: LayerCompression,
+    /// Set the platform instead of reading it from the stage's binaries.
+    pub platform: Option<Platform>,
+    /// SOURCE_DATE_EPOCH; otherwise the newest mtime in the stage is the creation time.
+    pub source_date_epoch: Option<i64>,
+    pub verbosity: Verbosity,
+}
+
+/// What a pass over a tarball learned besides the layer itself.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    pub entries: u64,
+    pub newest_mtime: u64,
+    pub platform: Option<Platform>,
+}
+
+/// Largest binary read whole to find the platform (ARM keeps it at the end of the file).
+const ELF_PROBE_LIMIT: u64 = 16 << 20;
+
+fn is_binary_dir(path: &[u8]) -> bool {
+    let dir = match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => &path[..i],
+        None => return false,
+    };
+    matches!(dir, b"bin" | b"sbin" | b"usr/bin" | b"usr/sbin")
+}
+
+/// Copy every entry of the tar stream `input` into `layer`, checking each one.
+/// `progress` is called now and then with nothing (the caller reads its own counters).
+pub fn append_tar(
+    input: impl Read,
+    layer: &mut LayerWriter,
+    mut progress: impl FnMut(),
+) -> Result<Scan> {
+    let mut checked = TrailerCheck::new(input);
+    let mut scan = Scan::default();
+    let mut last = String::from("(start of archive)");
+    {
+        let mut archive = tar::Archive::new(&mut checked);
+        let entries = archive
+            .entries()
+            .context("cannot read the tar stream")?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| {
+                anyhow!("corrupt or truncated data after entry {last:?}: {e}")
+            })?;
+            let meta = entry_meta(&mut entry)?;
+            last = display_path(&meta.path);
+            scan.entries += 1;
+            scan.newest_mtime = scan.newest_mtime.max(meta.mtime);
+            let appended = match meta.kind {
+                EntryKind::Regular { size }
+                    if scan.platform.is_none()
+                        && (64..=ELF_PROBE_LIMIT).contains(&size)
+                        && is_binary_dir(&meta.path) =>
+                {
+                    let mut data = Vec::with_capacity(size as usize);
+                    (&mut entry)
+                        .take(size)
+                        .read_to_end(&mut data)
+                        .map_err(|e| anyhow!("entry {last:?}: cannot read: {e}"))?;
+                    scan.platform = platform_from_elf(&data);
+                    layer.append(&meta, &mut data.as_slice())
+                }
+                _ => layer.append(&meta, &mut entry),
+            };
+            appended.map_err(|e| anyhow!("entry {last:?}: {e} (truncated or corrupt input?)"))?;
+            progress();
+        }
+    }
+    if scan.entries == 0 {
+        bail!("the archive holds no entries");
+    }
+    if !checked.saw_end_marker() {
+        bail!("truncated: the archive ends after entry {last:?} without tar's end-of-archive marker");
+    }
+    Ok(scan)
+}
+
+/// Import `opts.stage` into `store` as `opts.reference`.
+pub fn import(store: &Store, opts: &ImportOptions) -> Result<StoredImage> {
+    let file = opts.stage.display().to_string();
+    let input = decompress::open(&opts.stage)?;
+    tracing::info!(
+        "importing {file} ({}, {} bytes) as {}",
+        input.compression,
+        input.size,
+        opts.reference
+    );
+    let bar = progress::Bytes::new(opts.verbosity, "import", input.size);
+    let consumed = input.consumed.clone();
+    let mut layer = LayerWriter::new(store, opts.compression)?;
+    let scan = append_tar(input.reader, &mut layer, || {
+        bar.set(consumed.load(std::sync::atomic::Ordering::Relaxed))
+    })
+    .with_context(|| format!("{file}"))?;
+    let info: LayerInfo = layer.finish(store).with_context(|| format!("{file}"))?;
+    bar.finish();
+
+    let platform = match (&opts.platform, scan.platform) {
+        (Some(p), _) => p.clone(),
+        (None, Some(p)) => p,
+        (None, None) => bail!(
+            "{file}: no ELF executable found in /bin, /sbin, /usr/bin or /usr/sbin, so the \
+             architecture is unknown; is this a stage3? (--platform sets it)"
+        ),
+    };
+    let created = opts
+        .source_date_epoch
+        .unwrap_or(scan.newest_mtime.min(i64::MAX as u64) as i64);
+    let mut spec = ImageSpec::gentoo(platform, created);
+    spec.labels = standard_labels(&opts.reference, created, "Gentoo stage3, imported by gentoo-mkimg");
+    spec.history = vec!["gentoo-mkimg import".to_string()];
+    let image = commit_image(store, &opts.reference.to_string(), &spec, &[info.clone()])?;
+    tracing::info!(
+        "{} entries, layer {} ({} bytes, {} uncompressed)",
+        scan.entries,
+        info.digest,
+        info.size,
+        info.tar_size
+    );
+    Ok(image)
+}
+
+/// The `org.opencontainers.image.*` labels every image of ours carries.
+pub fn standard_labels(
+    reference: &Reference,
+    created: i64,
+    description: &str,
+) -> std::collections::BTreeMap<String, String> {
+    [
+        ("created", crate::image::config::rfc3339(created)),
+        ("title", reference.name().to_string()),
+        ("version", reference.tag.clone()),
+        ("description", description.to_string()),
+        ("vendor", "gentoo-mkimg".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("org.opencontainers.image.{k}"), v))
+    .collect()
+}

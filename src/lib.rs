@@ -1,0 +1,13 @@
+//! gentoo-mkimg: Gentoo stage3 + Portage snapshot → container images, without a daemon.
+//!
+//! The modules follow the pipeline: [`archive`] reads inputs, [`image`] makes layers,
+//! configs and manifests in the [`image::store`], [`publish`] gets images out of the store.
+//! [`import`] and [`images`] are the commands built on them; [`cli`] only parses arguments.
+
+pub mod archive;
+pub mod cli;
+pub mod image;
+pub mod images;
+pub mod import;
+pub mod progress;
+pub mod publish;

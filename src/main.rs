@@ -1,0 +1,98 @@
+//! The `gentoo-mkimg` binary: parse the command line, run the library, report errors as one
+//! line and an exit status.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use gentoo_mkimg::cli::{Cli, Command};
+use gentoo_mkimg::image::store::Store;
+use gentoo_mkimg::progress::Verbosity;
+use gentoo_mkimg::{images, import, publish};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let verbosity = if cli.quiet {
+        Verbosity::Quiet
+    } else if cli.verbose > 0 {
+        Verbosity::Verbose
+    } else {
+        Verbosity::Normal
+    };
+    init_logging(verbosity, cli.verbose);
+    match run(cli, verbosity) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("gentoo-mkimg: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbosity: Verbosity, level: u8) {
+    let filter = match (verbosity, level) {
+        (Verbosity::Quiet, _) => "error",
+        (_, 0) => "warn",
+        (_, 1) => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GENTOO_MKIMG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+/// SOURCE_DATE_EPOCH, when set: a reproducible creation time.
+fn source_date_epoch() -> Result<Option<i64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map(Some)
+            .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
+        _ => Ok(None),
+    }
+}
+
+fn run(cli: Cli, verbosity: Verbosity) -> Result<()> {
+    let store = Store::new(&cli.store);
+    match cli.command {
+        Command::Import(args) => {
+            let opts = import::ImportOptions {
+                stage: args.stage3,
+                reference: args.reference.parse()?,
+                compression: args.compression,
+                platform: args.platform.as_deref().map(str::parse).transpose()?,
+                source_date_epoch: source_date_epoch()?,
+                verbosity,
+            };
+            let image = import::import(&store, &opts)?;
+            if let Some(path) = &args.archive {
+                publish::docker_archive::write(&store, std::slice::from_ref(&image), path)?;
+            }
+            if verbosity != Verbosity::Quiet {
+                println!("{} {}", image.reference, image.manifest.digest);
+            }
+        }
+        Command::Images => {
+            let rows = images::list(&store)?;
+            let width = rows.iter().map(|r| r.reference.len()).max().unwrap_or(9).max(9);
+            println!("{:width$}  {:19}  {:>10}  CREATED", "REFERENCE", "DIGEST", "SIZE");
+            for row in rows {
+                println!(
+                    "{:width$}  {:19}  {:>10}  {}",
+                    row.reference,
+                    &row.digest.as_str()[..19],
+                    images::human_size(row.size),
+                    row.created
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! Progress on stderr for long work: shown only when stderr is a terminal and not `-q`.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// How chatty the tool is, from `-q` / `-v`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Verbosity {
+    Quiet,
+    #[default]
+    Normal,
+    Verbose,
+}
+
+/// A byte-count progress bar, or nothing.
+pub struct Bytes {
+    bar: Option<ProgressBar>,
+}
+
+impl Bytes {
+    /// A bar for `total` bytes labelled `what`, drawn only on a terminal.
+    pub fn new(verbosity: Verbosity, what: &str, total: u64) -> Self {
+        if verbosity == Verbosity::Quiet || !std::io::stderr().is_terminal() {
+            return Bytes { bar: None };
+        }
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        let style = ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_message(what.to_string());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Bytes { bar: Some(bar) }
+    }
+
+    pub fn set(&self, done: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Drop for Bytes {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

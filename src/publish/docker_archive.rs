@@ -1,0 +1,126 @@
+//! Writing a docker-archive: the tarball `docker load` and `podman load` read.
+//!
+//! The archive is laid out as Docker 25+ writes it: an OCI image layout (`oci-layout`,
+//! `index.json`, `blobs/sha256/...`) plus the legacy `manifest.json` that older Docker
+//! releases and Podman's docker-archive transport read. Layers are copied from the store as
+//! they are (compressed); both engines decompress them on load. Blobs are streamed from the
+//! store, and the file appears under its name only when complete.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use crate::image::StoredImage;
+use crate::image::store::{INDEX_MEDIA_TYPE, Store};
+
+/// Write `images` (all from `store`) to `dest` as one docker-archive.
+pub fn write(store: &Store, images: &[StoredImage], dest: &Path) -> Result<()> {
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-archive-")
+        .tempfile_in(dir)
+        .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
+    let (file, tmp_path) = tmp.into_parts();
+    let mut tar = tar::Builder::new(BufWriter::with_capacity(1 << 20, file));
+    write_entries(store, images, &mut tar)
+        .with_context(|| format!("{}: cannot write the docker archive", dest.display()))?;
+    let mut out = tar
+        .into_inner()
+        .with_context(|| format!("{}: cannot finish the archive", dest.display()))?;
+    out.flush()
+        .with_context(|| format!("{}: cannot write", dest.display()))?;
+    drop(out);
+    tmp_path
+        .persist(dest)
+        .map_err(|e| e.error)
+        .with_context(|| format!("{}: cannot rename into place", dest.display()))?;
+    Ok(())
+}
+
+fn header(size: u64) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    h
+}
+
+fn add_bytes<W: Write>(tar: &mut tar::Builder<W>, name: &str, bytes: &[u8]) -> Result<()> {
+    let mut h = header(bytes.len() as u64);
+    tar.append_data(&mut h, name, bytes)
+        .with_context(|| format!("cannot add {name}"))
+}
+
+fn write_entries<W: Write>(
+    store: &Store,
+    images: &[StoredImage],
+    tar: &mut tar::Builder<W>,
+) -> Result<()> {
+    let mut dir = tar::Header::new_ustar();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o755);
+    dir.set_mtime(0);
+    dir.set_size(0);
+    for d in ["blobs/", "blobs/sha256/"] {
+        tar.append_data(&mut dir.clone(), d, std::io::empty())?;
+    }
+    let mut written = std::collections::BTreeSet::new();
+    let mut index_entries = Vec::new();
+    let mut legacy = Vec::new();
+    for image in images {
+        let digests = image
+            .layers
+            .iter()
+            .map(|l| &l.digest)
+            .chain([&image.config.digest, &image.manifest.digest]);
+        for digest in digests {
+            if !written.insert(digest.clone()) {
+                continue;
+            }
+            let path = store.blob_path(digest);
+            let mut file =
+                File::open(&path).with_context(|| format!("{}: cannot open blob", path.display()))?;
+            let size = file.metadata()?.len();
+            let mut h = header(size);
+            tar.append_data(&mut h, format!("blobs/sha256/{}", digest.hex()), &mut file)
+                .with_context(|| format!("{}: cannot copy blob", path.display()))?;
+        }
+        let tag = image
+            .reference
+            .rsplit_once(':')
+            .map(|(_, t)| t)
+            .unwrap_or("latest");
+        index_entries.push(json!({
+            "mediaType": image.manifest.media_type,
+            "digest": image.manifest.digest,
+            "size": image.manifest.size,
+            "annotations": {
+                "io.containerd.image.name": image.reference,
+                "org.opencontainers.image.ref.name": tag,
+            },
+        }));
+        legacy.push(json!({
+            "Config": format!("blobs/sha256/{}", image.config.digest.hex()),
+            "RepoTags": [image.reference],
+            "Layers": image.layers.iter()
+                .map(|l| format!("blobs/sha256/{}", l.digest.hex()))
+                .collect::<Vec<_>>(),
+        }));
+    }
+    add_bytes(tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let index = json!({
+        "schemaVersion": 2,
+        "mediaType": INDEX_MEDIA_TYPE,
+        "manifests": index_entries,
+    });
+    add_bytes(tar, "index.json", &serde_json::to_vec(&index)?)?;
+    add_bytes(tar, "manifest.json", &serde_json::to_vec(&legacy)?)?;
+    Ok(())
+}

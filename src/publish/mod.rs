@@ -1,0 +1,3 @@
+//! Publishing images out of the store.
+
+pub mod docker_archive;
