@@ -23,10 +23,10 @@ use crate::image::store::{Digest, PendingBlob, Store};
 /// How layer blobs are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LayerCompression {
-    /// gzip: understood by every engine and registry (default).
+    /// Understood by every engine and registry (default).
     #[default]
     Gzip,
-    /// zstd: smaller and much faster; needs Docker 23+ or Podman.
+    /// Smaller and much faster; needs Docker 23+ or Podman to run.
     Zstd,
     /// Uncompressed tar.
     None,
