@@ -3,3 +3,4 @@
 
 pub mod decompress;
 pub mod entries;
+pub mod extract;
