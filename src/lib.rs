@@ -6,8 +6,11 @@
 
 pub mod archive;
 pub mod cli;
+pub mod engine;
 pub mod image;
 pub mod images;
 pub mod import;
 pub mod progress;
 pub mod publish;
+pub mod shell;
+pub mod snapshot;

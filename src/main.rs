@@ -9,9 +9,15 @@ use clap::Parser;
 use gentoo_mkimg::cli::{Cli, Command};
 use gentoo_mkimg::image::store::Store;
 use gentoo_mkimg::progress::Verbosity;
-use gentoo_mkimg::{images, import, publish};
+use gentoo_mkimg::{engine, images, import, publish, shell};
 
 fn main() -> ExitCode {
+    // The sandbox engine re-executes this binary as its helper inside new namespaces.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() == 3 && args[1] == engine::sandbox::INIT_ARG {
+        let code = engine::sandbox::init_main(std::path::Path::new(&args[2]));
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     let cli = Cli::parse();
     let verbosity = if cli.quiet {
         Verbosity::Quiet
@@ -22,7 +28,7 @@ fn main() -> ExitCode {
     };
     init_logging(verbosity, cli.verbose);
     match run(cli, verbosity) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("gentoo-mkimg: error: {err:#}");
             ExitCode::FAILURE
@@ -59,12 +65,44 @@ fn source_date_epoch() -> Result<Option<i64>> {
     }
 }
 
-fn run(cli: Cli, verbosity: Verbosity) -> Result<()> {
+/// The cache directory: --cache-dir, else $XDG_CACHE_HOME/gentoo-mkimg, else
+/// ~/.cache/gentoo-mkimg.
+fn cache_dir(cli: &Cli) -> Result<std::path::PathBuf> {
+    if let Some(dir) = &cli.cache_dir {
+        return Ok(dir.clone());
+    }
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return Ok(std::path::PathBuf::from(xdg).join("gentoo-mkimg"));
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(home) => Ok(std::path::PathBuf::from(home).join(".cache/gentoo-mkimg")),
+        None => anyhow::bail!("neither --cache-dir, XDG_CACHE_HOME nor HOME is set"),
+    }
+}
+
+fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
     let store = Store::new(&cli.store);
-    match cli.command {
+    match &cli.command {
+        Command::Shell(args) => {
+            let opts = shell::ShellOptions {
+                stage: args.stage3.clone(),
+                snapshot: args.snapshot.clone(),
+                tag: args.tag.clone(),
+                engine: args.engine,
+                env: args.env.clone(),
+                command: args.command.clone(),
+                keep: args.keep,
+                work_dir: cli.work_dir.clone(),
+                cache_dir: cache_dir(&cli)?,
+                store,
+                verbosity,
+            };
+            let code = shell::shell(&opts)?;
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
         Command::Import(args) => {
             let opts = import::ImportOptions {
-                stage: args.stage3,
+                stage: args.stage3.clone(),
                 reference: args.reference.parse()?,
                 compression: args.compression,
                 platform: args.platform.as_deref().map(str::parse).transpose()?,
@@ -94,5 +132,5 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

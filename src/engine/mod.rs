@@ -1,0 +1,73 @@
+//! Where a build runs: a [`Session`] (stage, mounts, environment, command) and the two
+//! engines that can run one.
+//!
+//! - [`sandbox`]: built in, no daemon. The stage is extracted once per stage digest into a
+//!   cache and each session runs on an overlayfs view of it, in new mount, pid, uts and ipc
+//!   namespaces (root only).
+//! - [`docker`]: the Docker Engine API, for Docker and Podman alike. The raw image comes from
+//!   the image store and is loaded into the engine when it lacks it.
+//!
+//! Both give the command the same view: the mounts at the same places, /proc, /sys, /dev,
+//! the host's network and resolv.conf, a hostname, a clean environment, and its exit status.
+
+pub mod docker;
+pub mod sandbox;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::image::reference::Reference;
+use crate::image::store::Store;
+use crate::progress::Verbosity;
+
+/// Which engine runs a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// Built-in namespaces + overlayfs sandbox (needs root; no daemon).
+    Sandbox,
+    /// Docker or Podman through the Docker Engine API (DOCKER_HOST or the default socket).
+    Docker,
+}
+
+/// A host directory made visible inside the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Absolute host path (must exist).
+    pub source: PathBuf,
+    /// Absolute path inside the stage, e.g. `/var/db/repos/gentoo`.
+    pub target: String,
+    pub read_only: bool,
+}
+
+/// Everything an engine needs to run one command in a stage, as plain values.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The stage3 tarball.
+    pub stage: PathBuf,
+    /// The image store, where the docker engine finds (or imports) the raw image.
+    pub store: Store,
+    /// Name of the raw image made from `stage` (the docker engine's image).
+    pub raw_reference: Reference,
+    pub mounts: Vec<Mount>,
+    /// The whole environment of the command (nothing is inherited from the host).
+    pub env: Vec<(String, String)>,
+    /// The command and its arguments; never empty.
+    pub command: Vec<String>,
+    /// Attach the terminal (stdin, tty) for an interactive command.
+    pub interactive: bool,
+    pub hostname: String,
+    /// Cache directory of the tool (extracted stages, per-run dirs).
+    pub cache_dir: PathBuf,
+    /// Keep the per-run directories (sandbox upper dir) for inspection.
+    pub keep: bool,
+    pub verbosity: Verbosity,
+}
+
+/// Run `session` with the chosen engine; the command's exit status (128+N for a signal).
+pub fn run(kind: EngineKind, session: &Session) -> Result<i32> {
+    match kind {
+        EngineKind::Sandbox => sandbox::run(session),
+        EngineKind::Docker => docker::run(session),
+    }
+}

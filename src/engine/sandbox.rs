@@ -1,0 +1,629 @@
+//! The built-in sandbox engine: no daemon, root only.
+//!
+//! The stage is extracted once per stage digest into `CACHE/stages/<sha256>/rootfs` (owners,
+//! modes, xattrs, devices and hard links kept) and never changed afterwards: each session
+//! runs on an overlayfs whose upper dir lives in `CACHE/runs/<id>/` and is removed at the end.
+//!
+//! Process layout:
+//! - this process (the tool) spawns a helper — itself, re-executed as `__sandbox-init SPEC` —
+//!   in new mount, uts and ipc namespaces, with a new pid namespace for its children;
+//! - the helper forks the namespace's pid 1, which mounts the overlay, the binds, /proc,
+//!   /sys, /dev, writes resolv.conf, sets the hostname, pivots into the new root, and runs
+//!   the command as its child, reaping until it ends;
+//! - when pid 1 exits, the kernel kills whatever else runs in the namespace, and the mounts,
+//!   made only inside the private mount namespace, go with it: nothing of the session is left
+//!   on the host. pid 1 and the helper die with their parent (PR_SET_PDEATHSIG).
+//!
+//! Signals: SIGTERM, SIGHUP (and SIGINT for non-interactive sessions) are passed on to the
+//! command; a second one, or 10 s without an exit, kills the whole namespace.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, kill, sigaction};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, fork};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::Session;
+use crate::archive::{decompress, extract};
+use crate::progress;
+
+/// The hidden first argument that turns the binary into the sandbox helper.
+pub const INIT_ARG: &str = "__sandbox-init";
+
+/// Exit status of pid 1 when setting up the sandbox failed (details in the error file).
+const SETUP_FAILED: i32 = 125;
+
+/// What the helper needs, written as JSON into the run directory.
+#[derive(Debug, Serialize, Deserialize)]
+struct Spec {
+    lower: PathBuf,
+    upper: PathBuf,
+    work: PathBuf,
+    merged: PathBuf,
+    /// (host source, target inside, read-only)
+    mounts: Vec<(PathBuf, String, bool)>,
+    env: Vec<(String, String)>,
+    command: Vec<String>,
+    hostname: String,
+    resolv_conf: Option<Vec<u8>>,
+    /// Setup errors are written here for the tool to report.
+    error_file: PathBuf,
+}
+
+/// Fail early, in one line, when the sandbox cannot work here.
+pub fn check_usable() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the sandbox engine needs root (it creates namespaces and mounts an overlay); \
+             run as root, or use --engine docker"
+        );
+    }
+    Ok(())
+}
+
+/// Run `session` in the sandbox; the command's exit status.
+pub fn run(session: &Session) -> Result<i32> {
+    check_usable()?;
+    let rootfs = prepare_stage(&session.stage, &session.cache_dir, session.verbosity)?;
+    let runs = session.cache_dir.join("runs");
+    fs::create_dir_all(&runs).with_context(|| format!("{}: cannot create", runs.display()))?;
+    remove_stale_runs(&runs);
+    let run_dir = tempfile::Builder::new()
+        .prefix(&format!("{}-", std::process::id()))
+        .tempdir_in(&runs)
+        .with_context(|| format!("{}: cannot create a run directory", runs.display()))?;
+    let result = run_in(session, &rootfs, run_dir.path());
+    if session.keep {
+        let kept = run_dir.keep();
+        eprintln!("gentoo-mkimg: kept the session's files in {}", kept.display());
+    } else {
+        let path = run_dir.path().to_path_buf();
+        if let Err(e) = run_dir.close() {
+            tracing::warn!("cannot remove {}: {e}", path.display());
+        }
+    }
+    result
+}
+
+fn run_in(session: &Session, rootfs: &Path, run_dir: &Path) -> Result<i32> {
+    let spec = Spec {
+        lower: rootfs.to_path_buf(),
+        upper: run_dir.join("upper"),
+        work: run_dir.join("work"),
+        merged: run_dir.join("merged"),
+        mounts: session
+            .mounts
+            .iter()
+            .map(|m| (m.source.clone(), m.target.clone(), m.read_only))
+            .collect(),
+        env: session.env.clone(),
+        command: session.command.clone(),
+        hostname: session.hostname.clone(),
+        resolv_conf: fs::read("/etc/resolv.conf").ok(),
+        error_file: run_dir.join("setup-error"),
+    };
+    for dir in [&spec.upper, &spec.work, &spec.merged] {
+        fs::create_dir(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    }
+    for (source, _, _) in &spec.mounts {
+        if !source.is_dir() {
+            bail!("{}: not a directory, cannot mount it in the sandbox", source.display());
+        }
+    }
+    let spec_path = run_dir.join("spec.json");
+    fs::write(&spec_path, serde_json::to_vec(&spec)?)
+        .with_context(|| format!("{}: cannot write", spec_path.display()))?;
+
+    let exe = std::env::current_exe().context("cannot find the gentoo-mkimg executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg(INIT_ARG).arg(&spec_path);
+    // SAFETY: only async-signal-safe system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            unshare(
+                CloneFlags::CLONE_NEWNS
+                    | CloneFlags::CLONE_NEWPID
+                    | CloneFlags::CLONE_NEWUTS
+                    | CloneFlags::CLONE_NEWIPC,
+            )
+            .map_err(std::io::Error::from)
+        });
+    }
+    let signals = SignalWatch::install(!session.interactive)?;
+    let child = cmd.spawn().map_err(|e| {
+        if e.raw_os_error() == Some(libc::EPERM) {
+            anyhow!(
+                "the sandbox engine cannot create namespaces here ({e}); use --engine docker"
+            )
+        } else {
+            anyhow!("cannot start the sandbox helper: {e}")
+        }
+    })?;
+    let status = wait_forwarding(Pid::from_raw(child.id() as i32), &signals);
+    drop(signals);
+    let status = status?;
+    let error = fs::read_to_string(&spec.error_file).unwrap_or_default();
+    if !error.trim().is_empty() {
+        bail!("sandbox: {}", error.trim());
+    }
+    Ok(status)
+}
+
+/// Wait for the helper, passing signals on: the first as SIGTERM, a second one (or 10 s of
+/// waiting after the first) as SIGKILL, which takes the whole namespace down.
+fn wait_forwarding(helper: Pid, signals: &SignalWatch) -> Result<i32> {
+    let mut forwarded = 0;
+    let mut first_at: Option<Instant> = None;
+    loop {
+        match waitpid(helper, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(anyhow!("cannot wait for the sandbox: {e}")),
+        }
+        let seen = signals.count();
+        if seen > forwarded {
+            if forwarded == 0 {
+                let _ = kill(helper, Signal::SIGTERM);
+                first_at = Some(Instant::now());
+            } else {
+                let _ = kill(helper, Signal::SIGKILL);
+            }
+            forwarded = seen;
+        }
+        if first_at.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
+            let _ = kill(helper, Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+static SIGNALS_SEEN: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn count_signal(_: libc::c_int) {
+    SIGNALS_SEEN.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Counts SIGTERM, SIGHUP (and SIGINT) while a session runs; restores the old handlers when
+/// dropped.
+struct SignalWatch {
+    old: Vec<(Signal, SigAction)>,
+}
+
+impl SignalWatch {
+    fn install(with_sigint: bool) -> Result<Self> {
+        SIGNALS_SEEN.store(0, Ordering::SeqCst);
+        let mut list = vec![Signal::SIGTERM, Signal::SIGHUP];
+        let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+        let count = SigAction::new(
+            SigHandler::Handler(count_signal),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        let mut old = Vec::new();
+        if with_sigint {
+            list.push(Signal::SIGINT);
+        } else {
+            // Interactive: Ctrl-C belongs to the shell in the sandbox, not to us.
+            // SAFETY: installing a plain ignore disposition.
+            old.push((Signal::SIGINT, unsafe { sigaction(Signal::SIGINT, &ignore)? }));
+        }
+        for sig in list {
+            // SAFETY: the handler only touches an atomic.
+            old.push((sig, unsafe { sigaction(sig, &count)? }));
+        }
+        Ok(SignalWatch { old })
+    }
+
+    fn count(&self) -> usize {
+        SIGNALS_SEEN.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for SignalWatch {
+    fn drop(&mut self) {
+        for (sig, action) in &self.old {
+            // SAFETY: restoring what was there before.
+            let _ = unsafe { sigaction(*sig, action) };
+        }
+    }
+}
+
+/// Remove run directories left by sessions whose process is gone (killed with SIGKILL).
+fn remove_stale_runs(runs: &Path) {
+    let Ok(entries) = fs::read_dir(runs) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Hash a file with SHA-256 (hex).
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The extracted stage for `stage`: `CACHE/stages/<sha256>/rootfs`, extracted on first use.
+pub fn prepare_stage(
+    stage: &Path,
+    cache_dir: &Path,
+    verbosity: progress::Verbosity,
+) -> Result<PathBuf> {
+    let digest = sha256_file(stage)?;
+    let stages = cache_dir.join("stages");
+    fs::create_dir_all(&stages)
+        .with_context(|| format!("{}: cannot create", stages.display()))?;
+    let done = stages.join(&digest);
+    let rootfs = done.join("rootfs");
+    let lock_path = stages.join(format!("{digest}.lock"));
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("{}: cannot open", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("{}: cannot lock", lock_path.display()))?;
+    if done.join(".complete").is_file() {
+        return Ok(rootfs);
+    }
+    let _ = fs::remove_dir_all(&done);
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".tmp-{digest}-"))
+        .tempdir_in(&stages)
+        .with_context(|| format!("{}: cannot create a temporary dir", stages.display()))?;
+    let tmp_root = tmp.path().join("rootfs");
+    fs::create_dir(&tmp_root)
+        .with_context(|| format!("{}: cannot create", tmp_root.display()))?;
+    let input = decompress::open(stage)?;
+    let bar = progress::Bytes::new(verbosity, "extracting stage", input.size);
+    let consumed = input.consumed.clone();
+    extract::extract(
+        input.reader,
+        &tmp_root,
+        extract::ExtractOptions::default(),
+        || bar.set(consumed.load(Ordering::Relaxed)),
+    )
+    .with_context(|| format!("{}: cannot extract", stage.display()))?;
+    bar.finish();
+    fs::write(tmp.path().join(".complete"), stage.as_os_str().as_bytes())
+        .context("cannot mark the extracted stage complete")?;
+    let kept = tmp.keep();
+    fs::rename(&kept, &done)
+        .with_context(|| format!("{}: cannot move into place", done.display()))?;
+    Ok(rootfs)
+}
+
+// ---------------------------------------------------------------------------------------
+// Inside: the helper and pid 1. These run in a freshly exec'd, single-threaded process.
+// ---------------------------------------------------------------------------------------
+
+static FORWARD_TO: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_term(_: libc::c_int) {
+    let pid = FORWARD_TO.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+}
+
+fn set_forwarding(signals: &[Signal]) -> nix::Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(forward_term),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in signals {
+        // SAFETY: the handler only reads an atomic and calls kill.
+        unsafe { sigaction(*sig, &action)? };
+    }
+    Ok(())
+}
+
+/// Entry point of `gentoo-mkimg __sandbox-init SPEC`: returns the exit status.
+pub fn init_main(spec_path: &Path) -> i32 {
+    let spec: Spec = match fs::read(spec_path)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| serde_json::from_slice(&b).map_err(anyhow::Error::from))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gentoo-mkimg: sandbox: cannot read {}: {e}", spec_path.display());
+            return SETUP_FAILED;
+        }
+    };
+    let error_file = match File::create(&spec.error_file) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("gentoo-mkimg: sandbox: {}: {e}", spec.error_file.display());
+            return SETUP_FAILED;
+        }
+    };
+    // SAFETY: ignoring SIGINT; the helper is single-threaded here.
+    let _ = unsafe {
+        sigaction(
+            Signal::SIGINT,
+            &SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty()),
+        )
+    };
+    // SAFETY: this process is single-threaded (freshly exec'd, no threads started).
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { child }) => {
+            FORWARD_TO.store(child.as_raw(), Ordering::SeqCst);
+            let _ = set_forwarding(&[Signal::SIGTERM, Signal::SIGHUP]);
+            wait_for(child)
+        }
+        Ok(ForkResult::Child) => {
+            let code = pid1(&spec, &error_file);
+            std::process::exit(code)
+        }
+        Err(e) => {
+            let _ = writeln!(&error_file, "cannot fork: {e}");
+            SETUP_FAILED
+        }
+    }
+}
+
+fn wait_for(pid: Pid) -> i32 {
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return SETUP_FAILED,
+        }
+    }
+}
+
+/// pid 1 of the session's pid namespace.
+fn pid1(spec: &Spec, error_file: &File) -> i32 {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if let Err(e) = setup_root(spec) {
+        let _ = writeln!(&*error_file, "{e:#}");
+        return SETUP_FAILED;
+    }
+    // The command gets default signal handling back (SIGINT was ignored above).
+    // SAFETY: single-threaded; plain default disposition.
+    let _ = unsafe {
+        sigaction(
+            Signal::SIGINT,
+            &SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty()),
+        )
+    };
+    let (program, argv, envp) = match exec_args(spec) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = writeln!(&*error_file, "{e:#}");
+            return SETUP_FAILED;
+        }
+    };
+    // SAFETY: single-threaded.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            let err = nix::unistd::execve(&program, &argv, &envp).unwrap_err();
+            let _ = writeln!(
+                &*error_file,
+                "cannot run {}: {err}",
+                spec.command.first().map(String::as_str).unwrap_or("")
+            );
+            // SAFETY: exit without running the parent's destructors in the forked child.
+            unsafe { libc::_exit(127) }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            FORWARD_TO.store(child.as_raw(), Ordering::SeqCst);
+            let _ = set_forwarding(&[Signal::SIGTERM, Signal::SIGHUP]);
+            // Reap everything; end with the command.
+            loop {
+                match waitpid(Pid::from_raw(-1), None) {
+                    Ok(WaitStatus::Exited(pid, code)) if pid == child => return code,
+                    Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => {
+                        return 128 + sig as i32;
+                    }
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return SETUP_FAILED,
+                }
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(&*error_file, "cannot fork: {e}");
+            SETUP_FAILED
+        }
+    }
+}
+
+/// Resolve the program (PATH of the session's environment, inside the new root) and build
+/// argv and envp.
+fn exec_args(spec: &Spec) -> Result<(CString, Vec<CString>, Vec<CString>)> {
+    let cstr = |s: &[u8]| CString::new(s).map_err(|_| anyhow!("a NUL byte in {s:?}"));
+    let first = spec.command.first().ok_or_else(|| anyhow!("no command"))?;
+    let program = if first.contains('/') {
+        first.clone()
+    } else {
+        let path = spec
+            .env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("/usr/sbin:/usr/bin:/sbin:/bin");
+        path.split(':')
+            .map(|dir| format!("{dir}/{first}"))
+            .find(|p| Path::new(p).is_file())
+            .ok_or_else(|| anyhow!("{first}: command not found in the stage (PATH={path})"))?
+    };
+    let argv = spec
+        .command
+        .iter()
+        .map(|a| cstr(a.as_bytes()))
+        .collect::<Result<Vec<_>>>()?;
+    let envp = spec
+        .env
+        .iter()
+        .map(|(k, v)| cstr(format!("{k}={v}").as_bytes()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((cstr(program.as_bytes())?, argv, envp))
+}
+
+fn mnt(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<()> {
+    mount(source, target, fstype, flags, data).with_context(|| {
+        format!(
+            "cannot mount {} on {} ({})",
+            source.map(|s| s.display().to_string()).unwrap_or_default(),
+            target.display(),
+            fstype.unwrap_or("bind")
+        )
+    })
+}
+
+/// Inside the new namespaces: build the root and pivot into it.
+fn setup_root(spec: &Spec) -> Result<()> {
+    let none: Option<&Path> = None;
+    mnt(none, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        spec.lower.display(),
+        spec.upper.display(),
+        spec.work.display()
+    );
+    mnt(
+        Some(Path::new("overlay")),
+        &spec.merged,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(&options),
+    )?;
+    let root = &spec.merged;
+    let inside = |p: &str| root.join(p.trim_start_matches('/'));
+    for (source, target, read_only) in &spec.mounts {
+        let at = inside(target);
+        fs::create_dir_all(&at).with_context(|| format!("cannot create {target} in the stage"))?;
+        mnt(Some(source), &at, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+        if *read_only {
+            mnt(
+                none,
+                &at,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None,
+            )?;
+        }
+    }
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let proc_dir = inside("proc");
+    fs::create_dir_all(&proc_dir).context("cannot create /proc in the stage")?;
+    mnt(Some(Path::new("proc")), &proc_dir, Some("proc"), nosuid, None)?;
+    let sys = inside("sys");
+    fs::create_dir_all(&sys).context("cannot create /sys in the stage")?;
+    if mnt(Some(Path::new("sysfs")), &sys, Some("sysfs"), nosuid | MsFlags::MS_RDONLY, None)
+        .is_err()
+    {
+        mnt(Some(Path::new("/sys")), &sys, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    }
+    setup_dev(&inside("dev"))?;
+    if let Some(resolv) = &spec.resolv_conf {
+        let etc = inside("etc");
+        fs::create_dir_all(&etc).context("cannot create /etc in the stage")?;
+        let path = etc.join("resolv.conf");
+        let _ = fs::remove_file(&path);
+        fs::write(&path, resolv).context("cannot write /etc/resolv.conf in the stage")?;
+    }
+    nix::unistd::sethostname(&spec.hostname).context("cannot set the hostname")?;
+    std::env::set_current_dir(root).context("cannot enter the new root")?;
+    nix::unistd::pivot_root(".", ".").context("pivot_root failed")?;
+    umount2(".", MntFlags::MNT_DETACH).context("cannot detach the old root")?;
+    std::env::set_current_dir("/").context("cannot enter /")?;
+    Ok(())
+}
+
+/// A minimal /dev: a tmpfs with the host's null, zero, full, random, urandom and tty bound
+/// in, a private devpts, /dev/shm and the usual symlinks.
+fn setup_dev(dev: &Path) -> Result<()> {
+    fs::create_dir_all(dev).context("cannot create /dev in the stage")?;
+    mnt(
+        Some(Path::new("tmpfs")),
+        dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=755,size=65536k"),
+    )?;
+    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let at = dev.join(node);
+        File::create(&at).with_context(|| format!("cannot create /dev/{node}"))?;
+        let host = Path::new("/dev").join(node);
+        mnt(Some(&host), &at, None, MsFlags::MS_BIND, None)?;
+    }
+    let pts = dev.join("pts");
+    fs::create_dir(&pts).context("cannot create /dev/pts")?;
+    mnt(
+        Some(Path::new("devpts")),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    let shm = dev.join("shm");
+    fs::create_dir(&shm).context("cannot create /dev/shm")?;
+    mnt(
+        Some(Path::new("tmpfs")),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    for (name, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(name))
+            .with_context(|| format!("cannot create /dev/{name}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! `gentoo-mkimg shell` with the sandbox engine on the stand-in stage: mounts, isolation,
+//! exit status, and nothing left behind after normal exit, failure or SIGTERM.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Workspace {
+    _tmp: tempfile::TempDir,
+    work: PathBuf,
+    cache: PathBuf,
+    repo: PathBuf,
+}
+
+/// A work dir, a cache dir and a minimal ebuild repository.
+fn workspace() -> Workspace {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    let cache = tmp.path().join("cache");
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(repo.join("profiles")).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(repo.join("profiles/repo_name"), "gentoo\n").unwrap();
+    Workspace {
+        _tmp: tmp,
+        work,
+        cache,
+        repo,
+    }
+}
+
+fn shell(ws: &Workspace, stage: &Path, extra: &[&str], command: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gentoo-mkimg"));
+    cmd.arg("--work-dir")
+        .arg(&ws.work)
+        .arg("--cache-dir")
+        .arg(&ws.cache)
+        .arg("shell")
+        .arg(stage)
+        .arg("--snapshot")
+        .arg(&ws.repo)
+        .args(["--tag", "t1"])
+        .args(extra)
+        .arg("--")
+        .args(command)
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn run(ws: &Workspace, stage: &Path, command: &[&str]) -> Output {
+    shell(ws, stage, &[], command).output().unwrap()
+}
+
+/// Lines of the host's mountinfo that mention `dir`.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Host processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if text.contains(marker) && !text.contains("gentoo-mkimg") {
+            found.push(format!("{}: {text}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+fn assert_nothing_left(ws: &Workspace, marker: &str) {
+    assert_eq!(mounts_under(&ws.cache), Vec::<String>::new(), "mounts left on the host");
+    assert_eq!(processes_with(marker), Vec::<String>::new(), "processes left");
+    let runs: Vec<_> = std::fs::read_dir(ws.cache.join("runs"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(runs.is_empty(), "run dirs left: {runs:?}");
+}
+
+#[test]
+fn sandbox_isolates_the_session_and_keeps_binary_packages() {
+    let stage = common::stage();
+    let ws = workspace();
+    let script = "echo pkg > /var/cache/binpkgs/made-inside; \
+                  echo x > /root-scribble; \
+                  if touch /var/db/repos/gentoo/nope 2>/dev/null; then echo WRITABLE; fi; \
+                  cat /var/db/repos/gentoo/profiles/repo_name; \
+                  hostname; test -c /dev/null && test -d /proc/self && echo devproc; \
+                  env | sort | tr '\\n' ' '";
+    let out = run(&ws, &stage.xz(), &["/bin/sh", "-c", script]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "shell failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("WRITABLE"), "the snapshot was writable: {stdout}");
+    assert!(stdout.contains("gentoo\n"), "snapshot not mounted: {stdout}");
+    assert!(stdout.contains("devproc"), "no /dev or /proc: {stdout}");
+    assert!(stdout.contains("gentoo-mkimg-t1"), "hostname not set: {stdout}");
+    // A clean environment: only what the tool sets.
+    for var in ["HOME=/root", "PATH=/usr/local/sbin:", "LANG="] {
+        assert!(stdout.contains(var), "{var} missing: {stdout}");
+    }
+    assert!(!stdout.contains("CARGO"), "host environment leaked: {stdout}");
+
+    let pkg = ws.work.join("packages/t1/made-inside");
+    assert_eq!(std::fs::read_to_string(&pkg).unwrap(), "pkg\n");
+    // The write to / is gone, and never reached the cached stage.
+    let stages: Vec<PathBuf> = std::fs::read_dir(ws.cache.join("stages"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("rootfs").is_dir())
+        .collect();
+    assert_eq!(stages.len(), 1, "{stages:?}");
+    assert!(!stages[0].join("rootfs/root-scribble").exists());
+    assert!(!Path::new("/root-scribble").exists());
+    assert!(stages[0].join("rootfs/usr/bin/emerge").exists());
+    assert_nothing_left(&ws, "root-scribble");
+
+    // A second session sees a fresh root.
+    let out = run(&ws, &stage.xz(), &["/bin/sh", "-c", "test ! -e /root-scribble"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn exit_status_is_the_commands_and_failures_leave_nothing() {
+    let stage = common::stage();
+    let ws = workspace();
+    let out = run(&ws, &stage.xz(), &["sh", "-c", "sleep 0.1; exit 3 # status-marker"]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_nothing_left(&ws, "status-marker");
+
+    let out = run(&ws, &stage.xz(), &["/no/such/program"]);
+    assert_ne!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/no/such/program"), "{stderr}");
+    assert_nothing_left(&ws, "/no/such/program");
+}
+
+#[test]
+fn sigterm_from_outside_leaves_no_mount_and_no_process() {
+    let stage = common::stage();
+    let ws = workspace();
+    // Warm the stage cache so the session starts at once.
+    let out = run(&ws, &stage.xz(), &["true"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let marker = "4242.5";
+    let mut child = shell(&ws, &stage.xz(), &[], &["sh", "-c", &format!("sleep {marker}; sleep {marker}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while processes_with(marker).is_empty() {
+        assert!(Instant::now() < deadline, "the session never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Mounts are made in the session's own mount namespace: none shows on the host even now.
+    assert_eq!(mounts_under(&ws.cache), Vec::<String>::new());
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(!status.success(), "a killed session must not report success");
+            break;
+        }
+        assert!(Instant::now() < deadline, "gentoo-mkimg did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The kernel tears the namespace down as its last process goes.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_with(marker).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_nothing_left(&ws, marker);
+}
+
+#[test]
+fn non_root_users_get_one_line_pointing_at_the_docker_engine() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let stage = tmp.path().join("stage3.tar.xz");
+    std::fs::write(&stage, b"not read before the check").unwrap();
+    std::fs::set_permissions(&stage, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_gentoo-mkimg"))
+        .arg("--work-dir")
+        .arg(tmp.path())
+        .arg("--cache-dir")
+        .arg(tmp.path().join("cache"))
+        .args(["shell", "--engine", "sandbox"])
+        .arg(&stage)
+        .args(["--", "true"])
+        .env("HOME", tmp.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("needs root") && stderr.contains("--engine docker"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
