@@ -322,9 +322,6 @@ fn libc_makedev(major: u64, minor: u64) -> u64 {
         | (minor & 0xff)
 }
 
-#[path = "common/engine.rs"]
-mod engine;
-
 #[test]
 fn docker_loads_the_archive_and_runs_it() {
     let stage = common::stage();
@@ -338,7 +335,7 @@ fn docker_loads_the_archive_and_runs_it() {
         &reference,
         &["--archive", archive.to_str().unwrap()],
     );
-    let engine = engine::engine();
+    let engine = common::engine::engine();
     let loaded = engine.docker_ok(&["load", "-i", archive.to_str().unwrap()]);
     assert!(loaded.contains(&reference), "docker load said: {loaded}");
     let out = engine.docker(&["run", "--rm", &reference, "/bin/sh", "-c", "echo ok"]);
