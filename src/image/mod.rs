@@ -4,6 +4,7 @@ pub mod config;
 pub mod layer;
 pub mod reference;
 pub mod store;
+pub mod walk;
 
 use std::collections::BTreeMap;
 
