@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::archive::decompress;
-use crate::archive::entries::{TrailerCheck, display_path, entry_meta};
+use crate::archive::entries::{TopDirStripper, TrailerCheck, display_path, entry_meta};
+use crate::portage::vdb;
 use crate::image::config::{ImageSpec, Platform, platform_from_elf};
 use crate::image::layer::{EntryKind, LayerCompression, LayerInfo, LayerWriter};
 use crate::image::reference::Reference;
@@ -37,6 +38,19 @@ pub struct Scan {
     pub entries: u64,
     pub newest_mtime: u64,
     pub platform: Option<Platform>,
+    /// Whether `usr/bin/emerge` is there.
+    pub has_portage: bool,
+    /// Installed packages (`CAT/PF`) seen in `var/db/pkg`.
+    pub packages: Vec<String>,
+}
+
+/// How entries are rewritten on the way into the layer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TarOptions {
+    /// Drop the single top-level directory (an engine's archive of a directory).
+    pub strip_top_dir: bool,
+    /// No mtime later than this (SOURCE_DATE_EPOCH).
+    pub clamp_mtime: Option<u64>,
 }
 
 /// Largest binary read whole to find the platform (ARM keeps it at the end of the file).
@@ -55,10 +69,12 @@ fn is_binary_dir(path: &[u8]) -> bool {
 pub fn append_tar(
     input: impl Read,
     layer: &mut LayerWriter,
+    opts: TarOptions,
     mut progress: impl FnMut(),
 ) -> Result<Scan> {
     let mut checked = TrailerCheck::new(input);
     let mut scan = Scan::default();
+    let mut stripper = TopDirStripper::default();
     let mut last = String::from("(start of archive)");
     {
         let mut archive = tar::Archive::new(&mut checked);
@@ -69,10 +85,24 @@ pub fn append_tar(
             let mut entry = entry.map_err(|e| {
                 anyhow!("corrupt or truncated data after entry {last:?}: {e}")
             })?;
-            let meta = entry_meta(&mut entry)?;
+            let mut meta = entry_meta(&mut entry)?;
             last = display_path(&meta.path);
+            if opts.strip_top_dir && !stripper.strip(&mut meta)? {
+                continue;
+            }
+            if let Some(clamp) = opts.clamp_mtime {
+                meta.mtime = meta.mtime.min(clamp);
+            }
             scan.entries += 1;
             scan.newest_mtime = scan.newest_mtime.max(meta.mtime);
+            if meta.path == b"usr/bin/emerge" {
+                scan.has_portage = true;
+            }
+            if meta.kind == EntryKind::Directory
+                && let Some(pkg) = vdb::package_of_path(&meta.path)
+            {
+                scan.packages.push(pkg);
+            }
             let appended = match meta.kind {
                 EntryKind::Regular { size }
                     if scan.platform.is_none()
@@ -99,11 +129,31 @@ pub fn append_tar(
     if !checked.saw_end_marker() {
         bail!("truncated: the archive ends after entry {last:?} without tar's end-of-archive marker");
     }
+    scan.packages.sort();
     Ok(scan)
+}
+
+/// [`append_tar`] for an engine's tar stream of a root directory: top directory stripped,
+/// mtimes clamped.
+pub fn append_tar_stripped(
+    input: &mut dyn Read,
+    layer: &mut LayerWriter,
+    clamp_mtime: Option<u64>,
+) -> Result<Scan> {
+    let opts = TarOptions {
+        strip_top_dir: true,
+        clamp_mtime,
+    };
+    append_tar(input, layer, opts, || {})
 }
 
 /// Import `opts.stage` into `store` as `opts.reference`.
 pub fn import(store: &Store, opts: &ImportOptions) -> Result<StoredImage> {
+    Ok(import_scanned(store, opts)?.0)
+}
+
+/// [`import`], also returning what the pass learned about the stage.
+pub fn import_scanned(store: &Store, opts: &ImportOptions) -> Result<(StoredImage, Scan)> {
     let file = opts.stage.display().to_string();
     let input = decompress::open(&opts.stage)?;
     tracing::info!(
@@ -115,16 +165,16 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<StoredImage> {
     let bar = progress::Bytes::new(opts.verbosity, "import", input.size);
     let consumed = input.consumed.clone();
     let mut layer = LayerWriter::new(store, opts.compression)?;
-    let scan = append_tar(input.reader, &mut layer, || {
+    let scan = append_tar(input.reader, &mut layer, TarOptions::default(), || {
         bar.set(consumed.load(std::sync::atomic::Ordering::Relaxed))
     })
     .with_context(|| format!("{file}"))?;
     let info: LayerInfo = layer.finish(store).with_context(|| format!("{file}"))?;
     bar.finish();
 
-    let platform = match (&opts.platform, scan.platform) {
+    let platform = match (&opts.platform, &scan.platform) {
         (Some(p), _) => p.clone(),
-        (None, Some(p)) => p,
+        (None, Some(p)) => p.clone(),
         (None, None) => bail!(
             "{file}: no ELF executable found in /bin, /sbin, /usr/bin or /usr/sbin, so the \
              architecture is unknown; is this a stage3? (--platform sets it)"
@@ -144,7 +194,7 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<StoredImage> {
         info.size,
         info.tar_size
     );
-    Ok(image)
+    Ok((image, scan))
 }
 
 /// The `org.opencontainers.image.*` labels every image of ours carries.

@@ -5,11 +5,14 @@
 //! [`import`] and [`images`] are the commands built on them; [`cli`] only parses arguments.
 
 pub mod archive;
+pub mod build;
 pub mod cli;
+pub mod config;
 pub mod engine;
 pub mod image;
 pub mod images;
 pub mod import;
+pub mod portage;
 pub mod progress;
 pub mod publish;
 pub mod shell;

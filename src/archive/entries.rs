@@ -124,6 +124,45 @@ pub fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta> {
     })
 }
 
+/// Drops the single top-level directory of an archive from entry paths (a snapshot's
+/// `portage/`, Docker's `BASENAME/` in an archive of a directory).
+#[derive(Debug, Default)]
+pub struct TopDirStripper {
+    top: Option<Vec<u8>>,
+}
+
+impl TopDirStripper {
+    /// Rewrite `meta` without the top directory; false for entries to skip (the top
+    /// directory itself is kept as the root, the archive's own `./` is skipped).
+    pub fn strip(&mut self, meta: &mut EntryMeta) -> Result<bool> {
+        let (first, rest) = match meta.path.iter().position(|&b| b == b'/') {
+            Some(i) => (meta.path[..i].to_vec(), meta.path[i + 1..].to_vec()),
+            None => (meta.path.clone(), Vec::new()),
+        };
+        if first.is_empty() {
+            return Ok(false);
+        }
+        match &self.top {
+            None => self.top = Some(first.clone()),
+            Some(top) if *top == first => {}
+            Some(top) => bail!(
+                "expected one top-level directory, found {:?} and {:?}",
+                display_path(top),
+                display_path(&first)
+            ),
+        }
+        if let EntryKind::HardLink { target } = &mut meta.kind {
+            let prefix = [first.as_slice(), b"/"].concat();
+            match target.strip_prefix(prefix.as_slice()) {
+                Some(t) => *target = t.to_vec(),
+                None => bail!("hard link target outside the top-level directory"),
+            }
+        }
+        meta.path = rest;
+        Ok(!meta.path.is_empty() || meta.kind == EntryKind::Directory)
+    }
+}
+
 /// Passes bytes through and remembers whether the stream ended with a zero block, so that
 /// an uncompressed tarball cut at an entry boundary is still reported as truncated.
 pub struct TrailerCheck<R> {

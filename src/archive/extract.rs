@@ -20,7 +20,7 @@ use nix::sys::stat::{Mode, SFlag, UtimensatFlags, mknod, utimensat};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, fchownat};
 
-use crate::archive::entries::{TrailerCheck, display_path, entry_meta};
+use crate::archive::entries::{TopDirStripper, TrailerCheck, display_path, entry_meta};
 use crate::image::layer::{EntryKind, EntryMeta};
 
 /// What an extraction did.
@@ -62,8 +62,8 @@ pub fn extract(
         real_dirs: HashSet::from([Vec::new()]),
         dir_times: Vec::new(),
         opts,
-        top: None,
     };
+    let mut stripper = TopDirStripper::default();
     let mut done = Extracted::default();
     let mut last = String::from("(start of archive)");
     {
@@ -74,7 +74,7 @@ pub fn extract(
                 .map_err(|e| anyhow!("corrupt or truncated data after entry {last:?}: {e}"))?;
             let mut meta = entry_meta(&mut entry)?;
             last = display_path(&meta.path);
-            if opts.strip_top_dir && !state.strip(&mut meta)? {
+            if opts.strip_top_dir && !stripper.strip(&mut meta)? {
                 continue;
             }
             state
@@ -101,8 +101,6 @@ struct Unpacker {
     /// Directory mtimes, applied last (writing into a directory changes its mtime).
     dir_times: Vec<(PathBuf, u64)>,
     opts: ExtractOptions,
-    /// The single top-level directory being stripped.
-    top: Option<Vec<u8>>,
 }
 
 fn parent_of(path: &[u8]) -> &[u8] {
@@ -113,35 +111,6 @@ fn parent_of(path: &[u8]) -> &[u8] {
 }
 
 impl Unpacker {
-    /// Remove the top-level directory from `meta`'s paths. False for the top dir itself.
-    fn strip(&mut self, meta: &mut EntryMeta) -> Result<bool> {
-        let (first, rest) = match meta.path.iter().position(|&b| b == b'/') {
-            Some(i) => (meta.path[..i].to_vec(), meta.path[i + 1..].to_vec()),
-            None => (meta.path.clone(), Vec::new()),
-        };
-        if first.is_empty() {
-            return Ok(false); // the archive's own root entry
-        }
-        match &self.top {
-            None => self.top = Some(first.clone()),
-            Some(top) if *top == first => {}
-            Some(top) => bail!(
-                "expected one top-level directory, found {:?} and {:?}",
-                display_path(top),
-                display_path(&first)
-            ),
-        }
-        if let EntryKind::HardLink { target } = &mut meta.kind {
-            let prefix = [first.as_slice(), b"/"].concat();
-            match target.strip_prefix(prefix.as_slice()) {
-                Some(t) => *target = t.to_vec(),
-                None => bail!("hard link target outside the top-level directory"),
-            }
-        }
-        meta.path = rest;
-        Ok(!meta.path.is_empty() || meta.kind == EntryKind::Directory)
-    }
-
     fn full(&self, rel: &[u8]) -> PathBuf {
         if rel.is_empty() {
             self.dest.clone()

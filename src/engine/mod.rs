@@ -22,7 +22,8 @@ use crate::image::store::Store;
 use crate::progress::Verbosity;
 
 /// Which engine runs a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     /// Built-in namespaces + overlayfs sandbox (needs root; no daemon).
     Sandbox,
@@ -64,10 +65,33 @@ pub struct Session {
     pub verbosity: Verbosity,
 }
 
+/// A directory handed back from a finished session.
+pub enum Export<'a> {
+    /// The directory itself, readable on the host (sandbox).
+    Dir(&'a std::path::Path),
+    /// A tar stream of it whose entries are named `BASENAME/...` (Docker's archive API).
+    Tar(&'a mut dyn std::io::Read),
+}
+
 /// Run `session` with the chosen engine; the command's exit status (128+N for a signal).
 pub fn run(kind: EngineKind, session: &Session) -> Result<i32> {
     match kind {
         EngineKind::Sandbox => sandbox::run(session),
         EngineKind::Docker => docker::run(session),
+    }
+}
+
+/// Run `session`; when the command succeeds, hand each of `exports` (directories inside the
+/// stage that the command made) to `on_export`, as a host directory or a tar stream.
+pub fn run_exporting(
+    kind: EngineKind,
+    session: &Session,
+    exports: &[&str],
+    on_export: &mut dyn FnMut(&str, Export<'_>) -> Result<()>,
+) -> Result<i32> {
+    match kind {
+        EngineKind::Sandbox => sandbox::run_exporting(session, exports, on_export),
+        EngineKind::Docker if exports.is_empty() => docker::run(session),
+        EngineKind::Docker => anyhow::bail!("TEMPORARY: docker exports pending"),
     }
 }

@@ -75,6 +75,17 @@ pub fn check_usable() -> Result<()> {
 
 /// Run `session` in the sandbox; the command's exit status.
 pub fn run(session: &Session) -> Result<i32> {
+    run_exporting(session, &[], &mut |_, _| Ok(()))
+}
+
+/// Run `session`; when the command succeeds, hand each directory of `exports` (absolute
+/// paths inside the stage, created by the command) to `on_export` before the session's
+/// files are removed.
+pub fn run_exporting(
+    session: &Session,
+    exports: &[&str],
+    on_export: &mut dyn FnMut(&str, super::Export<'_>) -> Result<()>,
+) -> Result<i32> {
     check_usable()?;
     let rootfs = prepare_stage(&session.stage, &session.cache_dir, session.verbosity)?;
     let runs = session.cache_dir.join("runs");
@@ -84,7 +95,21 @@ pub fn run(session: &Session) -> Result<i32> {
         .prefix(&format!("{}-", std::process::id()))
         .tempdir_in(&runs)
         .with_context(|| format!("{}: cannot create a run directory", runs.display()))?;
-    let result = run_in(session, &rootfs, run_dir.path());
+    let mut result = run_in(session, &rootfs, run_dir.path());
+    if let Ok(0) = result {
+        for path in exports {
+            // Made by the command, so wholly in the overlay's upper dir.
+            let dir = run_dir.path().join("upper").join(path.trim_start_matches('/'));
+            if !dir.is_dir() {
+                result = Err(anyhow!("the session did not create {path}"));
+                break;
+            }
+            if let Err(e) = on_export(path, super::Export::Dir(&dir)) {
+                result = Err(e);
+                break;
+            }
+        }
+    }
     if session.keep {
         let kept = run_dir.keep();
         eprintln!("gentoo-mkimg: kept the session's files in {}", kept.display());

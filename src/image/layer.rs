@@ -21,7 +21,8 @@ use sha2::{Digest as _, Sha256};
 use crate::image::store::{Digest, PendingBlob, Store};
 
 /// How layer blobs are compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LayerCompression {
     /// Understood by every engine and registry (default).
     #[default]

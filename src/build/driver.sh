@@ -1,0 +1,151 @@
+#!/bin/sh
+# gentoo-mkimg's in-stage build driver. It runs inside the raw stage (sandbox or container)
+# as root, with:
+#   /var/db/repos/gentoo         the Portage tree (read-only)
+#   /var/cache/binpkgs           packages/TAG: binary packages, kept across runs
+#   /var/cache/distfiles         the shared distfiles cache
+#   /var/log/gentoo-mkimg        logs/TAG: the full log, emerge's build logs, phase times
+#   /var/tmp/gentoo-mkimg/input  what the tool wrote for this build (read-only):
+#       make.conf                extra make.conf lines
+#       package.use package.accept_keywords package.mask package.unmask
+#       repos.conf               entries for extra repositories
+#       settings                 shell variables, listed below
+# and writes the two roots /var/tmp/gentoo-mkimg/dev and /var/tmp/gentoo-mkimg/rt, which
+# the tool turns into images after this script succeeds.
+#
+# settings: MKIMG_JOBS MKIMG_USE MKIMG_DEV_PACKAGES MKIMG_RT_PACKAGES MKIMG_INSTALL_MASK
+#           MKIMG_KEEP_GOING (0/1) MKIMG_VERBOSE (0/1) MKIMG_OWNER (uid:gid or empty)
+#
+# Output: with MKIMG_VERBOSE=1 everything emerge prints; otherwise only lines starting with
+# ">>> " (phases and emerge's own progress). Everything goes to $LOG as well.
+set -eu
+
+IN=/var/tmp/gentoo-mkimg/input
+OUT=/var/tmp/gentoo-mkimg
+LOGDIR=/var/log/gentoo-mkimg
+LOG=$LOGDIR/build.log
+PHASES=$LOGDIR/phases
+
+# shellcheck source=/dev/null # written by the tool for each build
+. "$IN/settings"
+
+: > "$LOG"
+: > "$PHASES"
+
+phase() {
+	echo "$1 $(date +%s)" >> "$PHASES"
+	echo ">>> gentoo-mkimg: $1" | tee -a "$LOG"
+}
+
+# Run a command with its output in the log; on the terminal in full (verbose) or only its
+# ">>> " lines. Keeps the command's exit status.
+logged() {
+	status=$OUT/.status
+	{
+		rc=0
+		"$@" 2>&1 || rc=$?
+		echo "$rc" > "$status"
+	} | tee -a "$LOG" | {
+		if [ "$MKIMG_VERBOSE" = 1 ]; then cat; else grep --line-buffered '^>>> ' || true; fi
+	}
+	return "$(cat "$status")"
+}
+
+keep_going=
+[ "$MKIMG_KEEP_GOING" = 1 ] && keep_going=--keep-going
+
+# --- configure Portage ------------------------------------------------------------------
+phase configure
+mkdir -p /etc/portage
+conf=/etc/portage/make.conf
+[ -d "$conf" ] && conf=/etc/portage/make.conf/zz-gentoo-mkimg
+{
+	echo
+	echo "# --- added by gentoo-mkimg ---"
+	# Local binary packages are ours: accept them unsigned where Portage's binary-package
+	# signature verification is on by default.
+	# shellcheck disable=SC2016 # expanded by Portage, not here
+	echo 'FEATURES="${FEATURES} buildpkg -binpkg-request-signature"'
+	echo 'PKGDIR="/var/cache/binpkgs"'
+	echo 'DISTDIR="/var/cache/distfiles"'
+	echo 'PORTAGE_LOGDIR="/var/log/gentoo-mkimg/portage"'
+	echo 'PORTAGE_ELOG_SYSTEM="save"'
+	[ -n "$MKIMG_USE" ] && echo "USE=\"\${USE} $MKIMG_USE\""
+	# From the CPU count, unless the stage or the config sets them.
+	grep -qs '^MAKEOPTS=' /etc/portage/make.conf "$IN/make.conf" ||
+		echo "MAKEOPTS=\"-j$MKIMG_JOBS -l$MKIMG_JOBS\""
+	grep -qs '^EMERGE_DEFAULT_OPTS=' /etc/portage/make.conf "$IN/make.conf" ||
+		echo "EMERGE_DEFAULT_OPTS=\"--jobs=$MKIMG_JOBS --load-average=$MKIMG_JOBS\""
+	cat "$IN/make.conf"
+} >> "$conf"
+mkdir -p /var/log/gentoo-mkimg/portage
+
+for f in package.use package.accept_keywords package.mask package.unmask; do
+	[ -s "$IN/$f" ] || continue
+	if [ -f "/etc/portage/$f" ]; then
+		cat "$IN/$f" >> "/etc/portage/$f"
+	else
+		mkdir -p "/etc/portage/$f"
+		cp "$IN/$f" "/etc/portage/$f/zz-gentoo-mkimg"
+	fi
+done
+if [ -s "$IN/repos.conf" ]; then
+	mkdir -p /etc/portage/repos.conf
+	cp "$IN/repos.conf" /etc/portage/repos.conf/zz-gentoo-mkimg.conf
+fi
+
+# --- build every package of the system, reusing binary packages -----------------------------
+phase build
+# shellcheck disable=SC2086 # word splitting of package lists is intended
+logged emerge --emptytree --usepkg --buildpkg --color=n --nospinner $keep_going \
+	@system @world $MKIMG_DEV_PACKAGES
+
+# --- the dev root: everything ---------------------------------------------------------------
+phase dev
+rm -rf "${OUT:?}/dev"
+mkdir -p "$OUT/dev/etc"
+cp -a /etc/portage "$OUT/dev/etc/"
+if [ -f /var/lib/portage/world ]; then
+	mkdir -p "$OUT/dev/var/lib/portage"
+	cp /var/lib/portage/world "$OUT/dev/var/lib/portage/world"
+fi
+# shellcheck disable=SC2086
+logged env ROOT="$OUT/dev" emerge --emptytree --usepkgonly --color=n --nospinner --with-bdeps=y \
+	@system @world $MKIMG_DEV_PACKAGES
+
+# --- the rt root: the runtime closure of the base set, without docs and headers -----------
+phase rt
+rm -rf "${OUT:?}/rt"
+mkdir -p "$OUT/rt/etc"
+cp -a /etc/portage "$OUT/rt/etc/"
+# shellcheck disable=SC2086
+logged env INSTALL_MASK="$MKIMG_INSTALL_MASK" ROOT="$OUT/rt" emerge --emptytree --usepkgonly \
+	--oneshot --root-deps=rdeps --with-bdeps=n --color=n --nospinner $MKIMG_RT_PACKAGES
+
+# What Portage leaves despite INSTALL_MASK (directories it created, files of packages
+# installed before the mask took effect): remove it, but never the package database.
+set -f
+for mask in $MKIMG_INSTALL_MASK; do
+	case $mask in
+	/*)
+		set +f
+		for p in "$OUT/rt"$mask; do
+			[ -e "$p" ] || [ -L "$p" ] || continue
+			rm -rf "$p"
+		done
+		set -f
+		;;
+	*)
+		find "$OUT/rt" -path "$OUT/rt/var/db/pkg" -prune -o \
+			\( -type f -o -type l \) -name "$mask" -exec rm -f {} +
+		;;
+	esac
+done
+set +f
+
+# --- hand the results to the user who runs the tool ----------------------------------------
+phase finish
+if [ -n "$MKIMG_OWNER" ]; then
+	chown -R "$MKIMG_OWNER" /var/cache/binpkgs /var/log/gentoo-mkimg
+fi
+phase "done"

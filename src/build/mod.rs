@@ -1,0 +1,412 @@
+//! `gentoo-mkimg build`: the whole job, in phases.
+//!
+//! 1. raw: the stage becomes `REPO/BASENAME-raw:TAG` (the import code);
+//! 2. snapshot: the Portage tree is ready in `portage/TAG` (extracted once);
+//! 3. build: inside the stage, `driver.sh` builds every package into `packages/TAG` and
+//!    fills the dev and rt roots;
+//! 4. images: the two roots become `REPO/BASENAME-dev:TAG` and `-rt:TAG` by the same layer
+//!    code as import, straight from the directories (or the engine's tar stream);
+//! 5. a summary: time per phase, package counts, image sizes and digests.
+//!
+//! Nothing is tagged for dev or rt unless the whole build succeeded; binary packages built
+//! before a failure stay in `packages/TAG`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::config::BuildPlan;
+use crate::engine::{self, Export, Mount, Session};
+use crate::image::config::ImageSpec;
+use crate::image::layer::{LayerInfo, LayerWriter};
+use crate::image::reference::Reference;
+use crate::image::store::Store;
+use crate::image::{StoredImage, commit_image, walk};
+use crate::import::{self, ImportOptions, standard_labels};
+use crate::portage::vdb;
+use crate::progress::Verbosity;
+use crate::snapshot;
+
+/// The script that runs inside the stage.
+pub const DRIVER: &str = include_str!("driver.sh");
+
+/// Where things are inside the stage (see driver.sh).
+const INPUT_DIR: &str = "/var/tmp/gentoo-mkimg/input";
+const DEV_ROOT: &str = "/var/tmp/gentoo-mkimg/dev";
+const RT_ROOT: &str = "/var/tmp/gentoo-mkimg/rt";
+const LOG_DIR: &str = "/var/log/gentoo-mkimg";
+
+/// Everything `build` needs besides the plan.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub plan: BuildPlan,
+    pub work_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub store: Store,
+    pub verbosity: Verbosity,
+    pub source_date_epoch: Option<i64>,
+}
+
+/// One finished image of the build.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    pub image: StoredImage,
+    pub packages: Vec<String>,
+}
+
+/// What a build did.
+#[derive(Debug, Clone)]
+pub struct BuildSummary {
+    pub phases: Vec<(String, Duration)>,
+    pub raw: StoredImage,
+    pub dev: BuiltImage,
+    pub rt: BuiltImage,
+    /// Binary packages in packages/TAG after the build.
+    pub binary_packages: usize,
+}
+
+/// The layer made from one exported root, waiting to be tagged.
+struct RootLayer {
+    layer: LayerInfo,
+    packages: Vec<String>,
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("{}: cannot resolve", path.display()))
+}
+
+fn lines(items: &[String]) -> String {
+    let mut s = String::new();
+    for item in items {
+        s.push_str(item);
+        s.push('\n');
+    }
+    s
+}
+
+/// Quote a value for a POSIX shell assignment.
+fn sh_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+/// Write the driver and its inputs into `dir`.
+fn write_inputs(dir: &Path, plan: &BuildPlan, verbosity: Verbosity) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let owner = {
+        let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+        if uid.is_root() { String::new() } else { format!("{uid}:{gid}") }
+    };
+    let settings = [
+        ("MKIMG_JOBS", plan.jobs.to_string()),
+        ("MKIMG_USE", plan.use_flags.clone()),
+        ("MKIMG_DEV_PACKAGES", plan.dev_packages.join(" ")),
+        ("MKIMG_RT_PACKAGES", plan.rt_packages.join(" ")),
+        ("MKIMG_INSTALL_MASK", plan.install_mask.join(" ")),
+        ("MKIMG_KEEP_GOING", u8::from(plan.keep_going).to_string()),
+        ("MKIMG_VERBOSE", u8::from(verbosity == Verbosity::Verbose).to_string()),
+        ("MKIMG_OWNER", owner),
+    ];
+    let mut text = String::new();
+    for (k, v) in settings {
+        let _ = writeln!(text, "{k}={}", sh_quote(&v));
+    }
+    let mut repos = String::new();
+    for r in &plan.repos {
+        let _ = writeln!(repos, "[{}]\nlocation = /var/db/repos/{}", r.name, r.name);
+        if let Some(p) = r.priority {
+            let _ = writeln!(repos, "priority = {p}");
+        }
+        repos.push('\n');
+    }
+    let files = [
+        ("settings", text),
+        ("driver.sh", DRIVER.to_string()),
+        ("make.conf", lines(&plan.make_conf)),
+        ("package.use", lines(&plan.package_use)),
+        ("package.accept_keywords", lines(&plan.package_accept_keywords)),
+        ("package.mask", lines(&plan.package_mask)),
+        ("package.unmask", lines(&plan.package_unmask)),
+        ("repos.conf", repos),
+    ];
+    for (name, content) in files {
+        let path = dir.join(name);
+        fs::write(&path, content).with_context(|| format!("{}: cannot write", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The failing package and its build log, from the driver's full log.
+fn explain_failure(log: &Path, host_logs: &Path) -> String {
+    let Ok(text) = fs::read_to_string(log) else {
+        return String::new();
+    };
+    let failed = text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim_start_matches([' ', '*']).trim();
+            let rest = l.strip_prefix("ERROR: ")?;
+            rest.contains(" failed").then(|| rest.to_string())
+        })
+        .last();
+    let build_log = text
+        .lines()
+        .filter_map(|l| {
+            let i = l.find("build log is located at '")?;
+            let rest = &l[i + "build log is located at '".len()..];
+            let path = rest.split('\'').next()?;
+            Some(match path.strip_prefix(LOG_DIR) {
+                Some(inside) => host_logs.join(inside.trim_start_matches('/')),
+                None => PathBuf::from(path),
+            })
+        })
+        .last();
+    let mut s = String::new();
+    if let Some(f) = failed {
+        let _ = write!(s, ": {f}");
+    }
+    if let Some(p) = build_log {
+        let _ = write!(s, "; build log: {}", p.display());
+    }
+    let _ = write!(s, "; full log: {}", log.display());
+    s
+}
+
+/// Per-phase durations from the driver's `phases` file (`NAME EPOCH` lines).
+fn driver_phases(path: &Path) -> Vec<(String, Duration)> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let marks: Vec<(String, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let (name, t) = l.split_once(' ')?;
+            Some((name.to_string(), t.trim().parse().ok()?))
+        })
+        .collect();
+    marks
+        .windows(2)
+        .map(|w| (format!("stage: {}", w[0].0), Duration::from_secs(w[1].1.saturating_sub(w[0].1))))
+        .collect()
+}
+
+/// Newest mtime of the binary packages: a creation time that does not change while the
+/// packages don't, for reproducible dev/rt images without SOURCE_DATE_EPOCH.
+fn newest_mtime(dir: &Path) -> Result<u64> {
+    let mut newest = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).with_context(|| format!("{}: cannot list", d.display()))? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                use std::os::unix::fs::MetadataExt;
+                newest = newest.max(meta.mtime().max(0) as u64);
+            }
+        }
+    }
+    Ok(newest)
+}
+
+fn count_binary_packages(dir: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            } else if name.ends_with(".gpkg.tar") || name.ends_with(".tbz2") || name.ends_with(".xpak") {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// Run the whole build.
+pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
+    let plan = &opts.plan;
+    let mut phases: Vec<(String, Duration)> = Vec::new();
+    let refs: BTreeMap<&str, Reference> = ["raw", "dev", "rt"]
+        .into_iter()
+        .map(|k| Ok((k, plan.reference(k).parse::<Reference>()?)))
+        .collect::<Result<_>>()
+        .context("REPO, BASENAME and TAG must make valid image names")?;
+    let work = absolute(&opts.work_dir)?;
+    let stage = absolute(&plan.stage3)?;
+
+    // Checks that need no build: the snapshot and the extra repositories.
+    let t = Instant::now();
+    let (tree, extracted) =
+        snapshot::prepare(&plan.snapshot, &work.join("portage").join(&plan.tag), opts.verbosity)?;
+    phases.push((
+        if extracted { "snapshot (extracted)" } else { "snapshot (ready)" }.to_string(),
+        t.elapsed(),
+    ));
+    for repo in &plan.repos {
+        snapshot::check_tree(&repo.path)
+            .with_context(|| format!("extra repository {}", repo.name))?;
+    }
+    if plan.engine == engine::EngineKind::Sandbox {
+        engine::sandbox::check_usable()?;
+    }
+
+    // 1. raw
+    let t = Instant::now();
+    let (raw, scan) = import::import_scanned(
+        &opts.store,
+        &ImportOptions {
+            stage: stage.clone(),
+            reference: refs["raw"].clone(),
+            compression: plan.compression,
+            platform: None,
+            source_date_epoch: opts.source_date_epoch,
+            verbosity: opts.verbosity,
+        },
+    )?;
+    phases.push(("raw image".to_string(), t.elapsed()));
+    if !scan.has_portage {
+        bail!(
+            "{}: the stage has no Portage (no /usr/bin/emerge); a stage3 is needed",
+            plan.stage3.display()
+        );
+    }
+    let platform = scan
+        .platform
+        .clone()
+        .ok_or_else(|| anyhow!("{}: architecture unknown", plan.stage3.display()))?;
+
+    // 2. the build inside the stage
+    let packages = work.join("packages").join(&plan.tag);
+    let distfiles = work.join("distfiles");
+    let logs = work.join("logs").join(&plan.tag);
+    let input = work.join("build").join(&plan.tag).join("input");
+    for dir in [&packages, &distfiles, &logs] {
+        fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    }
+    write_inputs(&input, plan, opts.verbosity)?;
+    let mut mounts = vec![
+        Mount { source: absolute(&tree)?, target: "/var/db/repos/gentoo".into(), read_only: true },
+        Mount { source: packages.clone(), target: "/var/cache/binpkgs".into(), read_only: false },
+        Mount { source: distfiles, target: "/var/cache/distfiles".into(), read_only: false },
+        Mount { source: logs.clone(), target: LOG_DIR.into(), read_only: false },
+        Mount { source: input.clone(), target: INPUT_DIR.into(), read_only: true },
+    ];
+    for repo in &plan.repos {
+        mounts.push(Mount {
+            source: absolute(&repo.path)?,
+            target: format!("/var/db/repos/{}", repo.name),
+            read_only: true,
+        });
+    }
+    let session = Session {
+        stage,
+        store: opts.store.clone(),
+        raw_reference: refs["raw"].clone(),
+        mounts,
+        env: crate::shell::session_env(&[])?,
+        command: vec!["/bin/sh".into(), format!("{INPUT_DIR}/driver.sh")],
+        interactive: false,
+        hostname: "gentoo-mkimg-build".into(),
+        cache_dir: absolute(&opts.cache_dir)?,
+        keep: false,
+        verbosity: opts.verbosity,
+    };
+
+    // Layers are made as the roots come out of the session; images are tagged only after
+    // every part succeeded.
+    let clamp = match opts.source_date_epoch {
+        Some(t) => t.max(0) as u64,
+        None => newest_mtime(&packages)?.max(scan.newest_mtime),
+    };
+    let mut roots: BTreeMap<String, RootLayer> = BTreeMap::new();
+    let t = Instant::now();
+    let mut on_export = |path: &str, export: Export<'_>| -> Result<()> {
+        let name = if path == DEV_ROOT { "dev" } else { "rt" };
+        let mut layer = LayerWriter::new(&opts.store, plan.compression)?;
+        let packages = match export {
+            Export::Dir(dir) => {
+                walk::append_dir(dir, &mut layer, Some(clamp))
+                    .with_context(|| format!("the {name} root"))?;
+                vdb::installed(dir)?
+            }
+            Export::Tar(reader) => {
+                let scan = import::append_tar_stripped(reader, &mut layer, Some(clamp))
+                    .with_context(|| format!("the {name} root"))?;
+                scan.packages
+            }
+        };
+        let info = layer.finish(&opts.store)?;
+        roots.insert(name.to_string(), RootLayer { layer: info, packages });
+        Ok(())
+    };
+    let status = engine::run_exporting(plan.engine, &session, &[DEV_ROOT, RT_ROOT], &mut on_export)?;
+    phases.extend(driver_phases(&logs.join("phases")));
+    if status != 0 {
+        bail!(
+            "the build failed in the stage (exit status {status}){}",
+            explain_failure(&logs.join("build.log"), &logs)
+        );
+    }
+    let build_time = t.elapsed();
+    if !phases.iter().any(|(n, _)| n.starts_with("stage:")) {
+        phases.push(("build in stage".into(), build_time));
+    }
+
+    // 3. images
+    let t = Instant::now();
+    let created = opts.source_date_epoch.unwrap_or(clamp as i64);
+    let mut built = BTreeMap::new();
+    for (kind, what) in [("dev", "everything: compilers, headers, Portage"), ("rt", "runtime only")] {
+        let root = roots
+            .remove(kind)
+            .ok_or_else(|| anyhow!("the session did not hand back the {kind} root"))?;
+        let reference = &refs[kind];
+        let mut spec = ImageSpec::gentoo(platform.clone(), created);
+        spec.labels = standard_labels(reference, created, &format!("Gentoo {kind} image ({what}), built by gentoo-mkimg"));
+        spec.history = vec![format!("gentoo-mkimg build ({kind} root)")];
+        let image = commit_image(&opts.store, &reference.to_string(), &spec, &[root.layer])?;
+        built.insert(kind, BuiltImage { image, packages: root.packages });
+    }
+    phases.push(("dev and rt images".to_string(), t.elapsed()));
+    let dev = built.remove("dev").ok_or_else(|| anyhow!("no dev image"))?;
+    let rt = built.remove("rt").ok_or_else(|| anyhow!("no rt image"))?;
+    Ok(BuildSummary {
+        phases,
+        raw,
+        dev,
+        rt,
+        binary_packages: count_binary_packages(&packages),
+    })
+}
+
+impl BuildSummary {
+    /// The end-of-build report.
+    pub fn render(&self) -> String {
+        let mut s = String::from("phase                          time\n");
+        for (name, d) in &self.phases {
+            let _ = writeln!(s, "{name:<30} {:>7.1}s", d.as_secs_f64());
+        }
+        let _ = writeln!(s, "\nbinary packages in the cache: {}", self.binary_packages);
+        let _ = writeln!(s, "{:<44} {:>9} {:>10}  digest", "image", "packages", "size");
+        let row = |s: &mut String, img: &StoredImage, pkgs: Option<usize>| {
+            let _ = writeln!(
+                s,
+                "{:<44} {:>9} {:>10}  {}",
+                img.reference,
+                pkgs.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                crate::images::human_size(img.size()),
+                img.manifest.digest
+            );
+        };
+        row(&mut s, &self.raw, None);
+        row(&mut s, &self.dev.image, Some(self.dev.packages.len()));
+        row(&mut s, &self.rt.image, Some(self.rt.packages.len()));
+        s
+    }
+}

@@ -1,0 +1,282 @@
+//! The build's settings: a TOML file (see `examples/gentoo-mkimg.toml`) and the command line,
+//! merged into one plain [`BuildPlan`]. Command-line options win over the file; unknown keys
+//! in the file are errors, so a typo never goes unnoticed.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+use crate::engine::EngineKind;
+use crate::image::layer::LayerCompression;
+
+/// The runtime set the old tool installed into rt (everything is in ::gentoo now).
+pub const DEFAULT_RT_PACKAGES: &[&str] = &[
+    "sys-apps/baselayout",
+    "app-arch/bzip2",
+    "app-arch/gzip",
+    "app-arch/tar",
+    "app-arch/xz-utils",
+    "app-shells/bash",
+    "net-misc/iputils",
+    "net-misc/rsync",
+    "net-misc/wget",
+    "sys-apps/coreutils",
+    "sys-apps/file",
+    "sys-apps/findutils",
+    "sys-apps/gawk",
+    "sys-apps/grep",
+    "sys-apps/kbd",
+    "sys-apps/less",
+    "sys-apps/openrc",
+    "sys-process/procps",
+    "sys-process/psmisc",
+    "sys-apps/sed",
+    "sys-apps/which",
+    "sys-apps/util-linux",
+    "virtual/libc",
+    "virtual/package-manager",
+    "virtual/service-manager",
+];
+
+/// What rt leaves out: docs, headers, static libraries and compiler leftovers.
+pub const DEFAULT_INSTALL_MASK: &[&str] = &[
+    "/usr/share/man",
+    "/usr/share/info",
+    "/usr/share/doc",
+    "/usr/share/gtk-doc",
+    "/usr/include",
+    "/usr/lib/charset.alias",
+    "/usr/lib64/charset.alias",
+    "/usr/share/gcc-data/*/man",
+    "/usr/share/gcc-data/*/info",
+    "/usr/*-linux-*/gcc-bin",
+    "/usr/lib/gcc/*/*/plugin",
+    "*.a",
+    "*.la",
+    "*.h",
+    "*.o",
+];
+
+/// An extra ebuild repository from a host directory.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraRepo {
+    /// The repository's name (its profiles/repo_name).
+    pub name: String,
+    /// Host directory holding it; mounted read-only at /var/db/repos/NAME.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub priority: Option<i32>,
+}
+
+/// The TOML file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub stage3: Option<String>,
+    pub snapshot: Option<String>,
+    pub repo: Option<String>,
+    pub basename: Option<String>,
+    pub tag: Option<String>,
+    pub engine: Option<EngineKind>,
+    pub jobs: Option<usize>,
+    #[serde(rename = "use")]
+    pub use_flags: Option<String>,
+    pub dev_packages: Option<Vec<String>>,
+    pub rt_packages: Option<Vec<String>>,
+    pub install_mask: Option<Vec<String>>,
+    pub keep_going: Option<bool>,
+    pub compression: Option<LayerCompression>,
+    pub make_conf: Option<Vec<String>>,
+    pub package_use: Option<Vec<String>>,
+    pub package_accept_keywords: Option<Vec<String>>,
+    pub package_mask: Option<Vec<String>>,
+    pub package_unmask: Option<Vec<String>>,
+    #[serde(default)]
+    pub repos: Vec<ExtraRepo>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read the config file", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            let msg = e.message().to_string();
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            match line {
+                Some(l) => anyhow::anyhow!("{}:{l}: {msg}", path.display()),
+                None => anyhow::anyhow!("{}: {msg}", path.display()),
+            }
+        })
+    }
+}
+
+/// Command-line values for `build` (each `None` leaves the file's value).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub stage3: Option<String>,
+    pub snapshot: Option<String>,
+    pub repo: Option<String>,
+    pub basename: Option<String>,
+    pub tag: Option<String>,
+    pub engine: Option<EngineKind>,
+    pub jobs: Option<usize>,
+    pub use_flags: Option<String>,
+    pub dev_packages: Option<Vec<String>>,
+    pub rt_packages: Option<Vec<String>>,
+    pub keep_going: bool,
+    pub compression: Option<LayerCompression>,
+}
+
+/// Everything a build needs, resolved.
+#[derive(Debug, Clone)]
+pub struct BuildPlan {
+    pub stage3: PathBuf,
+    pub snapshot: PathBuf,
+    pub repo: String,
+    pub basename: String,
+    pub tag: String,
+    pub engine: EngineKind,
+    pub jobs: usize,
+    pub use_flags: String,
+    pub dev_packages: Vec<String>,
+    pub rt_packages: Vec<String>,
+    pub install_mask: Vec<String>,
+    pub keep_going: bool,
+    pub compression: LayerCompression,
+    pub make_conf: Vec<String>,
+    pub package_use: Vec<String>,
+    pub package_accept_keywords: Vec<String>,
+    pub package_mask: Vec<String>,
+    pub package_unmask: Vec<String>,
+    pub repos: Vec<ExtraRepo>,
+}
+
+impl BuildPlan {
+    /// Merge the file (if any) and the command line. Relative paths in the file are taken
+    /// relative to the file's directory.
+    pub fn resolve(file: Option<(&Path, FileConfig)>, cli: Overrides) -> Result<Self> {
+        let (base, f) = match file {
+            Some((path, f)) => (path.parent().map(Path::to_path_buf), f),
+            None => (None, FileConfig::default()),
+        };
+        let rel = |p: String| -> PathBuf {
+            let p = PathBuf::from(p);
+            match (&base, p.is_relative()) {
+                (Some(b), true) => b.join(p),
+                _ => p,
+            }
+        };
+        let need = |v: Option<String>, what: &str| -> Result<String> {
+            v.ok_or_else(|| anyhow::anyhow!("no {what} given (argument or config key `{what}`)"))
+        };
+        let stage3 = match cli.stage3 {
+            Some(s) => PathBuf::from(s),
+            None => rel(need(f.stage3, "stage3")?),
+        };
+        let snapshot = match cli.snapshot {
+            Some(s) => PathBuf::from(s),
+            None => rel(need(f.snapshot, "snapshot")?),
+        };
+        let tag = match cli.tag.or(f.tag) {
+            Some(t) => t,
+            None => crate::shell::tag_from_stage(&stage3),
+        };
+        let jobs = cli
+            .jobs
+            .or(f.jobs)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        if jobs == 0 {
+            bail!("jobs must be at least 1");
+        }
+        let repos = f
+            .repos
+            .into_iter()
+            .map(|mut r| {
+                r.path = rel(r.path.to_string_lossy().into_owned());
+                r
+            })
+            .collect();
+        Ok(BuildPlan {
+            stage3,
+            snapshot,
+            repo: cli.repo.or(f.repo).unwrap_or_else(|| "localhost".to_string()),
+            basename: cli.basename.or(f.basename).unwrap_or_else(|| "gentoo".to_string()),
+            tag,
+            engine: cli.engine.or(f.engine).unwrap_or(EngineKind::Sandbox),
+            jobs,
+            use_flags: cli.use_flags.or(f.use_flags).unwrap_or_default(),
+            dev_packages: cli.dev_packages.or(f.dev_packages).unwrap_or_default(),
+            rt_packages: cli
+                .rt_packages
+                .or(f.rt_packages)
+                .unwrap_or_else(|| DEFAULT_RT_PACKAGES.iter().map(|s| s.to_string()).collect()),
+            install_mask: f
+                .install_mask
+                .unwrap_or_else(|| DEFAULT_INSTALL_MASK.iter().map(|s| s.to_string()).collect()),
+            keep_going: cli.keep_going || f.keep_going.unwrap_or(false),
+            compression: cli.compression.or(f.compression).unwrap_or_default(),
+            make_conf: f.make_conf.unwrap_or_default(),
+            package_use: f.package_use.unwrap_or_default(),
+            package_accept_keywords: f.package_accept_keywords.unwrap_or_default(),
+            package_mask: f.package_mask.unwrap_or_default(),
+            package_unmask: f.package_unmask.unwrap_or_default(),
+            repos,
+        })
+    }
+
+    /// `REPO/BASENAME-KIND:TAG`.
+    pub fn reference(&self, kind: &str) -> String {
+        format!("{}/{}-{kind}:{}", self.repo, self.basename, self.tag)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_errors_with_a_line_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "stage3 = \"s.tar.xz\"\n\nrt_pakages = [\"a\"]\n").unwrap();
+        let err = FileConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("c.toml:3"), "{err}");
+        assert!(err.contains("rt_pakages"), "{err}");
+    }
+
+    #[test]
+    fn command_line_wins_and_paths_are_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "stage3 = \"stage3-amd64-musl-openrc-20260214T170533Z.tar.xz\"\n\
+             snapshot = \"snap\"\nuse = \"-X\"\njobs = 3\nrt_packages = [\"app-misc/hello\"]\n",
+        )
+        .unwrap();
+        let file = FileConfig::load(&path).unwrap();
+        let cli = Overrides {
+            use_flags: Some("ipv6".into()),
+            basename: Some("musl".into()),
+            ..Default::default()
+        };
+        let plan = BuildPlan::resolve(Some((&path, file)), cli).unwrap();
+        assert_eq!(plan.use_flags, "ipv6");
+        assert_eq!(plan.jobs, 3);
+        assert_eq!(plan.snapshot, dir.path().join("snap"));
+        assert_eq!(plan.tag, "20260214T170533Z");
+        assert_eq!(plan.rt_packages, ["app-misc/hello"]);
+        assert_eq!(plan.reference("rt"), "localhost/musl-rt:20260214T170533Z");
+        assert!(plan.install_mask.iter().any(|m| m == "*.a"));
+    }
+
+    #[test]
+    fn missing_inputs_are_named() {
+        let err = BuildPlan::resolve(None, Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("stage3"), "{err}");
+    }
+}

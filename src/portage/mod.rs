@@ -1,0 +1,3 @@
+//! Portage's own data, read from a root filesystem.
+
+pub mod vdb;
