@@ -275,6 +275,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gentoo-mkimg.toml");
+        let file = FileConfig::load(&path).unwrap();
+        assert_eq!(file.basename.as_deref(), Some("gentoo-musl"));
+        assert_eq!(file.engine, Some(EngineKind::Sandbox));
+        let plan = BuildPlan::resolve(Some((&path, file)), Overrides::default()).unwrap();
+        assert_eq!(plan.tag, "20260214T170533Z");
+        assert_eq!(plan.rt_packages.len(), DEFAULT_RT_PACKAGES.len());
+    }
+
+    #[test]
     fn missing_inputs_are_named() {
         let err = BuildPlan::resolve(None, Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("stage3"), "{err}");
