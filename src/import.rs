@@ -11,12 +11,12 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::archive::decompress;
 use crate::archive::entries::{TopDirStripper, TrailerCheck, display_path, entry_meta};
-use crate::portage::vdb;
 use crate::image::config::{ImageSpec, Platform, platform_from_elf};
 use crate::image::layer::{EntryKind, LayerCompression, LayerInfo, LayerWriter};
 use crate::image::reference::Reference;
 use crate::image::store::Store;
 use crate::image::{StoredImage, commit_image};
+use crate::portage::vdb;
 use crate::progress::{self, Verbosity};
 
 /// What to import, as plain values.
@@ -78,13 +78,10 @@ pub fn append_tar(
     let mut last = String::from("(start of archive)");
     {
         let mut archive = tar::Archive::new(&mut checked);
-        let entries = archive
-            .entries()
-            .context("cannot read the tar stream")?;
+        let entries = archive.entries().context("cannot read the tar stream")?;
         for entry in entries {
-            let mut entry = entry.map_err(|e| {
-                anyhow!("corrupt or truncated data after entry {last:?}: {e}")
-            })?;
+            let mut entry = entry
+                .map_err(|e| anyhow!("corrupt or truncated data after entry {last:?}: {e}"))?;
             let mut meta = entry_meta(&mut entry)?;
             last = display_path(&meta.path);
             if opts.strip_top_dir && !stripper.strip(&mut meta)? {
@@ -127,7 +124,9 @@ pub fn append_tar(
         bail!("the archive holds no entries");
     }
     if !checked.saw_end_marker() {
-        bail!("truncated: the archive ends after entry {last:?} without tar's end-of-archive marker");
+        bail!(
+            "truncated: the archive ends after entry {last:?} without tar's end-of-archive marker"
+        );
     }
     scan.packages.sort();
     Ok(scan)
@@ -168,8 +167,8 @@ pub fn import_scanned(store: &Store, opts: &ImportOptions) -> Result<(StoredImag
     let scan = append_tar(input.reader, &mut layer, TarOptions::default(), || {
         bar.set(consumed.load(std::sync::atomic::Ordering::Relaxed))
     })
-    .with_context(|| format!("{file}"))?;
-    let info: LayerInfo = layer.finish(store).with_context(|| format!("{file}"))?;
+    .with_context(|| file.clone())?;
+    let info: LayerInfo = layer.finish(store).with_context(|| file.clone())?;
     bar.finish();
 
     let platform = match (&opts.platform, &scan.platform) {
@@ -184,9 +183,18 @@ pub fn import_scanned(store: &Store, opts: &ImportOptions) -> Result<(StoredImag
         .source_date_epoch
         .unwrap_or(scan.newest_mtime.min(i64::MAX as u64) as i64);
     let mut spec = ImageSpec::gentoo(platform, created);
-    spec.labels = standard_labels(&opts.reference, created, "Gentoo stage3, imported by gentoo-mkimg");
+    spec.labels = standard_labels(
+        &opts.reference,
+        created,
+        "Gentoo stage3, imported by gentoo-mkimg",
+    );
     spec.history = vec!["gentoo-mkimg import".to_string()];
-    let image = commit_image(store, &opts.reference.to_string(), &spec, &[info.clone()])?;
+    let image = commit_image(
+        store,
+        &opts.reference.to_string(),
+        &spec,
+        std::slice::from_ref(&info),
+    )?;
     tracing::info!(
         "{} entries, layer {} ({} bytes, {} uncompressed)",
         scan.entries,

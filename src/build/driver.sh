@@ -16,8 +16,8 @@
 # settings: MKIMG_JOBS MKIMG_USE MKIMG_DEV_PACKAGES MKIMG_RT_PACKAGES MKIMG_INSTALL_MASK
 #           MKIMG_KEEP_GOING (0/1) MKIMG_VERBOSE (0/1) MKIMG_OWNER (uid:gid or empty)
 #
-# Output: with MKIMG_VERBOSE=1 everything emerge prints; otherwise only lines starting with
-# ">>> " (phases and emerge's own progress). Everything goes to $LOG as well.
+# Output: with MKIMG_VERBOSE=1 everything emerge prints; otherwise only the phases and
+# emerge's ">>> Emerging ..." lines. Everything goes to $LOG as well.
 set -eu
 
 IN=/var/tmp/gentoo-mkimg/input
@@ -46,7 +46,11 @@ logged() {
 		"$@" 2>&1 || rc=$?
 		echo "$rc" > "$status"
 	} | tee -a "$LOG" | {
-		if [ "$MKIMG_VERBOSE" = 1 ]; then cat; else grep --line-buffered '^>>> ' || true; fi
+		if [ "$MKIMG_VERBOSE" = 1 ]; then
+			cat
+		else
+			grep --line-buffered -E '^>>> (gentoo-mkimg|Emerging)' || true
+		fi
 	}
 	return "$(cat "$status")"
 }

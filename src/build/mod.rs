@@ -98,7 +98,11 @@ fn write_inputs(dir: &Path, plan: &BuildPlan, verbosity: Verbosity) -> Result<()
     fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let owner = {
         let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
-        if uid.is_root() { String::new() } else { format!("{uid}:{gid}") }
+        if uid.is_root() {
+            String::new()
+        } else {
+            format!("{uid}:{gid}")
+        }
     };
     let settings = [
         ("MKIMG_JOBS", plan.jobs.to_string()),
@@ -107,7 +111,10 @@ fn write_inputs(dir: &Path, plan: &BuildPlan, verbosity: Verbosity) -> Result<()
         ("MKIMG_RT_PACKAGES", plan.rt_packages.join(" ")),
         ("MKIMG_INSTALL_MASK", plan.install_mask.join(" ")),
         ("MKIMG_KEEP_GOING", u8::from(plan.keep_going).to_string()),
-        ("MKIMG_VERBOSE", u8::from(verbosity == Verbosity::Verbose).to_string()),
+        (
+            "MKIMG_VERBOSE",
+            u8::from(verbosity == Verbosity::Verbose).to_string(),
+        ),
         ("MKIMG_OWNER", owner),
     ];
     let mut text = String::new();
@@ -127,7 +134,10 @@ fn write_inputs(dir: &Path, plan: &BuildPlan, verbosity: Verbosity) -> Result<()
         ("driver.sh", DRIVER.to_string()),
         ("make.conf", lines(&plan.make_conf)),
         ("package.use", lines(&plan.package_use)),
-        ("package.accept_keywords", lines(&plan.package_accept_keywords)),
+        (
+            "package.accept_keywords",
+            lines(&plan.package_accept_keywords),
+        ),
         ("package.mask", lines(&plan.package_mask)),
         ("package.unmask", lines(&plan.package_unmask)),
         ("repos.conf", repos),
@@ -144,26 +154,20 @@ fn explain_failure(log: &Path, host_logs: &Path) -> String {
     let Ok(text) = fs::read_to_string(log) else {
         return String::new();
     };
-    let failed = text
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim_start_matches([' ', '*']).trim();
-            let rest = l.strip_prefix("ERROR: ")?;
-            rest.contains(" failed").then(|| rest.to_string())
+    let failed = text.lines().rev().find_map(|l| {
+        let l = l.trim_start_matches([' ', '*']).trim();
+        let rest = l.strip_prefix("ERROR: ")?;
+        rest.contains(" failed").then(|| rest.to_string())
+    });
+    let build_log = text.lines().rev().find_map(|l| {
+        let i = l.find("build log is located at '")?;
+        let rest = &l[i + "build log is located at '".len()..];
+        let path = rest.split('\'').next()?;
+        Some(match path.strip_prefix(LOG_DIR) {
+            Some(inside) => host_logs.join(inside.trim_start_matches('/')),
+            None => PathBuf::from(path),
         })
-        .last();
-    let build_log = text
-        .lines()
-        .filter_map(|l| {
-            let i = l.find("build log is located at '")?;
-            let rest = &l[i + "build log is located at '".len()..];
-            let path = rest.split('\'').next()?;
-            Some(match path.strip_prefix(LOG_DIR) {
-                Some(inside) => host_logs.join(inside.trim_start_matches('/')),
-                None => PathBuf::from(path),
-            })
-        })
-        .last();
+    });
     let mut s = String::new();
     if let Some(f) = failed {
         let _ = write!(s, ": {f}");
@@ -187,7 +191,12 @@ fn driver_phases(path: &Path) -> Vec<(String, Duration)> {
         .collect();
     marks
         .windows(2)
-        .map(|w| (format!("stage: {}", w[0].0), Duration::from_secs(w[1].1.saturating_sub(w[0].1))))
+        .map(|w| {
+            (
+                format!("stage: {}", w[0].0),
+                Duration::from_secs(w[1].1.saturating_sub(w[0].1)),
+            )
+        })
         .collect()
 }
 
@@ -215,12 +224,17 @@ fn count_binary_packages(dir: &Path) -> usize {
     let mut n = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&d) else { continue };
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if e.file_type().is_ok_and(|t| t.is_dir()) {
                 stack.push(e.path());
-            } else if name.ends_with(".gpkg.tar") || name.ends_with(".tbz2") || name.ends_with(".xpak") {
+            } else if name.ends_with(".gpkg.tar")
+                || name.ends_with(".tbz2")
+                || name.ends_with(".xpak")
+            {
                 n += 1;
             }
         }
@@ -242,10 +256,18 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
 
     // Checks that need no build: the snapshot and the extra repositories.
     let t = Instant::now();
-    let (tree, extracted) =
-        snapshot::prepare(&plan.snapshot, &work.join("portage").join(&plan.tag), opts.verbosity)?;
+    let (tree, extracted) = snapshot::prepare(
+        &plan.snapshot,
+        &work.join("portage").join(&plan.tag),
+        opts.verbosity,
+    )?;
     phases.push((
-        if extracted { "snapshot (extracted)" } else { "snapshot (ready)" }.to_string(),
+        if extracted {
+            "snapshot (extracted)"
+        } else {
+            "snapshot (ready)"
+        }
+        .to_string(),
         t.elapsed(),
     ));
     for repo in &plan.repos {
@@ -291,11 +313,31 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     }
     write_inputs(&input, plan, opts.verbosity)?;
     let mut mounts = vec![
-        Mount { source: absolute(&tree)?, target: "/var/db/repos/gentoo".into(), read_only: true },
-        Mount { source: packages.clone(), target: "/var/cache/binpkgs".into(), read_only: false },
-        Mount { source: distfiles, target: "/var/cache/distfiles".into(), read_only: false },
-        Mount { source: logs.clone(), target: LOG_DIR.into(), read_only: false },
-        Mount { source: input.clone(), target: INPUT_DIR.into(), read_only: true },
+        Mount {
+            source: absolute(&tree)?,
+            target: "/var/db/repos/gentoo".into(),
+            read_only: true,
+        },
+        Mount {
+            source: packages.clone(),
+            target: "/var/cache/binpkgs".into(),
+            read_only: false,
+        },
+        Mount {
+            source: distfiles,
+            target: "/var/cache/distfiles".into(),
+            read_only: false,
+        },
+        Mount {
+            source: logs.clone(),
+            target: LOG_DIR.into(),
+            read_only: false,
+        },
+        Mount {
+            source: input.clone(),
+            target: INPUT_DIR.into(),
+            read_only: true,
+        },
     ];
     for repo in &plan.repos {
         mounts.push(Mount {
@@ -326,8 +368,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     };
     let mut roots: BTreeMap<String, RootLayer> = BTreeMap::new();
     let t = Instant::now();
+    let mut layer_times: Vec<(String, Duration)> = Vec::new();
     let mut on_export = |path: &str, export: Export<'_>| -> Result<()> {
         let name = if path == DEV_ROOT { "dev" } else { "rt" };
+        let started = Instant::now();
         let mut layer = LayerWriter::new(&opts.store, plan.compression)?;
         let packages = match export {
             Export::Dir(dir) => {
@@ -342,11 +386,20 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             }
         };
         let info = layer.finish(&opts.store)?;
-        roots.insert(name.to_string(), RootLayer { layer: info, packages });
+        roots.insert(
+            name.to_string(),
+            RootLayer {
+                layer: info,
+                packages,
+            },
+        );
+        layer_times.push((format!("{name} layer"), started.elapsed()));
         Ok(())
     };
-    let status = engine::run_exporting(plan.engine, &session, &[DEV_ROOT, RT_ROOT], &mut on_export)?;
+    let status =
+        engine::run_exporting(plan.engine, &session, &[DEV_ROOT, RT_ROOT], &mut on_export)?;
     phases.extend(driver_phases(&logs.join("phases")));
+    phases.extend(layer_times);
     if status != 0 {
         bail!(
             "the build failed in the stage (exit status {status}){}",
@@ -362,18 +415,31 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     let t = Instant::now();
     let created = opts.source_date_epoch.unwrap_or(clamp as i64);
     let mut built = BTreeMap::new();
-    for (kind, what) in [("dev", "everything: compilers, headers, Portage"), ("rt", "runtime only")] {
+    for (kind, what) in [
+        ("dev", "everything: compilers, headers, Portage"),
+        ("rt", "runtime only"),
+    ] {
         let root = roots
             .remove(kind)
             .ok_or_else(|| anyhow!("the session did not hand back the {kind} root"))?;
         let reference = &refs[kind];
         let mut spec = ImageSpec::gentoo(platform.clone(), created);
-        spec.labels = standard_labels(reference, created, &format!("Gentoo {kind} image ({what}), built by gentoo-mkimg"));
+        spec.labels = standard_labels(
+            reference,
+            created,
+            &format!("Gentoo {kind} image ({what}), built by gentoo-mkimg"),
+        );
         spec.history = vec![format!("gentoo-mkimg build ({kind} root)")];
         let image = commit_image(&opts.store, &reference.to_string(), &spec, &[root.layer])?;
-        built.insert(kind, BuiltImage { image, packages: root.packages });
+        built.insert(
+            kind,
+            BuiltImage {
+                image,
+                packages: root.packages,
+            },
+        );
     }
-    phases.push(("dev and rt images".to_string(), t.elapsed()));
+    phases.push(("tag dev and rt".to_string(), t.elapsed()));
     let dev = built.remove("dev").ok_or_else(|| anyhow!("no dev image"))?;
     let rt = built.remove("rt").ok_or_else(|| anyhow!("no rt image"))?;
     Ok(BuildSummary {
@@ -392,8 +458,16 @@ impl BuildSummary {
         for (name, d) in &self.phases {
             let _ = writeln!(s, "{name:<30} {:>7.1}s", d.as_secs_f64());
         }
-        let _ = writeln!(s, "\nbinary packages in the cache: {}", self.binary_packages);
-        let _ = writeln!(s, "{:<44} {:>9} {:>10}  digest", "image", "packages", "size");
+        let _ = writeln!(
+            s,
+            "\nbinary packages in the cache: {}",
+            self.binary_packages
+        );
+        let _ = writeln!(
+            s,
+            "{:<44} {:>9} {:>10}  digest",
+            "image", "packages", "size"
+        );
         let row = |s: &mut String, img: &StoredImage, pkgs: Option<usize>| {
             let _ = writeln!(
                 s,

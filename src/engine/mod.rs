@@ -91,7 +91,6 @@ pub fn run_exporting(
 ) -> Result<i32> {
     match kind {
         EngineKind::Sandbox => sandbox::run_exporting(session, exports, on_export),
-        EngineKind::Docker if exports.is_empty() => docker::run(session),
-        EngineKind::Docker => anyhow::bail!("TEMPORARY: docker exports pending"),
+        EngineKind::Docker => docker::run_exporting(session, exports, on_export),
     }
 }

@@ -99,7 +99,10 @@ pub fn run_exporting(
     if let Ok(0) = result {
         for path in exports {
             // Made by the command, so wholly in the overlay's upper dir.
-            let dir = run_dir.path().join("upper").join(path.trim_start_matches('/'));
+            let dir = run_dir
+                .path()
+                .join("upper")
+                .join(path.trim_start_matches('/'));
             if !dir.is_dir() {
                 result = Err(anyhow!("the session did not create {path}"));
                 break;
@@ -112,7 +115,10 @@ pub fn run_exporting(
     }
     if session.keep {
         let kept = run_dir.keep();
-        eprintln!("gentoo-mkimg: kept the session's files in {}", kept.display());
+        eprintln!(
+            "gentoo-mkimg: kept the session's files in {}",
+            kept.display()
+        );
     } else {
         let path = run_dir.path().to_path_buf();
         if let Err(e) = run_dir.close() {
@@ -144,7 +150,10 @@ fn run_in(session: &Session, rootfs: &Path, run_dir: &Path) -> Result<i32> {
     }
     for (source, _, _) in &spec.mounts {
         if !source.is_dir() {
-            bail!("{}: not a directory, cannot mount it in the sandbox", source.display());
+            bail!(
+                "{}: not a directory, cannot mount it in the sandbox",
+                source.display()
+            );
         }
     }
     let spec_path = run_dir.join("spec.json");
@@ -170,9 +179,7 @@ fn run_in(session: &Session, rootfs: &Path, run_dir: &Path) -> Result<i32> {
     let signals = SignalWatch::install(!session.interactive)?;
     let child = cmd.spawn().map_err(|e| {
         if e.raw_os_error() == Some(libc::EPERM) {
-            anyhow!(
-                "the sandbox engine cannot create namespaces here ({e}); use --engine docker"
-            )
+            anyhow!("the sandbox engine cannot create namespaces here ({e}); use --engine docker")
         } else {
             anyhow!("cannot start the sandbox helper: {e}")
         }
@@ -245,7 +252,9 @@ impl SignalWatch {
         } else {
             // Interactive: Ctrl-C belongs to the shell in the sandbox, not to us.
             // SAFETY: installing a plain ignore disposition.
-            old.push((Signal::SIGINT, unsafe { sigaction(Signal::SIGINT, &ignore)? }));
+            old.push((Signal::SIGINT, unsafe {
+                sigaction(Signal::SIGINT, &ignore)?
+            }));
         }
         for sig in list {
             // SAFETY: the handler only touches an atomic.
@@ -313,8 +322,7 @@ pub fn prepare_stage(
 ) -> Result<PathBuf> {
     let digest = sha256_file(stage)?;
     let stages = cache_dir.join("stages");
-    fs::create_dir_all(&stages)
-        .with_context(|| format!("{}: cannot create", stages.display()))?;
+    fs::create_dir_all(&stages).with_context(|| format!("{}: cannot create", stages.display()))?;
     let done = stages.join(&digest);
     let rootfs = done.join("rootfs");
     let lock_path = stages.join(format!("{digest}.lock"));
@@ -335,8 +343,7 @@ pub fn prepare_stage(
         .tempdir_in(&stages)
         .with_context(|| format!("{}: cannot create a temporary dir", stages.display()))?;
     let tmp_root = tmp.path().join("rootfs");
-    fs::create_dir(&tmp_root)
-        .with_context(|| format!("{}: cannot create", tmp_root.display()))?;
+    fs::create_dir(&tmp_root).with_context(|| format!("{}: cannot create", tmp_root.display()))?;
     let input = decompress::open(stage)?;
     let bar = progress::Bytes::new(verbosity, "extracting stage", input.size);
     let consumed = input.consumed.clone();
@@ -393,7 +400,10 @@ pub fn init_main(spec_path: &Path) -> i32 {
     {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("gentoo-mkimg: sandbox: cannot read {}: {e}", spec_path.display());
+            eprintln!(
+                "gentoo-mkimg: sandbox: cannot read {}: {e}",
+                spec_path.display()
+            );
             return SETUP_FAILED;
         }
     };
@@ -548,7 +558,13 @@ fn mnt(
 /// Inside the new namespaces: build the root and pivot into it.
 fn setup_root(spec: &Spec) -> Result<()> {
     let none: Option<&Path> = None;
-    mnt(none, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+    mnt(
+        none,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
     let options = format!(
         "lowerdir={},upperdir={},workdir={}",
         spec.lower.display(),
@@ -567,7 +583,13 @@ fn setup_root(spec: &Spec) -> Result<()> {
     for (source, target, read_only) in &spec.mounts {
         let at = inside(target);
         fs::create_dir_all(&at).with_context(|| format!("cannot create {target} in the stage"))?;
-        mnt(Some(source), &at, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+        mnt(
+            Some(source),
+            &at,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
         if *read_only {
             mnt(
                 none,
@@ -581,13 +603,31 @@ fn setup_root(spec: &Spec) -> Result<()> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let proc_dir = inside("proc");
     fs::create_dir_all(&proc_dir).context("cannot create /proc in the stage")?;
-    mnt(Some(Path::new("proc")), &proc_dir, Some("proc"), nosuid, None)?;
+    mnt(
+        Some(Path::new("proc")),
+        &proc_dir,
+        Some("proc"),
+        nosuid,
+        None,
+    )?;
     let sys = inside("sys");
     fs::create_dir_all(&sys).context("cannot create /sys in the stage")?;
-    if mnt(Some(Path::new("sysfs")), &sys, Some("sysfs"), nosuid | MsFlags::MS_RDONLY, None)
-        .is_err()
+    if mnt(
+        Some(Path::new("sysfs")),
+        &sys,
+        Some("sysfs"),
+        nosuid | MsFlags::MS_RDONLY,
+        None,
+    )
+    .is_err()
     {
-        mnt(Some(Path::new("/sys")), &sys, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+        mnt(
+            Some(Path::new("/sys")),
+            &sys,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
     }
     setup_dev(&inside("dev"))?;
     if let Some(resolv) = &spec.resolv_conf {

@@ -27,12 +27,8 @@ pub fn write(store: &Store, images: &[StoredImage], dest: &Path) -> Result<()> {
         .tempfile_in(dir)
         .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
     let (file, tmp_path) = tmp.into_parts();
-    let mut tar = tar::Builder::new(BufWriter::with_capacity(1 << 20, file));
-    write_entries(store, images, &mut tar)
+    let mut out = write_to(store, images, BufWriter::with_capacity(1 << 20, file))
         .with_context(|| format!("{}: cannot write the docker archive", dest.display()))?;
-    let mut out = tar
-        .into_inner()
-        .with_context(|| format!("{}: cannot finish the archive", dest.display()))?;
     out.flush()
         .with_context(|| format!("{}: cannot write", dest.display()))?;
     drop(out);
@@ -41,6 +37,14 @@ pub fn write(store: &Store, images: &[StoredImage], dest: &Path) -> Result<()> {
         .map_err(|e| e.error)
         .with_context(|| format!("{}: cannot rename into place", dest.display()))?;
     Ok(())
+}
+
+/// Write `images` (all from `store`) as one docker-archive to `out`, streaming the blobs, and
+/// hand `out` back (not flushed) once the archive is complete.
+pub fn write_to<W: Write>(store: &Store, images: &[StoredImage], out: W) -> Result<W> {
+    let mut tar = tar::Builder::new(out);
+    write_entries(store, images, &mut tar)?;
+    tar.into_inner().context("cannot finish the archive")
 }
 
 fn header(size: u64) -> tar::Header {
@@ -85,8 +89,8 @@ fn write_entries<W: Write>(
                 continue;
             }
             let path = store.blob_path(digest);
-            let mut file =
-                File::open(&path).with_context(|| format!("{}: cannot open blob", path.display()))?;
+            let mut file = File::open(&path)
+                .with_context(|| format!("{}: cannot open blob", path.display()))?;
             let size = file.metadata()?.len();
             let mut h = header(size);
             tar.append_data(&mut h, format!("blobs/sha256/{}", digest.hex()), &mut file)

@@ -61,16 +61,23 @@ pub fn engine() -> &'static Engine {
         {
             return Engine { host };
         }
-        let dir: PathBuf = std::env::temp_dir().join(format!(
-            "gentoo-mkimg-test-podman-{}",
-            std::process::id()
-        ));
+        let dir: PathBuf =
+            std::env::temp_dir().join(format!("gentoo-mkimg-test-podman-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create the podman socket dir");
         let socket = dir.join("podman.sock");
         let host = format!("unix://{}", socket.display());
         let log = std::fs::File::create(dir.join("service.log")).expect("create service log");
+        // Not waited for: the service outlives the tests briefly and ends on its idle timeout.
+        #[allow(clippy::zombie_processes)]
         Command::new("podman")
-            .args(["--runtime", "runc", "system", "service", "--time=120", &host])
+            .args([
+                "--runtime",
+                "runc",
+                "system",
+                "service",
+                "--time=120",
+                &host,
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
