@@ -185,10 +185,11 @@ impl BuildPlan {
             Some(t) => t,
             None => crate::shell::tag_from_stage(&stage3),
         };
-        let jobs = cli
-            .jobs
-            .or(f.jobs)
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        let jobs = cli.jobs.or(f.jobs).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
         if jobs == 0 {
             bail!("jobs must be at least 1");
         }
@@ -203,8 +204,14 @@ impl BuildPlan {
         Ok(BuildPlan {
             stage3,
             snapshot,
-            repo: cli.repo.or(f.repo).unwrap_or_else(|| "localhost".to_string()),
-            basename: cli.basename.or(f.basename).unwrap_or_else(|| "gentoo".to_string()),
+            repo: cli
+                .repo
+                .or(f.repo)
+                .unwrap_or_else(|| "localhost".to_string()),
+            basename: cli
+                .basename
+                .or(f.basename)
+                .unwrap_or_else(|| "gentoo".to_string()),
             tag,
             engine: cli.engine.or(f.engine).unwrap_or(EngineKind::Sandbox),
             jobs,

@@ -50,16 +50,28 @@ pub fn tag_from_stage(stage: &Path) -> String {
         }
     }
     let mut stem = name.as_str();
-    for ext in [".xz", ".bz2", ".gz", ".zst", ".tar", ".tgz", ".tbz2", ".txz"] {
+    for ext in [
+        ".xz", ".bz2", ".gz", ".zst", ".tar", ".tgz", ".tbz2", ".txz",
+    ] {
         stem = stem.strip_suffix(ext).unwrap_or(stem);
     }
     let tag: String = stem
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(128)
         .collect();
     let tag = tag.trim_start_matches(['.', '-']).to_string();
-    if tag.is_empty() { "latest".to_string() } else { tag }
+    if tag.is_empty() {
+        "latest".to_string()
+    } else {
+        tag
+    }
 }
 
 /// The command's environment: a clean PATH, HOME, TERM and LANG plus `extra`.
@@ -115,7 +127,8 @@ pub fn shell(opts: &ShellOptions) -> Result<i32> {
     let packages = work.join("packages").join(&tag);
     let distfiles = work.join("distfiles");
     for dir in [&packages, &distfiles] {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
     }
     let mut mounts = Vec::new();
     if let Some(snap) = &opts.snapshot {
@@ -152,7 +165,13 @@ pub fn shell(opts: &ShellOptions) -> Result<i32> {
         interactive: interactive && std::io::stdin().is_terminal(),
         hostname: format!("gentoo-mkimg-{}", tag.to_ascii_lowercase())
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
             .take(63)
             .collect(),
         cache_dir: absolute(&opts.cache_dir)?,
@@ -169,8 +188,14 @@ mod tests {
     #[test]
     fn tags_come_from_stage_names() {
         let t = |n: &str| tag_from_stage(Path::new(n));
-        assert_eq!(t("stage3-amd64-musl-openrc-20260214T170533Z.tar.xz"), "20260214T170533Z");
-        assert_eq!(t("/x/stage3-amd64-musl-20200101T000000Z.tar.bz2"), "20200101T000000Z");
+        assert_eq!(
+            t("stage3-amd64-musl-openrc-20260214T170533Z.tar.xz"),
+            "20260214T170533Z"
+        );
+        assert_eq!(
+            t("/x/stage3-amd64-musl-20200101T000000Z.tar.bz2"),
+            "20200101T000000Z"
+        );
         assert_eq!(t("my stage.tar.zst"), "my_stage");
         assert_eq!(t(".tar"), "latest");
     }

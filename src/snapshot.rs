@@ -57,7 +57,8 @@ pub fn prepare(snapshot: &Path, dest: &Path, verbosity: Verbosity) -> Result<(Pa
             .with_context(|| format!("{}: cannot replace the old snapshot", dest.display()))?;
     }
     let kept = tmp.keep();
-    fs::rename(&kept, dest).with_context(|| format!("{}: cannot move into place", dest.display()))?;
+    fs::rename(&kept, dest)
+        .with_context(|| format!("{}: cannot move into place", dest.display()))?;
     Ok((dest.to_path_buf(), true))
 }
 

@@ -95,7 +95,10 @@ fn every_compression_gives_the_same_layer_and_a_stable_digest() {
     let (first, m) = manifest(&store, "localhost/fixture-raw:xz");
     import_ok(&store, &stage.xz(), "localhost/fixture-raw:xz", &[]);
     let (second, _) = manifest(&store, "localhost/fixture-raw:xz");
-    assert_eq!(first, second, "importing the same stage twice changed the digest");
+    assert_eq!(
+        first, second,
+        "importing the same stage twice changed the digest"
+    );
 
     let config = json(&blob(&store, m["config"]["digest"].as_str().unwrap()));
     assert_eq!(config["architecture"], "amd64");
@@ -209,7 +212,11 @@ fn strip_dot(raw: &[u8]) -> &[u8] {
 fn independent_tools_see_every_fidelity_entry() {
     let stage = common::stage();
     let fidelity = stage.fidelity_paths();
-    assert!(fidelity.len() >= 10, "fixture lists too few entries: {}", fidelity.len());
+    assert!(
+        fidelity.len() >= 10,
+        "fixture lists too few entries: {}",
+        fidelity.len()
+    );
     let tmp = tempfile::tempdir().unwrap();
     let store = tmp.path().join("images");
     let reference = "localhost/fidelity-raw:1";
@@ -278,15 +285,17 @@ fn independent_tools_see_every_fidelity_entry() {
         at(raw)
     };
     for raw in &fidelity {
-        std::fs::symlink_metadata(at(raw))
-            .unwrap_or_else(|e| panic!("{}: {e}", tar_escape(raw)));
+        std::fs::symlink_metadata(at(raw)).unwrap_or_else(|e| panic!("{}: {e}", tar_escape(raw)));
     }
     let meta = |p: &Path| std::fs::symlink_metadata(p).unwrap();
     assert_eq!(meta(&find("/setuid")).mode() & 0o7777, 0o4755);
     assert_eq!(meta(&find("/setgid")).mode() & 0o7777, 0o2755);
     assert_eq!(meta(&find("/sticky-dir/")).mode() & 0o7777, 0o1777);
     let owned = meta(&find("/owned-1234"));
-    assert_eq!((owned.uid(), owned.gid(), owned.mode() & 0o7777), (1234, 5678, 0o640));
+    assert_eq!(
+        (owned.uid(), owned.gid(), owned.mode() & 0o7777),
+        (1234, 5678, 0o640)
+    );
     let dev = meta(&find("/char-null"));
     assert!(dev.file_type().is_char_device());
     assert_eq!(dev.rdev(), libc_makedev(1, 3));
@@ -294,13 +303,23 @@ fn independent_tools_see_every_fidelity_entry() {
     assert!(blk.file_type().is_block_device());
     assert_eq!(blk.rdev(), libc_makedev(7, 0));
     assert!(meta(&find("/fifo")).file_type().is_fifo());
-    assert_eq!(meta(&find("/hardlink-a")).ino(), meta(&find("/hardlink-b")).ino());
+    assert_eq!(
+        meta(&find("/hardlink-a")).ino(),
+        meta(&find("/hardlink-b")).ino()
+    );
     let long_link = std::fs::read_link(find("/symlink-long")).unwrap();
     assert!(long_link.as_os_str().len() > 100);
     let long = fidelity.iter().max_by_key(|p| p.len()).unwrap();
     assert!(long.len() >= 150 && at(long).exists());
-    assert!(fidelity.iter().any(|p| std::str::from_utf8(p).is_err() && at(p).exists()));
-    let getcap = Command::new("getcap").arg(find("/capbin")).output().unwrap();
+    assert!(
+        fidelity
+            .iter()
+            .any(|p| std::str::from_utf8(p).is_err() && at(p).exists())
+    );
+    let getcap = Command::new("getcap")
+        .arg(find("/capbin"))
+        .output()
+        .unwrap();
     assert!(
         String::from_utf8_lossy(&getcap.stdout).contains("cap_net_raw=ep"),
         "capability lost: {}",
@@ -385,7 +404,8 @@ fn tiny_tar(extra: &[(&[u8], &[u8])]) -> Vec<u8> {
     dir.set_entry_type(tar::EntryType::Directory);
     dir.set_mode(0o755);
     for d in ["./", "./usr/", "./usr/bin/"] {
-        b.append_data(&mut dir.clone(), d, std::io::empty()).unwrap();
+        b.append_data(&mut dir.clone(), d, std::io::empty())
+            .unwrap();
     }
     let mut h = header();
     h.set_size(t.len() as u64);
@@ -423,7 +443,11 @@ fn bad_input_is_refused_with_one_line_and_the_store_untouched() {
     let tiny = tiny_tar(&[]);
     let compressed = xz(&tiny);
     let unterminated = &tiny[..tiny.len() - 1024];
-    assert!(unterminated[unterminated.len() - 512..].iter().any(|&b| b != 0));
+    assert!(
+        unterminated[unterminated.len() - 512..]
+            .iter()
+            .any(|&b| b != 0)
+    );
     let cases: Vec<(&str, Option<Vec<u8>>, &str)> = vec![
         ("missing.tar.xz", None, "No such file"),
         ("empty.tar.xz", Some(Vec::new()), "empty"),
@@ -457,9 +481,19 @@ fn bad_input_is_refused_with_one_line_and_the_store_untouched() {
         let out = import(&store, &path, "localhost/tiny-raw:1", &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
-        assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: not one line: {stderr}");
-        assert!(stderr.contains(path.to_str().unwrap()), "{name}: file not named: {stderr}");
-        assert!(stderr.contains(expect), "{name}: expected {expect:?} in: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{name}: not one line: {stderr}"
+        );
+        assert!(
+            stderr.contains(path.to_str().unwrap()),
+            "{name}: file not named: {stderr}"
+        );
+        assert!(
+            stderr.contains(expect),
+            "{name}: expected {expect:?} in: {stderr}"
+        );
         assert_eq!(snapshot(&store), before, "{name}: the store changed");
     }
 }

@@ -81,8 +81,16 @@ fn processes_with(marker: &str) -> Vec<String> {
 }
 
 fn assert_nothing_left(ws: &Workspace, marker: &str) {
-    assert_eq!(mounts_under(&ws.cache), Vec::<String>::new(), "mounts left on the host");
-    assert_eq!(processes_with(marker), Vec::<String>::new(), "processes left");
+    assert_eq!(
+        mounts_under(&ws.cache),
+        Vec::<String>::new(),
+        "mounts left on the host"
+    );
+    assert_eq!(
+        processes_with(marker),
+        Vec::<String>::new(),
+        "processes left"
+    );
     let runs: Vec<_> = std::fs::read_dir(ws.cache.join("runs"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
@@ -106,15 +114,27 @@ fn sandbox_isolates_the_session_and_keeps_binary_packages() {
         "shell failed: {}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!stdout.contains("WRITABLE"), "the snapshot was writable: {stdout}");
-    assert!(stdout.contains("gentoo\n"), "snapshot not mounted: {stdout}");
+    assert!(
+        !stdout.contains("WRITABLE"),
+        "the snapshot was writable: {stdout}"
+    );
+    assert!(
+        stdout.contains("gentoo\n"),
+        "snapshot not mounted: {stdout}"
+    );
     assert!(stdout.contains("devproc"), "no /dev or /proc: {stdout}");
-    assert!(stdout.contains("gentoo-mkimg-t1"), "hostname not set: {stdout}");
+    assert!(
+        stdout.contains("gentoo-mkimg-t1"),
+        "hostname not set: {stdout}"
+    );
     // A clean environment: only what the tool sets.
     for var in ["HOME=/root", "PATH=/usr/local/sbin:", "LANG="] {
         assert!(stdout.contains(var), "{var} missing: {stdout}");
     }
-    assert!(!stdout.contains("CARGO"), "host environment leaked: {stdout}");
+    assert!(
+        !stdout.contains("CARGO"),
+        "host environment leaked: {stdout}"
+    );
 
     let pkg = ws.work.join("packages/t1/made-inside");
     assert_eq!(std::fs::read_to_string(&pkg).unwrap(), "pkg\n");
@@ -132,16 +152,33 @@ fn sandbox_isolates_the_session_and_keeps_binary_packages() {
     assert_nothing_left(&ws, "root-scribble");
 
     // A second session sees a fresh root.
-    let out = run(&ws, &stage.xz(), &["/bin/sh", "-c", "test ! -e /root-scribble"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(
+        &ws,
+        &stage.xz(),
+        &["/bin/sh", "-c", "test ! -e /root-scribble"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn exit_status_is_the_commands_and_failures_leave_nothing() {
     let stage = common::stage();
     let ws = workspace();
-    let out = run(&ws, &stage.xz(), &["sh", "-c", "sleep 0.1; exit 3 # status-marker"]);
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(
+        &ws,
+        &stage.xz(),
+        &["sh", "-c", "sleep 0.1; exit 3 # status-marker"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_nothing_left(&ws, "status-marker");
 
     let out = run(&ws, &stage.xz(), &["/no/such/program"]);
@@ -157,14 +194,23 @@ fn sigterm_from_outside_leaves_no_mount_and_no_process() {
     let ws = workspace();
     // Warm the stage cache so the session starts at once.
     let out = run(&ws, &stage.xz(), &["true"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let marker = "4242.5";
-    let mut child = shell(&ws, &stage.xz(), &[], &["sh", "-c", &format!("sleep {marker}; sleep {marker}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = shell(
+        &ws,
+        &stage.xz(),
+        &[],
+        &["sh", "-c", &format!("sleep {marker}; sleep {marker}")],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while processes_with(marker).is_empty() {
         assert!(Instant::now() < deadline, "the session never started");
@@ -180,10 +226,16 @@ fn sigterm_from_outside_leaves_no_mount_and_no_process() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            assert!(!status.success(), "a killed session must not report success");
+            assert!(
+                !status.success(),
+                "a killed session must not report success"
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "gentoo-mkimg did not stop after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "gentoo-mkimg did not stop after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // The kernel tears the namespace down as its last process goes.
@@ -217,6 +269,9 @@ fn non_root_users_get_one_line_pointing_at_the_docker_engine() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("needs root") && stderr.contains("--engine docker"), "{stderr}");
+    assert!(
+        stderr.contains("needs root") && stderr.contains("--engine docker"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }

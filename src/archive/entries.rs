@@ -73,15 +73,14 @@ pub fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta> {
             .map(Option::unwrap_or_default)
     };
     let kind = match header.entry_type() {
-        tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::Regular {
-            size: entry.size(),
-        },
+        tar::EntryType::Regular | tar::EntryType::Continuous => {
+            EntryKind::Regular { size: entry.size() }
+        }
         tar::EntryType::Directory => EntryKind::Directory,
         tar::EntryType::Symlink => EntryKind::Symlink { target: link()? },
         tar::EntryType::Link => {
-            let target = normalize_path(&link()?).map_err(|why| {
-                anyhow::anyhow!("{}: hard link target: {why}", what())
-            })?;
+            let target = normalize_path(&link()?)
+                .map_err(|why| anyhow::anyhow!("{}: hard link target: {why}", what()))?;
             EntryKind::HardLink { target }
         }
         tar::EntryType::Char => EntryKind::Char {

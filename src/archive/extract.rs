@@ -88,7 +88,9 @@ pub fn extract(
         }
     }
     if !checked.saw_end_marker() {
-        bail!("truncated: the archive ends after entry {last:?} without tar's end-of-archive marker");
+        bail!(
+            "truncated: the archive ends after entry {last:?} without tar's end-of-archive marker"
+        );
     }
     state.finish_dirs()?;
     Ok(done)
@@ -260,7 +262,10 @@ impl Unpacker {
                     continue; // Linux allows no user.* xattrs on symlinks
                 }
                 return Err(e).with_context(|| {
-                    format!("cannot set the extended attribute {name} on {}", path.display())
+                    format!(
+                        "cannot set the extended attribute {name} on {}",
+                        path.display()
+                    )
                 });
             }
         }
@@ -327,21 +332,38 @@ mod tests {
             panic!("this test needs root (mknod, chown); run the suite as root");
         }
         let data = build(|b| {
-            b.append_data(&mut header(tar::EntryType::Directory, 0o1777, 0), "top/d", io::empty())
+            b.append_data(
+                &mut header(tar::EntryType::Directory, 0o1777, 0),
+                "top/d",
+                io::empty(),
+            )
+            .unwrap();
+            b.append_pax_extensions([("SCHILY.xattr.user.k", &b"v"[..])])
                 .unwrap();
-            b.append_pax_extensions([("SCHILY.xattr.user.k", &b"v"[..])]).unwrap();
-            b.append_data(&mut header(tar::EntryType::Regular, 0o4755, 3), "top/d/f", &b"abc"[..])
-                .unwrap();
+            b.append_data(
+                &mut header(tar::EntryType::Regular, 0o4755, 3),
+                "top/d/f",
+                &b"abc"[..],
+            )
+            .unwrap();
             b.append_link(&mut header(tar::EntryType::Link, 0, 0), "top/h", "top/d/f")
                 .unwrap();
-            b.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0), "top/s", "/etc/passwd")
-                .unwrap();
+            b.append_link(
+                &mut header(tar::EntryType::Symlink, 0o777, 0),
+                "top/s",
+                "/etc/passwd",
+            )
+            .unwrap();
             let mut dev = header(tar::EntryType::Char, 0o666, 0);
             dev.set_device_major(1).unwrap();
             dev.set_device_minor(3).unwrap();
             b.append_data(&mut dev, "top/null", io::empty()).unwrap();
-            b.append_data(&mut header(tar::EntryType::Fifo, 0o644, 0), "top/p", io::empty())
-                .unwrap();
+            b.append_data(
+                &mut header(tar::EntryType::Fifo, 0o644, 0),
+                "top/p",
+                io::empty(),
+            )
+            .unwrap();
         });
         let dir = tempfile::tempdir().unwrap();
         let opts = ExtractOptions {
@@ -354,10 +376,19 @@ mod tests {
         assert_eq!(m("d").mode() & 0o7777, 0o1777);
         assert_eq!(m("d").mtime(), 1_600_000_000);
         let f = m("d/f");
-        assert_eq!((f.mode() & 0o7777, f.uid(), f.gid(), f.len()), (0o4755, 1234, 5678, 3));
-        assert_eq!(xattr::get(dir.path().join("d/f"), "user.k").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(
+            (f.mode() & 0o7777, f.uid(), f.gid(), f.len()),
+            (0o4755, 1234, 5678, 3)
+        );
+        assert_eq!(
+            xattr::get(dir.path().join("d/f"), "user.k").unwrap(),
+            Some(b"v".to_vec())
+        );
         assert_eq!(m("h").ino(), f.ino());
-        assert_eq!(fs::read_link(dir.path().join("s")).unwrap(), Path::new("/etc/passwd"));
+        assert_eq!(
+            fs::read_link(dir.path().join("s")).unwrap(),
+            Path::new("/etc/passwd")
+        );
         assert!(m("null").file_type().is_char_device());
         assert_eq!(m("null").rdev(), libc::makedev(1, 3));
         assert!(m("p").file_type().is_fifo());
@@ -368,10 +399,18 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         let data = build(|b| {
             let target = outside.path().to_str().unwrap();
-            b.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0), "esc", target)
-                .unwrap();
-            b.append_data(&mut header(tar::EntryType::Regular, 0o644, 1), "esc/pwned", &b"x"[..])
-                .unwrap();
+            b.append_link(
+                &mut header(tar::EntryType::Symlink, 0o777, 0),
+                "esc",
+                target,
+            )
+            .unwrap();
+            b.append_data(
+                &mut header(tar::EntryType::Regular, 0o644, 1),
+                "esc/pwned",
+                &b"x"[..],
+            )
+            .unwrap();
         });
         let dir = tempfile::tempdir().unwrap();
         let opts = ExtractOptions {
@@ -387,8 +426,12 @@ mod tests {
     fn two_top_level_dirs_cannot_be_stripped() {
         let data = build(|b| {
             for p in ["a/x", "b/y"] {
-                b.append_data(&mut header(tar::EntryType::Regular, 0o644, 0), p, io::empty())
-                    .unwrap();
+                b.append_data(
+                    &mut header(tar::EntryType::Regular, 0o644, 0),
+                    p,
+                    io::empty(),
+                )
+                .unwrap();
             }
         });
         let dir = tempfile::tempdir().unwrap();
@@ -397,6 +440,9 @@ mod tests {
             strip_top_dir: true,
         };
         let err = extract(&data[..], dir.path(), opts, || {}).unwrap_err();
-        assert!(format!("{err:#}").contains("one top-level directory"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("one top-level directory"),
+            "{err:#}"
+        );
     }
 }

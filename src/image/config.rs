@@ -79,7 +79,11 @@ pub fn platform_from_elf(data: &[u8]) -> Option<Platform> {
     };
     let u16_at = |o: usize| -> Option<u16> {
         let b: [u8; 2] = data.get(o..o + 2)?.try_into().ok()?;
-        Some(if le { u16::from_le_bytes(b) } else { u16::from_be_bytes(b) })
+        Some(if le {
+            u16::from_le_bytes(b)
+        } else {
+            u16::from_be_bytes(b)
+        })
     };
     let e_type = u16_at(16)?;
     if e_type != 2 && e_type != 3 {
@@ -358,7 +362,11 @@ mod tests {
         h[4] = class;
         h[5] = data;
         let put = |h: &mut Vec<u8>, o: usize, v: u16| {
-            let b = if data == 1 { v.to_le_bytes() } else { v.to_be_bytes() };
+            let b = if data == 1 {
+                v.to_le_bytes()
+            } else {
+                v.to_be_bytes()
+            };
             h[o..o + 2].copy_from_slice(&b);
         };
         put(&mut h, 16, 3);
@@ -417,11 +425,20 @@ mod tests {
 
     #[test]
     fn arm_variant_comes_from_the_attributes_section() {
-        assert_eq!(platform_from_elf(&arm_elf(10)).unwrap().to_string(), "linux/arm/v7");
-        assert_eq!(platform_from_elf(&arm_elf(6)).unwrap().to_string(), "linux/arm/v6");
+        assert_eq!(
+            platform_from_elf(&arm_elf(10)).unwrap().to_string(),
+            "linux/arm/v7"
+        );
+        assert_eq!(
+            platform_from_elf(&arm_elf(6)).unwrap().to_string(),
+            "linux/arm/v6"
+        );
         let mut no_sections = arm_elf(10);
         no_sections[48] = 0;
-        assert_eq!(platform_from_elf(&no_sections).unwrap().to_string(), "linux/arm");
+        assert_eq!(
+            platform_from_elf(&no_sections).unwrap().to_string(),
+            "linux/arm"
+        );
     }
 
     #[test]

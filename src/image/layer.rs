@@ -362,7 +362,9 @@ impl Read for Exact<'_> {
         if self.remaining == 0 {
             return Ok(0);
         }
-        let max = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
+        let max = buf
+            .len()
+            .min(self.remaining.min(usize::MAX as u64) as usize);
         let n = self.inner.read(&mut buf[..max])?;
         self.remaining -= n as u64;
         Ok(n)
@@ -405,7 +407,12 @@ mod tests {
         )
         .unwrap();
         w.append(
-            &meta(b"hl", EntryKind::HardLink { target: long.clone() }),
+            &meta(
+                b"hl",
+                EntryKind::HardLink {
+                    target: long.clone(),
+                },
+            ),
             &mut io::empty(),
         )
         .unwrap();
@@ -423,7 +430,13 @@ mod tests {
         let mut entries = ar.entries().unwrap();
         let mut root = entries.next().unwrap().unwrap();
         assert_eq!(&*root.path_bytes(), b"./");
-        let x = root.pax_extensions().unwrap().unwrap().next().unwrap().unwrap();
+        let x = root
+            .pax_extensions()
+            .unwrap()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
         assert_eq!(x.key().unwrap(), "SCHILY.xattr.security.capability");
         assert_eq!(x.value_bytes(), &[1, 0, 0, 2, 0x20]);
         let mut file = entries.next().unwrap().unwrap();
@@ -447,7 +460,10 @@ mod tests {
         let store = Store::new(dir.path());
         let mut w = LayerWriter::new(&store, LayerCompression::Gzip).unwrap();
         let err = w
-            .append(&meta(b"f", EntryKind::Regular { size: 10 }), &mut &b"abc"[..])
+            .append(
+                &meta(b"f", EntryKind::Regular { size: 10 }),
+                &mut &b"abc"[..],
+            )
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         drop(w);
@@ -471,7 +487,12 @@ mod tests {
                 let mut w = LayerWriter::new(&store, compression).unwrap();
                 let data = vec![7u8; 3 << 20];
                 w.append(
-                    &meta(b"big", EntryKind::Regular { size: data.len() as u64 }),
+                    &meta(
+                        b"big",
+                        EntryKind::Regular {
+                            size: data.len() as u64,
+                        },
+                    ),
                     &mut &data[..],
                 )
                 .unwrap();

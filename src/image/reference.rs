@@ -109,12 +109,17 @@ mod tests {
 
     #[test]
     fn parses_and_normalises() {
-        let r: Reference = "localhost:5000/gentoo/musl-raw:20260214T170533Z".parse().unwrap();
+        let r: Reference = "localhost:5000/gentoo/musl-raw:20260214T170533Z"
+            .parse()
+            .unwrap();
         assert_eq!(r.registry.as_deref(), Some("localhost:5000"));
         assert_eq!(r.repository, "gentoo/musl-raw");
         assert_eq!(r.tag, "20260214T170533Z");
         assert_eq!(r.name(), "musl-raw");
-        assert_eq!(r.to_string(), "localhost:5000/gentoo/musl-raw:20260214T170533Z");
+        assert_eq!(
+            r.to_string(),
+            "localhost:5000/gentoo/musl-raw:20260214T170533Z"
+        );
         let r: Reference = "myrepo/base-dev".parse().unwrap();
         assert_eq!(r.registry, None);
         assert_eq!(r.to_string(), "myrepo/base-dev:latest");
@@ -122,7 +127,15 @@ mod tests {
 
     #[test]
     fn refuses_bad_names() {
-        for bad in ["", "Upper/case:1", "a/b:", "a//b", "a/b@sha256:00", "a/-b", "a/b:t@g"] {
+        for bad in [
+            "",
+            "Upper/case:1",
+            "a/b:",
+            "a//b",
+            "a/b@sha256:00",
+            "a/-b",
+            "a/b:t@g",
+        ] {
             assert!(bad.parse::<Reference>().is_err(), "{bad:?} accepted");
         }
     }

@@ -52,7 +52,9 @@ impl TryFrom<String> for Digest {
 
     fn try_from(s: String) -> Result<Self, String> {
         match s.strip_prefix("sha256:") {
-            Some(h) if h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => {
+            Some(h)
+                if h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+            {
                 Ok(Digest(s))
             }
             _ => Err(format!("unsupported or malformed digest {s:?}")),
@@ -330,7 +332,11 @@ mod tests {
         store.tag("localhost/x-dev:1", a.clone()).unwrap();
         store.tag("localhost/x-raw:1", b.clone()).unwrap();
         let index = store.read_index().unwrap();
-        let names: Vec<_> = index.manifests.iter().map(|d| d.ref_name().unwrap()).collect();
+        let names: Vec<_> = index
+            .manifests
+            .iter()
+            .map(|d| d.ref_name().unwrap())
+            .collect();
         assert_eq!(names, ["localhost/x-raw:1", "localhost/x-dev:1"]);
         assert_eq!(store.resolve("localhost/x-raw:1").unwrap().digest, b.digest);
         assert_eq!(store.resolve("localhost/x-dev:1").unwrap().digest, a.digest);

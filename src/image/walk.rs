@@ -40,8 +40,8 @@ pub fn append_dir(
         links: HashMap::new(),
         stats: WalkStats::default(),
     };
-    let meta = fs::symlink_metadata(root)
-        .with_context(|| format!("{}: cannot read", root.display()))?;
+    let meta =
+        fs::symlink_metadata(root).with_context(|| format!("{}: cannot read", root.display()))?;
     walker.entry(Vec::new(), &meta)?;
     walker.dir(Vec::new())?;
     Ok(walker.stats)
@@ -142,9 +142,9 @@ impl Walker<'_> {
         names.sort();
         for name in names {
             let Some(text) = name.to_str() else { continue };
-            if let Some(value) = xattr::get(&path, &name).with_context(|| {
-                format!("{}: cannot read the attribute {text}", path.display())
-            })? {
+            if let Some(value) = xattr::get(&path, &name)
+                .with_context(|| format!("{}: cannot read the attribute {text}", path.display()))?
+            {
                 xattrs.push((text.to_string(), value));
             }
         }
@@ -168,9 +168,12 @@ impl Walker<'_> {
         if let EntryKind::Regular { size } = entry.kind {
             let mut file =
                 File::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
-            self.layer
-                .append(&entry, &mut file)
-                .with_context(|| format!("{}: cannot add to the layer (changed while read?)", path.display()))?;
+            self.layer.append(&entry, &mut file).with_context(|| {
+                format!(
+                    "{}: cannot add to the layer (changed while read?)",
+                    path.display()
+                )
+            })?;
             self.stats.bytes += size;
         } else {
             self.layer
@@ -197,8 +200,11 @@ mod tests {
         fs::hard_link(root.join("usr/bin/b"), root.join("usr/bin/a")).unwrap();
         std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
         xattr::set(root.join("usr/bin/b"), "user.k", b"v").unwrap();
-        nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644))
-            .unwrap();
+        nix::unistd::mkfifo(
+            &root.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
 
         let store = Store::new(tmp.path().join("store"));
         let digest_of = |clamp| {
@@ -209,7 +215,11 @@ mod tests {
         let (info, stats) = digest_of(Some(1000));
         assert_eq!(stats.entries, 7);
         assert_eq!(stats.newest_mtime, 1000);
-        assert_eq!(digest_of(Some(1000)).0.digest, info.digest, "not deterministic");
+        assert_eq!(
+            digest_of(Some(1000)).0.digest,
+            info.digest,
+            "not deterministic"
+        );
 
         let bytes = fs::read(store.blob_path(&info.digest)).unwrap();
         let mut ar = tar::Archive::new(&bytes[..]);
@@ -218,17 +228,24 @@ mod tests {
             let mut e = e.unwrap();
             let name = String::from_utf8(e.path_bytes().into_owned()).unwrap();
             let kind = e.header().entry_type();
-            let xattr = e
-                .pax_extensions()
-                .unwrap()
-                .map(|x| x.count())
-                .unwrap_or(0);
+            let xattr = e.pax_extensions().unwrap().map(|x| x.count()).unwrap_or(0);
             let mut data = String::new();
             e.read_to_string(&mut data).unwrap();
             seen.push((name, kind, xattr, data));
         }
         let names: Vec<_> = seen.iter().map(|s| s.0.as_str()).collect();
-        assert_eq!(names, ["./", "bin", "fifo", "usr/", "usr/bin/", "usr/bin/a", "usr/bin/b"]);
+        assert_eq!(
+            names,
+            [
+                "./",
+                "bin",
+                "fifo",
+                "usr/",
+                "usr/bin/",
+                "usr/bin/a",
+                "usr/bin/b"
+            ]
+        );
         assert_eq!(seen[5].3, "bee", "the first name carries the data");
         assert_eq!(seen[6].1, tar::EntryType::Link);
         assert_eq!(seen[6].2, 0, "links carry no xattrs of their own");

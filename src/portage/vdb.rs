@@ -53,7 +53,11 @@ mod tests {
     #[test]
     fn lists_installed_packages() {
         let dir = tempfile::tempdir().unwrap();
-        for p in ["app-misc/hello-1", "sys-libs/libdemo-1.0", "sys-libs/-MERGING-x-1"] {
+        for p in [
+            "app-misc/hello-1",
+            "sys-libs/libdemo-1.0",
+            "sys-libs/-MERGING-x-1",
+        ] {
             std::fs::create_dir_all(dir.path().join("var/db/pkg").join(p)).unwrap();
         }
         assert_eq!(
