@@ -275,3 +275,43 @@ fn non_root_users_get_one_line_pointing_at_the_docker_engine() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `shell --engine docker` through Podman's Docker-compatible API: same mounts, exit status,
+/// and no container left.
+#[test]
+fn docker_engine_runs_the_same_session() {
+    let stage = common::stage();
+    let ws = workspace();
+    let engine = common::engine::engine();
+    let store = ws.work.join("images");
+    let run_docker = |command: &[&str]| {
+        shell(&ws, &stage.xz(), &["--engine", "docker"], command)
+            .env("DOCKER_HOST", &engine.host)
+            .env("GENTOO_MKIMG_STORE", &store)
+            .output()
+            .unwrap()
+    };
+    let out = run_docker(&["sh", "-c", "exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let script = "echo pkg > /var/cache/binpkgs/from-docker; \
+                  if touch /var/db/repos/gentoo/nope 2>/dev/null; then echo WRITABLE; fi; \
+                  cat /var/db/repos/gentoo/profiles/repo_name";
+    let out = run_docker(&["/bin/sh", "-c", script]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!stdout.contains("WRITABLE"), "{stdout}");
+    assert!(stdout.contains("gentoo"), "{stdout}");
+    assert_eq!(
+        std::fs::read_to_string(ws.work.join("packages/t1/from-docker")).unwrap(),
+        "pkg\n"
+    );
+    let left = engine.docker_ok(&[
+        "ps",
+        "-a",
+        "--filter",
+        "label=org.gentoo-mkimg.session",
+        "--format",
+        "{{.Names}}",
+    ]);
+    assert_eq!(left.trim(), "", "containers left: {left}");
+}
