@@ -16,12 +16,22 @@ use crate::image::layer::LayerCompression;
 #[command(name = "gentoo-mkimg", version, propagate_version = true)]
 pub struct Cli {
     /// The image store: an OCI image layout directory.
-    #[arg(long, global = true, env = "GENTOO_MKIMG_STORE", default_value = "images")]
+    #[arg(
+        long,
+        global = true,
+        env = "GENTOO_MKIMG_STORE",
+        default_value = "images"
+    )]
     pub store: PathBuf,
 
     /// Where `packages/TAG` (binary packages), `portage/TAG` (the extracted snapshot) and
     /// `distfiles/` are kept.
-    #[arg(long, global = true, env = "GENTOO_MKIMG_WORK_DIR", default_value = ".")]
+    #[arg(
+        long,
+        global = true,
+        env = "GENTOO_MKIMG_WORK_DIR",
+        default_value = "."
+    )]
     pub work_dir: PathBuf,
 
     /// Cache for extracted stages and per-run files
@@ -45,12 +55,99 @@ pub struct Cli {
 pub enum Command {
     /// Turn a stage3 tarball into a one-layer image in the store (what `docker import` did).
     Import(ImportArgs),
+    /// The whole job: the raw, dev and rt images from a stage3 and a Portage snapshot
+    /// (`emerge -e @system @world` in the stage, then dev = everything, rt = the runtime
+    /// closure of a base package set without headers and docs).
+    Build(BuildArgs),
     /// List the images in the store.
     Images,
     /// Run a command (default: a login shell) inside a stage, with the snapshot at
     /// /var/db/repos/gentoo (read-only), packages/TAG at /var/cache/binpkgs and distfiles/
     /// at /var/cache/distfiles.
     Shell(ShellArgs),
+    /// Push images from the store to the registries their names say (OCI distribution API).
+    Push(PushArgs),
+    /// Load images from the store into Docker or Podman (Docker Engine API: DOCKER_HOST or
+    /// the default socket), named as in the store.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Images in the store.
+    #[arg(required = true, value_name = "REF")]
+    pub references: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// Images in the store, e.g. registry.example/gentoo/musl-rt:1 (no host: docker.io).
+    #[arg(required = true, value_name = "REF")]
+    pub references: Vec<String>,
+
+    /// Push every image in the store of each REF's repository, whatever its tag.
+    #[arg(long)]
+    pub all_tags: bool,
+
+    /// Allow plain HTTP and unverified TLS for HOST or HOST:PORT (repeatable; loopback
+    /// hosts are always allowed).
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub insecure_registries: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The stage3 tarball.
+    pub stage3: Option<String>,
+    /// The Portage tree: a snapshot tarball or a directory.
+    pub snapshot: Option<String>,
+    /// Registry/namespace part of the image names, e.g. `localhost` or `docker.io/me`.
+    pub repo: Option<String>,
+    /// Prefix of the image names: REPO/BASENAME-{raw,dev,rt}:TAG.
+    pub basename: Option<String>,
+    /// Tag of the images; also names packages/TAG and portage/TAG.
+    #[arg(value_name = "TAG")]
+    pub tag_positional: Option<String>,
+
+    /// A TOML config file (see examples/gentoo-mkimg.toml); options here override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Tag (same as the TAG argument).
+    #[arg(long, conflicts_with = "tag_positional")]
+    pub tag: Option<String>,
+    /// Where the build runs.
+    #[arg(long, value_enum)]
+    pub engine: Option<EngineKind>,
+    /// Parallel jobs for make and emerge [default: the CPU count].
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// USE flags added for the build, e.g. "-X ipv6".
+    #[arg(long = "use", value_name = "FLAGS")]
+    pub use_flags: Option<String>,
+    /// The runtime package set installed into rt (space-separated atoms).
+    #[arg(long, value_name = "ATOMS")]
+    pub rt_packages: Option<String>,
+    /// Extra packages built and installed into dev (space-separated atoms).
+    #[arg(long, value_name = "ATOMS")]
+    pub dev_packages: Option<String>,
+    /// Go on building other packages when one fails (emerge --keep-going).
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Compression of the image layers.
+    #[arg(long, value_enum)]
+    pub compression: Option<LayerCompression>,
+    /// Push the dev and rt images to their registry afterwards (as `push`).
+    #[arg(long)]
+    pub push: bool,
+    /// Load the dev and rt images into Docker or Podman afterwards (as `load`).
+    #[arg(long)]
+    pub load: bool,
+    /// Also write the raw, dev and rt images as one docker-archive.
+    #[arg(long, value_name = "FILE")]
+    pub archive: Option<PathBuf>,
+    /// Allow plain HTTP for this registry when pushing (repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub insecure_registries: Vec<String>,
 }
 
 #[derive(Debug, Args)]

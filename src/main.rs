@@ -9,7 +9,7 @@ use clap::Parser;
 use gentoo_mkimg::cli::{Cli, Command};
 use gentoo_mkimg::image::store::Store;
 use gentoo_mkimg::progress::Verbosity;
-use gentoo_mkimg::{engine, images, import, publish, shell};
+use gentoo_mkimg::{build, config, engine, images, import, publish, shell};
 
 fn main() -> ExitCode {
     // The sandbox engine re-executes this binary as its helper inside new namespaces.
@@ -100,6 +100,64 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
             let code = shell::shell(&opts)?;
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
+        Command::Build(args) => {
+            let file = match &args.config {
+                Some(path) => Some((path.as_path(), config::FileConfig::load(path)?)),
+                None => None,
+            };
+            let atoms = |s: &Option<String>| {
+                s.as_ref()
+                    .map(|s| s.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            };
+            let overrides = config::Overrides {
+                stage3: args.stage3.clone(),
+                snapshot: args.snapshot.clone(),
+                repo: args.repo.clone(),
+                basename: args.basename.clone(),
+                tag: args.tag.clone().or(args.tag_positional.clone()),
+                engine: args.engine,
+                jobs: args.jobs,
+                use_flags: args.use_flags.clone(),
+                dev_packages: atoms(&args.dev_packages),
+                rt_packages: atoms(&args.rt_packages),
+                keep_going: args.keep_going,
+                compression: args.compression,
+            };
+            let plan = config::BuildPlan::resolve(file, overrides)?;
+            let opts = build::BuildOptions {
+                plan,
+                work_dir: cli.work_dir.clone(),
+                cache_dir: cache_dir(&cli)?,
+                store,
+                verbosity,
+                source_date_epoch: source_date_epoch()?,
+            };
+            let summary = build::build(&opts)?;
+            if verbosity != Verbosity::Quiet {
+                print!("{}", summary.render());
+            }
+            let made = [&summary.dev.image, &summary.rt.image];
+            if let Some(path) = &args.archive {
+                let all = [summary.raw.clone(), made[0].clone(), made[1].clone()];
+                publish::docker_archive::write(&opts.store, &all, path)?;
+            }
+            if args.load {
+                let refs: Vec<String> = made.iter().map(|i| i.reference.clone()).collect();
+                publish::daemon::load(&opts.store, &refs)?;
+            }
+            if args.push {
+                let push = publish::registry::PushOptions {
+                    insecure_registries: args.insecure_registries.clone(),
+                    verbosity,
+                    ..Default::default()
+                };
+                let mut pusher = publish::registry::Pusher::new(&opts.store, push)?;
+                for image in made {
+                    let report = pusher.push(&image.reference)?;
+                    println!("{} {}", report.reference, report.digest);
+                }
+            }
+        }
         Command::Import(args) => {
             let opts = import::ImportOptions {
                 stage: args.stage3.clone(),
@@ -117,10 +175,38 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 println!("{} {}", image.reference, image.manifest.digest);
             }
         }
+        Command::Load(args) => {
+            publish::daemon::load(&store, &args.references)?;
+        }
+        Command::Push(args) => {
+            let opts = publish::registry::PushOptions {
+                insecure_registries: args.insecure_registries.clone(),
+                verbosity,
+                ..Default::default()
+            };
+            let refs =
+                publish::registry::expand_references(&store, &args.references, args.all_tags)?;
+            let mut pusher = publish::registry::Pusher::new(&store, opts)?;
+            for reference in &refs {
+                let report = pusher.push(reference)?;
+                println!("{} {}", report.reference, report.digest);
+                if verbosity != Verbosity::Quiet {
+                    eprintln!("{report}");
+                }
+            }
+        }
         Command::Images => {
             let rows = images::list(&store)?;
-            let width = rows.iter().map(|r| r.reference.len()).max().unwrap_or(9).max(9);
-            println!("{:width$}  {:19}  {:>10}  CREATED", "REFERENCE", "DIGEST", "SIZE");
+            let width = rows
+                .iter()
+                .map(|r| r.reference.len())
+                .max()
+                .unwrap_or(9)
+                .max(9);
+            println!(
+                "{:width$}  {:19}  {:>10}  CREATED",
+                "REFERENCE", "DIGEST", "SIZE"
+            );
             for row in rows {
                 println!(
                     "{:width$}  {:19}  {:>10}  {}",

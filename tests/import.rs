@@ -497,3 +497,34 @@ fn bad_input_is_refused_with_one_line_and_the_store_untouched() {
         assert_eq!(snapshot(&store), before, "{name}: the store changed");
     }
 }
+
+#[test]
+fn load_puts_the_image_into_the_engine_under_its_name() {
+    let stage = common::stage();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("images");
+    let reference = format!("localhost/gentoo-mkimg-test-load:{}", std::process::id());
+    import_ok(&store, &stage.zst(), &reference, &[]);
+    let engine = common::engine::engine();
+    let _ = engine.docker(&["rmi", "-f", &reference]);
+    let out = bin()
+        .arg("--store")
+        .arg(&store)
+        .args(["load", &reference])
+        .env("DOCKER_HOST", &engine.host)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "load: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = engine.docker(&["run", "--rm", &reference, "/bin/sh", "-c", "echo ok"]);
+    let _ = engine.docker(&["rmi", "-f", &reference]);
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "ok\n",
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}

@@ -374,6 +374,24 @@ async fn ensure_engine_image(docker: &Docker, store: &Store, image: &StoredImage
     )
 }
 
+/// Load `images` from the store into the engine (DOCKER_HOST or the default sockets), each
+/// under its own name; an image the engine already has is not sent again.
+pub fn load_images(store: &Store, images: &[StoredImage]) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let docker = connect().await?;
+        for image in images {
+            ensure_engine_image(&docker, store, image)
+                .await
+                .with_context(|| format!("cannot load {} into the engine", image.reference))?;
+        }
+        Ok(())
+    })
+}
+
 /// Stream `path` out of the stopped container `name` into `on_export`. The download runs on
 /// its own thread and runtime; its chunks reach the (synchronous) consumer through a bounded
 /// channel, so memory stays flat whatever the size of the tree.

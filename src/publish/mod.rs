@@ -1,3 +1,6 @@
 //! Publishing images out of the store.
 
+pub mod auth;
+pub mod daemon;
 pub mod docker_archive;
+pub mod registry;
