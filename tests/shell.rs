@@ -292,13 +292,22 @@ fn docker_engine_runs_the_same_session() {
             .unwrap()
     };
     let out = run_docker(&["sh", "-c", "exit 3"]);
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let script = "echo pkg > /var/cache/binpkgs/from-docker; \
                   if touch /var/db/repos/gentoo/nope 2>/dev/null; then echo WRITABLE; fi; \
                   cat /var/db/repos/gentoo/profiles/repo_name";
     let out = run_docker(&["/bin/sh", "-c", script]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!stdout.contains("WRITABLE"), "{stdout}");
     assert!(stdout.contains("gentoo"), "{stdout}");
     assert_eq!(
