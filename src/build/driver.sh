@@ -59,6 +59,10 @@ keep_going=
 [ "$MKIMG_KEEP_GOING" = 1 ] && keep_going=--keep-going
 
 # --- configure Portage ------------------------------------------------------------------
+# make.conf gets what the images should keep (they carry /etc/portage): buildpkg, accepting
+# our own unsigned binary packages (Portage verifies binary-package signatures by default),
+# the USE flags and the config's lines. What only concerns this build machine (parallelism,
+# where logs go) is passed in the environment.
 phase configure
 mkdir -p /etc/portage
 conf=/etc/portage/make.conf
@@ -66,23 +70,25 @@ conf=/etc/portage/make.conf
 {
 	echo
 	echo "# --- added by gentoo-mkimg ---"
-	# Local binary packages are ours: accept them unsigned where Portage's binary-package
-	# signature verification is on by default.
 	# shellcheck disable=SC2016 # expanded by Portage, not here
 	echo 'FEATURES="${FEATURES} buildpkg -binpkg-request-signature"'
-	echo 'PKGDIR="/var/cache/binpkgs"'
-	echo 'DISTDIR="/var/cache/distfiles"'
-	echo 'PORTAGE_LOGDIR="/var/log/gentoo-mkimg/portage"'
-	echo 'PORTAGE_ELOG_SYSTEM="save"'
 	[ -n "$MKIMG_USE" ] && echo "USE=\"\${USE} $MKIMG_USE\""
-	# From the CPU count, unless the stage or the config sets them.
-	grep -qs '^MAKEOPTS=' /etc/portage/make.conf "$IN/make.conf" ||
-		echo "MAKEOPTS=\"-j$MKIMG_JOBS -l$MKIMG_JOBS\""
-	grep -qs '^EMERGE_DEFAULT_OPTS=' /etc/portage/make.conf "$IN/make.conf" ||
-		echo "EMERGE_DEFAULT_OPTS=\"--jobs=$MKIMG_JOBS --load-average=$MKIMG_JOBS\""
 	cat "$IN/make.conf"
 } >> "$conf"
-mkdir -p /var/log/gentoo-mkimg/portage
+if ! grep -qs '^MAKEOPTS=' /etc/portage/make.conf "$IN/make.conf"; then
+	MAKEOPTS="-j$MKIMG_JOBS -l$MKIMG_JOBS"
+	export MAKEOPTS
+fi
+if ! grep -qs '^EMERGE_DEFAULT_OPTS=' /etc/portage/make.conf "$IN/make.conf"; then
+	EMERGE_DEFAULT_OPTS="--jobs=$MKIMG_JOBS --load-average=$MKIMG_JOBS"
+	export EMERGE_DEFAULT_OPTS
+fi
+PKGDIR=/var/cache/binpkgs
+DISTDIR=/var/cache/distfiles
+PORTAGE_LOGDIR=$LOGDIR/portage
+PORTAGE_ELOG_SYSTEM=save
+export PKGDIR DISTDIR PORTAGE_LOGDIR PORTAGE_ELOG_SYSTEM
+mkdir -p "$PORTAGE_LOGDIR"
 
 for f in package.use package.accept_keywords package.mask package.unmask; do
 	[ -s "$IN/$f" ] || continue
