@@ -104,6 +104,131 @@ pub fn stage() -> Stage {
     Stage { dir: dir.clone() }
 }
 
+/// The test ebuild repository `tests/fixtures/repo`: a plain directory that stands in for
+/// ::gentoo (`profiles/repo_name` is `gentoo`); pass it as the snapshot. With the stand-in
+/// stage it is a small real system: see `tests/fixture_repo.rs` and the repository's
+/// `profiles/` (the profile [`REPO_PROFILE`], its @system) and `eclass/stage-files.eclass`.
+pub fn repo() -> PathBuf {
+    fixtures_dir().join("repo")
+}
+
+/// The test repository's profile; the stand-in stage's `/etc/portage/make.profile` is a
+/// symlink to `../../var/db/repos/gentoo/profiles/` + this, and `emerge --info` names it.
+pub const REPO_PROFILE: &str = "default/linux/amd64/23.0";
+
+/// The line `hello` (app-misc/hello, the text comes from sys-libs/libdemo) prints.
+pub const HELLO_LINE: &str = "Hello from gentoo-mkimg";
+
+/// The first line `extra` (app-misc/extra) prints; it then runs `hello`.
+pub const EXTRA_LINE: &str = "Extra from gentoo-mkimg";
+
+/// The stand-in stage's @world (`/var/lib/portage/world`).
+pub const WORLD_PACKAGES: &[&str] = &["app-misc/hello", "app-misc/depdemo"];
+
+/// Every package `emerge --emptytree @system @world` builds on the stand-in stage with the
+/// test repository (so: one binary package each, two for dev-libs/slotted), as `cat/pn`.
+/// All but [`BUILD_ONLY_PACKAGES`] end up in a root made with `ROOT=... emerge -eK
+/// @system @world`: a dev root has all of these, with headers and docs.
+pub const BUILT_PACKAGES: &[&str] = &[
+    "app-arch/bzip2",
+    "app-arch/gzip",
+    "app-arch/lz4",
+    "app-arch/tar",
+    "app-arch/xz-utils",
+    "app-arch/zstd",
+    "app-misc/anyof-a",
+    "app-misc/depdemo",
+    "app-misc/hello",
+    "app-misc/pax-utils",
+    "app-shells/bash",
+    "dev-lang/python",
+    "dev-libs/expat",
+    "dev-libs/gmp",
+    "dev-libs/libffi",
+    "dev-libs/libpcre2",
+    "dev-libs/slotted",
+    "dev-util/devtool",
+    "sys-apps/acl",
+    "sys-apps/attr",
+    "sys-apps/baselayout",
+    "sys-apps/coreutils",
+    "sys-apps/findutils",
+    "sys-apps/grep",
+    "sys-apps/mawk",
+    "sys-apps/portage",
+    "sys-apps/sed",
+    "sys-devel/patch",
+    "sys-libs/glibc",
+    "sys-libs/libdemo",
+    "sys-libs/libselinux",
+    "sys-libs/ncurses",
+    "sys-libs/zlib",
+    "virtual/libc",
+    "virtual/package-manager",
+];
+
+/// Built for the build only (BDEPEND of app-misc/hello): never in a dev or rt root.
+pub const BUILD_ONLY_PACKAGES: &[&str] = &["dev-util/devtool"];
+
+/// In the repository but never built by `emerge -e @system @world`: the second
+/// alternative of depdemo's `|| ( )`, and the package for dev/rt container tests.
+pub const UNBUILT_PACKAGES: &[&str] = &["app-misc/anyof-b", "app-misc/extra"];
+
+/// A runtime package set for the fixtures: the names of the tool's default rt set that
+/// the test repository has (it has no iputils, rsync, wget, file, gawk, kbd, less,
+/// openrc, procps, psmisc, which, util-linux or virtual/service-manager), plus hello.
+/// With their runtime dependencies they give a root that runs /bin/sh, hello and
+/// `emerge -K`.
+pub const RT_PACKAGES: &[&str] = &[
+    "sys-apps/baselayout",
+    "app-arch/bzip2",
+    "app-arch/gzip",
+    "app-arch/tar",
+    "app-arch/xz-utils",
+    "app-shells/bash",
+    "sys-apps/coreutils",
+    "sys-apps/findutils",
+    "sys-apps/grep",
+    "sys-apps/sed",
+    "virtual/libc",
+    "virtual/package-manager",
+    "app-misc/hello",
+];
+
+/// The binary packages under a PKGDIR (`packages/TAG`) in Portage's default layout
+/// (FEATURES=binpkg-multi-instance: `CAT/PN/PF-BUILDID.gpkg.tar` or `.xpak`), as
+/// `cat/pn` -> file paths (sorted). Panics on other files that look like packages.
+pub fn binpkgs(pkgdir: &Path) -> std::collections::BTreeMap<String, Vec<PathBuf>> {
+    let mut found: std::collections::BTreeMap<String, Vec<PathBuf>> = Default::default();
+    let read = |dir: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    for cat in read(pkgdir).into_iter().filter(|p| p.is_dir()) {
+        for pn in read(&cat) {
+            if !pn.is_dir() {
+                panic!("{}: not in the binpkg-multi-instance layout", pn.display());
+            }
+            for file in read(&pn) {
+                let name = file.file_name().unwrap().to_string_lossy().into_owned();
+                if name.ends_with(".gpkg.tar") || name.ends_with(".xpak") {
+                    let key = format!(
+                        "{}/{}",
+                        cat.file_name().unwrap().to_string_lossy(),
+                        pn.file_name().unwrap().to_string_lossy()
+                    );
+                    found.entry(key).or_default().push(file);
+                }
+            }
+        }
+    }
+    found
+}
+
 /// Decodes `fidelity.list`: one path per line; `#` lines and empty lines are
 /// skipped; `\xNN` (two hex digits) stands for the byte 0xNN; any other byte
 /// stands for itself; a `\` not starting `\xNN` is an error.
