@@ -15,6 +15,7 @@
 #
 # settings: MKIMG_JOBS MKIMG_USE MKIMG_DEV_PACKAGES MKIMG_RT_PACKAGES MKIMG_INSTALL_MASK
 #           MKIMG_KEEP_GOING (0/1) MKIMG_VERBOSE (0/1) MKIMG_OWNER (uid:gid or empty)
+#           MKIMG_SOURCE_DATE_EPOCH (empty: the newest binary package's mtime)
 #
 # Output: with MKIMG_VERBOSE=1 everything emerge prints; otherwise only the phases and
 # emerge's ">>> Emerging ..." lines. Everything goes to $LOG as well.
@@ -110,6 +111,32 @@ phase build
 logged emerge --emptytree --usepkg --buildpkg --color=n --nospinner $keep_going \
 	@system @world $MKIMG_DEV_PACKAGES
 
+# --- one time for everything the roots carry ------------------------------------------------
+# Merging stamps files with the time of the merge. So that an unchanged rebuild gives the same
+# images, no mtime in the roots is later than CLAMP: SOURCE_DATE_EPOCH, or the newest binary
+# package (unchanged while the packages are). The tool reads it back from $LOGDIR/clamp.
+CLAMP=$MKIMG_SOURCE_DATE_EPOCH
+if [ -z "$CLAMP" ]; then
+	CLAMP=$(find /var/cache/binpkgs -type f \( -name '*.gpkg.tar' -o -name '*.xpak' -o -name '*.tbz2' \) \
+		-printf '%T@\n' | cut -d. -f1 | sort -n | tail -n 1)
+	CLAMP=${CLAMP:-0}
+fi
+echo "$CLAMP" > "$LOGDIR/clamp"
+
+# Settle a root for reproducibility: drop caches that record merge times and inode numbers,
+# record symlinks in the package database with CLAMP as their mtime (what they will have),
+# keep the database's own metadata cache valid, then clamp every mtime. /etc/portage was
+# changed by this script before the packages were built, so it gets CLAMP outright.
+settle() {
+	find "$1/etc/portage" -exec touch -h -d "@$CLAMP" {} +
+	rm -f "$1/var/cache/ldconfig/aux-cache" "$1/var/cache/edb/mtimedb"
+	find "$1/var/db/pkg" -mindepth 3 -maxdepth 3 -type f -name CONTENTS \
+		-exec sed -i -E "s/^(sym .* )[0-9]+\$/\1$CLAMP/" {} +
+	find "$1/var/db/pkg" -mindepth 3 -maxdepth 3 -type f -name metadata \
+		-exec sed -i -E "s/^#dir_mtime=[0-9]+\$/#dir_mtime=${CLAMP}000000000/" {} +
+	find "$1" -newermt "@$CLAMP" -exec touch -h -d "@$CLAMP" {} +
+}
+
 # --- the dev root: everything ---------------------------------------------------------------
 phase dev
 rm -rf "${OUT:?}/dev"
@@ -120,8 +147,11 @@ if [ -f /var/lib/portage/world ]; then
 	cp /var/lib/portage/world "$OUT/dev/var/lib/portage/world"
 fi
 # shellcheck disable=SC2086
-logged env ROOT="$OUT/dev" emerge --emptytree --usepkgonly --color=n --nospinner --with-bdeps=y \
+# One job: merges in a fixed order give the same package COUNTERs every time.
+logged env ROOT="$OUT/dev" emerge --emptytree --usepkgonly --color=n --nospinner --jobs=1 \
+	--root-deps --with-bdeps=y \
 	@system @world $MKIMG_DEV_PACKAGES
+settle "$OUT/dev"
 
 # --- the rt root: the runtime closure of the base set, without docs and headers -----------
 phase rt
@@ -130,7 +160,7 @@ mkdir -p "$OUT/rt/etc"
 cp -a /etc/portage "$OUT/rt/etc/"
 # shellcheck disable=SC2086
 logged env INSTALL_MASK="$MKIMG_INSTALL_MASK" ROOT="$OUT/rt" emerge --emptytree --usepkgonly \
-	--oneshot --root-deps=rdeps --with-bdeps=n --color=n --nospinner $MKIMG_RT_PACKAGES
+	--jobs=1 --oneshot --root-deps=rdeps --with-bdeps=n --color=n --nospinner $MKIMG_RT_PACKAGES
 
 # What Portage leaves despite INSTALL_MASK (directories it created, files of packages
 # installed before the mask took effect): remove it, but never the package database.
@@ -152,6 +182,7 @@ for mask in $MKIMG_INSTALL_MASK; do
 	esac
 done
 set +f
+settle "$OUT/rt"
 
 # --- hand the results to the user who runs the tool ----------------------------------------
 phase finish

@@ -94,7 +94,12 @@ fn sh_quote(value: &str) -> String {
 }
 
 /// Write the driver and its inputs into `dir`.
-fn write_inputs(dir: &Path, plan: &BuildPlan, verbosity: Verbosity) -> Result<()> {
+fn write_inputs(
+    dir: &Path,
+    plan: &BuildPlan,
+    verbosity: Verbosity,
+    source_date_epoch: Option<i64>,
+) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let owner = {
         let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
@@ -116,6 +121,10 @@ fn write_inputs(dir: &Path, plan: &BuildPlan, verbosity: Verbosity) -> Result<()
             u8::from(verbosity == Verbosity::Verbose).to_string(),
         ),
         ("MKIMG_OWNER", owner),
+        (
+            "MKIMG_SOURCE_DATE_EPOCH",
+            source_date_epoch.map(|t| t.max(0).to_string()).unwrap_or_default(),
+        ),
     ];
     let mut text = String::new();
     for (k, v) in settings {
@@ -200,24 +209,14 @@ fn driver_phases(path: &Path) -> Vec<(String, Duration)> {
         .collect()
 }
 
-/// Newest mtime of the binary packages: a creation time that does not change while the
-/// packages don't, for reproducible dev/rt images without SOURCE_DATE_EPOCH.
-fn newest_mtime(dir: &Path) -> Result<u64> {
-    let mut newest = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d).with_context(|| format!("{}: cannot list", d.display()))? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else {
-                use std::os::unix::fs::MetadataExt;
-                newest = newest.max(meta.mtime().max(0) as u64);
-            }
-        }
-    }
-    Ok(newest)
+/// The time the driver clamped the roots' mtimes to (SOURCE_DATE_EPOCH or the newest binary
+/// package): also the images' creation time, so an unchanged rebuild gives the same digests.
+fn read_clamp(path: &Path) -> Result<u64> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("{}: the build did not record its timestamp", path.display()))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{}: not a timestamp: {text:?}", path.display()))
 }
 
 fn count_binary_packages(dir: &Path) -> usize {
@@ -311,7 +310,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     for dir in [&packages, &distfiles, &logs] {
         fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     }
-    write_inputs(&input, plan, opts.verbosity)?;
+    write_inputs(&input, plan, opts.verbosity, opts.source_date_epoch)?;
     let mut mounts = vec![
         Mount {
             source: absolute(&tree)?,
@@ -362,16 +361,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
 
     // Layers are made as the roots come out of the session; images are tagged only after
     // every part succeeded.
-    let clamp = match opts.source_date_epoch {
-        Some(t) => t.max(0) as u64,
-        None => newest_mtime(&packages)?.max(scan.newest_mtime),
-    };
     let mut roots: BTreeMap<String, RootLayer> = BTreeMap::new();
     let t = Instant::now();
     let mut layer_times: Vec<(String, Duration)> = Vec::new();
     let mut on_export = |path: &str, export: Export<'_>| -> Result<()> {
         let name = if path == DEV_ROOT { "dev" } else { "rt" };
         let started = Instant::now();
+        let clamp = read_clamp(&logs.join("clamp"))?;
         let mut layer = LayerWriter::new(&opts.store, plan.compression)?;
         let packages = match export {
             Export::Dir(dir) => {
@@ -413,7 +409,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
 
     // 3. images
     let t = Instant::now();
-    let created = opts.source_date_epoch.unwrap_or(clamp as i64);
+    let created = opts
+        .source_date_epoch
+        .unwrap_or(read_clamp(&logs.join("clamp"))? as i64);
     let mut built = BTreeMap::new();
     for (kind, what) in [
         ("dev", "everything: compilers, headers, Portage"),
