@@ -5,6 +5,7 @@
 #   /var/cache/binpkgs           packages/TAG: binary packages, kept across runs
 #   /var/cache/distfiles         the shared distfiles cache
 #   /var/log/gentoo-mkimg        logs/TAG: the full log, emerge's build logs, phase times
+#   /var/tmp/gentoo-mkimg/export named pipes dev.fifo and rt.fifo, only with the docker engine
 #   /var/tmp/gentoo-mkimg/input  what the tool wrote for this build (read-only):
 #       make.conf                extra make.conf lines
 #       package.use package.accept_keywords package.mask package.unmask
@@ -137,6 +138,12 @@ settle() {
 	find "$1" -newermt "@$CLAMP" -exec touch -h -d "@$CLAMP" {} +
 }
 
+# Where the tool reads a root from a named pipe (docker engine), write it there as tar.
+export_root() {
+	[ -p "$OUT/export/$1.fifo" ] || return 0
+	tar --xattrs --xattrs-include='*' --numeric-owner -cf "$OUT/export/$1.fifo" -C "$OUT/$1" .
+}
+
 # --- the dev root: everything ---------------------------------------------------------------
 phase dev
 rm -rf "${OUT:?}/dev"
@@ -152,6 +159,7 @@ logged env ROOT="$OUT/dev" emerge --emptytree --usepkgonly --color=n --nospinner
 	--root-deps --with-bdeps=y \
 	@system @world $MKIMG_DEV_PACKAGES
 settle "$OUT/dev"
+export_root dev
 
 # --- the rt root: the runtime closure of the base set, without docs and headers -----------
 phase rt
@@ -183,6 +191,7 @@ for mask in $MKIMG_INSTALL_MASK; do
 done
 set +f
 settle "$OUT/rt"
+export_root rt
 
 # --- hand the results to the user who runs the tool ----------------------------------------
 phase finish

@@ -39,6 +39,7 @@ const INPUT_DIR: &str = "/var/tmp/gentoo-mkimg/input";
 const DEV_ROOT: &str = "/var/tmp/gentoo-mkimg/dev";
 const RT_ROOT: &str = "/var/tmp/gentoo-mkimg/rt";
 const LOG_DIR: &str = "/var/log/gentoo-mkimg";
+const EXPORT_DIR: &str = "/var/tmp/gentoo-mkimg/export";
 
 /// Everything `build` needs besides the plan.
 #[derive(Debug, Clone)]
@@ -123,7 +124,9 @@ fn write_inputs(
         ("MKIMG_OWNER", owner),
         (
             "MKIMG_SOURCE_DATE_EPOCH",
-            source_date_epoch.map(|t| t.max(0).to_string()).unwrap_or_default(),
+            source_date_epoch
+                .map(|t| t.max(0).to_string())
+                .unwrap_or_default(),
         ),
     ];
     let mut text = String::new();
@@ -241,6 +244,87 @@ fn count_binary_packages(dir: &Path) -> usize {
     n
 }
 
+type PipedRoots = Vec<(&'static str, RootLayer, Duration)>;
+
+/// `dev.fifo` and `rt.fifo` in a fresh `dir`.
+fn make_pipes(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("{}: cannot clear", dir.display()))?;
+    }
+    fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    for name in ["dev", "rt"] {
+        let path = dir.join(format!("{name}.fifo"));
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .with_context(|| format!("{}: cannot create a pipe", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Read the dev and then the rt root from their pipes into layers, on a thread of its own.
+fn spawn_pipe_reader(
+    dir: &Path,
+    store: &Store,
+    compression: crate::image::layer::LayerCompression,
+    logs: &Path,
+) -> Result<std::thread::JoinHandle<Result<PipedRoots>>> {
+    let (dir, store, logs) = (dir.to_path_buf(), store.clone(), logs.to_path_buf());
+    std::thread::Builder::new()
+        .name("root-reader".into())
+        .spawn(move || {
+            let mut out = Vec::new();
+            for name in ["dev", "rt"] {
+                let path = dir.join(format!("{name}.fifo"));
+                // Blocks until the driver starts writing (or we unblock it after a failure).
+                let file = fs::File::open(&path)
+                    .with_context(|| format!("{}: cannot open", path.display()))?;
+                let started = Instant::now();
+                let clamp = read_clamp(&logs.join("clamp"))?;
+                let mut layer = LayerWriter::new(&store, compression)?;
+                let opts = import::TarOptions {
+                    strip_top_dir: false,
+                    clamp_mtime: Some(clamp),
+                };
+                let scan =
+                    import::append_tar(std::io::BufReader::new(file), &mut layer, opts, || {})
+                        .with_context(|| format!("the {name} root"))?;
+                let info = layer.finish(&store)?;
+                out.push((
+                    name,
+                    RootLayer {
+                        layer: info,
+                        packages: scan.packages,
+                    },
+                    started.elapsed(),
+                ));
+            }
+            Ok(out)
+        })
+        .context("cannot start the root reader")
+}
+
+/// Wait for the reader; when the session ended without writing a pipe, open its write end
+/// once so the reader sees the end instead of waiting for ever.
+fn finish_pipe_reader(
+    reader: std::thread::JoinHandle<Result<PipedRoots>>,
+    dir: &Path,
+) -> Result<PipedRoots> {
+    use std::os::unix::fs::OpenOptionsExt;
+    while !reader.is_finished() {
+        for name in ["dev", "rt"] {
+            let _ = fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(dir.join(format!("{name}.fifo")));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let result = reader
+        .join()
+        .map_err(|_| anyhow!("the root reader panicked"))?;
+    let _ = fs::remove_dir_all(dir);
+    result
+}
+
 /// Run the whole build.
 pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     let plan = &opts.plan;
@@ -345,6 +429,19 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             read_only: true,
         });
     }
+    // With the docker engine the roots leave the container through named pipes, as tar
+    // written by the driver while we read it: reading the root-owned trees from a bind mount
+    // is impossible for an ordinary user, and Podman's archive API drops group ownership.
+    let export_dir = work.join("build").join(&plan.tag).join("export");
+    let piped = plan.engine == engine::EngineKind::Docker;
+    if piped {
+        make_pipes(&export_dir)?;
+        mounts.push(Mount {
+            source: export_dir.clone(),
+            target: EXPORT_DIR.into(),
+            read_only: false,
+        });
+    }
     let session = Session {
         stage,
         store: opts.store.clone(),
@@ -392,8 +489,21 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         layer_times.push((format!("{name} layer"), started.elapsed()));
         Ok(())
     };
-    let status =
-        engine::run_exporting(plan.engine, &session, &[DEV_ROOT, RT_ROOT], &mut on_export)?;
+    let status = if piped {
+        let reader = spawn_pipe_reader(&export_dir, &opts.store, plan.compression, &logs)?;
+        let status = engine::run_exporting(plan.engine, &session, &[], &mut on_export);
+        let piped_roots = finish_pipe_reader(reader, &export_dir);
+        let status = status?;
+        if status == 0 {
+            for (name, root, took) in piped_roots? {
+                roots.insert(name.to_string(), root);
+                layer_times.push((format!("{name} layer"), took));
+            }
+        }
+        status
+    } else {
+        engine::run_exporting(plan.engine, &session, &[DEV_ROOT, RT_ROOT], &mut on_export)?
+    };
     phases.extend(driver_phases(&logs.join("phases")));
     phases.extend(layer_times);
     if status != 0 {

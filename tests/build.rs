@@ -1,0 +1,539 @@
+//! `gentoo-mkimg build` end to end on the stand-in stage and the test ebuild repository:
+//! raw, dev and rt images with the right contents, a rebuild that compiles nothing and gives
+//! the same digests, the old README's container usage, failures that keep the binary packages
+//! and tag nothing, and inputs refused before any build starts.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+struct Work {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    store: PathBuf,
+    cache: PathBuf,
+    snapshot: PathBuf,
+}
+
+/// A work dir with the test repository packed as a gentoo-YYYYMMDD snapshot tarball.
+fn work() -> Work {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let snapshot = dir.join("gentoo-20260101.tar.xz");
+    let staging = dir.join("snap");
+    std::fs::create_dir_all(&staging).unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(common::repo())
+        .arg(staging.join("gentoo-20260101"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = Command::new("tar")
+        .arg("-cJf")
+        .arg(&snapshot)
+        .arg("-C")
+        .arg(&staging)
+        .arg("gentoo-20260101")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::remove_dir_all(&staging).unwrap();
+    Work {
+        store: dir.join("images"),
+        cache: dir.join("cache"),
+        snapshot,
+        dir,
+        _tmp: tmp,
+    }
+}
+
+fn mkimg(w: &Work) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gentoo-mkimg"));
+    cmd.arg("--store")
+        .arg(&w.store)
+        .arg("--work-dir")
+        .arg(&w.dir)
+        .arg("--cache-dir")
+        .arg(&w.cache)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn build(w: &Work, stage: &Path, extra: &[&str]) -> Output {
+    mkimg(w)
+        .arg("build")
+        .arg(stage)
+        .arg(&w.snapshot)
+        .args(["localhost", "fixture", "t1", "--rt-packages"])
+        .arg(common::RT_PACKAGES.join(" "))
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// reference -> manifest digest, from the store's index.json.
+fn tags(store: &Path) -> BTreeMap<String, String> {
+    let Ok(bytes) = std::fs::read(store.join("index.json")) else {
+        return BTreeMap::new();
+    };
+    let index: Value = serde_json::from_slice(&bytes).unwrap();
+    index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["annotations"]["org.opencontainers.image.ref.name"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                m["digest"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn blob(store: &Path, digest: &str) -> PathBuf {
+    store
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
+}
+
+/// The layer of an image as (path -> "type mode uid/gid") entries, via GNU tar.
+fn listing(store: &Path, reference: &str) -> BTreeMap<String, String> {
+    let digest = &tags(store)[reference];
+    let manifest = json(&blob(store, digest));
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap();
+    let out = Command::new("tar")
+        .args(["--numeric-owner", "-tvf"])
+        .arg(blob(store, layer))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let name = f[5]
+                .trim_end_matches('/')
+                .trim_start_matches("./")
+                .to_string();
+            (name, format!("{} {}", f[0], f[1]))
+        })
+        .collect()
+}
+
+fn has(list: &BTreeMap<String, String>, suffix: &str) -> bool {
+    list.keys()
+        .any(|k| k == suffix || k.ends_with(&format!("/{suffix}")))
+}
+
+fn compiled(work_dir: &Path) -> Vec<String> {
+    let log = std::fs::read_to_string(work_dir.join("logs/t1/build.log")).unwrap();
+    log.lines()
+        .filter(|l| l.starts_with(">>> Emerging ("))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
+    let stage = common::stage();
+    let w = work();
+    let out = build(&w, &stage.xz(), &[]);
+    let summary = ok(&out, "first build");
+    assert!(
+        summary.contains("stage: build"),
+        "no phase summary: {summary}"
+    );
+    let first = tags(&w.store);
+    for kind in ["raw", "dev", "rt"] {
+        assert!(
+            first.contains_key(&format!("localhost/fixture-{kind}:t1")),
+            "{first:?}"
+        );
+    }
+    assert!(
+        !compiled(&w.dir).is_empty(),
+        "the first build compiled nothing"
+    );
+    let binpkgs = count_binpkgs(&w.dir.join("packages/t1"));
+    assert!(binpkgs >= 10, "only {binpkgs} binary packages");
+
+    // rt: the runtime closure, without build-only tools, headers, docs or static libs.
+    let rt = listing(&w.store, "localhost/fixture-rt:t1");
+    for want in [
+        "usr/bin/hello",
+        "libdemo.so.1",
+        "bin/sh",
+        "usr/bin/emerge",
+        "var/db/pkg/app-misc",
+    ] {
+        assert!(has(&rt, want), "rt lacks {want}");
+    }
+    assert!(rt.keys().any(|k| k.contains("python3")), "rt lacks Python");
+    assert!(
+        rt.keys()
+            .any(|k| k.starts_with("var/db/pkg/app-misc/hello-")),
+        "rt lacks hello's vdb entry"
+    );
+    for name in rt.keys() {
+        assert!(
+            !name.contains("devtool"),
+            "rt has the build-only tool: {name}"
+        );
+        assert!(!name.starts_with("usr/include/"), "rt has headers: {name}");
+        assert!(
+            !name.starts_with("usr/share/doc/") && !name.starts_with("usr/share/man/"),
+            "rt has docs: {name}"
+        );
+        assert!(
+            !name.ends_with(".a") && !name.ends_with(".la"),
+            "rt has static libs: {name}"
+        );
+    }
+    // dev: everything, headers and docs included.
+    let dev = listing(&w.store, "localhost/fixture-dev:t1");
+    for want in ["usr/bin/hello", "usr/include/demo.h", "usr/bin/devtool"] {
+        assert!(has(&dev, want), "dev lacks {want}");
+    }
+    assert!(
+        dev.keys()
+            .any(|k| k.starts_with("usr/share/man/man1/hello.1")),
+        "dev lacks the man page"
+    );
+    assert!(
+        dev.keys().any(|k| k.starts_with("usr/share/doc/hello")),
+        "dev lacks hello's docs"
+    );
+
+    // A rebuild with the same inputs: nothing compiled, snapshot not extracted again, same
+    // digests.
+    let marker = w.dir.join("portage/t1/.gentoo-mkimg-snapshot");
+    let extracted_at = std::fs::metadata(&marker).unwrap().modified().unwrap();
+    let out = build(&w, &stage.xz(), &[]);
+    let summary = ok(&out, "rebuild");
+    assert_eq!(
+        compiled(&w.dir),
+        Vec::<String>::new(),
+        "the rebuild compiled packages"
+    );
+    assert_eq!(
+        std::fs::metadata(&marker).unwrap().modified().unwrap(),
+        extracted_at
+    );
+    assert!(summary.contains("snapshot (ready)"), "{summary}");
+    let second = tags(&w.store);
+    assert_eq!(first, second, "digests changed on an unchanged rebuild");
+
+    usage_as_in_the_old_readme(&w);
+    failing_package_keeps_packages_and_tags_nothing(&w, &stage.xz());
+    docker_engine_as_an_ordinary_user_gives_the_same_images(&w, &stage.xz());
+}
+
+/// `--engine docker` run by an unprivileged user (uid 65534) who can reach the engine's
+/// socket: the same package lists, file modes and owners as the sandbox build in `sandbox`,
+/// and `packages/TAG` owned by that user.
+fn docker_engine_as_an_ordinary_user_gives_the_same_images(sandbox: &Work, stage: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let engine = common::engine::engine();
+    let socket = engine.host.trim_start_matches("unix://");
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let w = work();
+    std::fs::copy(stage, w.dir.join("stage3.tar.xz")).unwrap();
+    let status = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&w.dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::set_permissions(&w.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_gentoo-mkimg"))
+        .arg("--store")
+        .arg(&w.store)
+        .arg("--work-dir")
+        .arg(&w.dir)
+        .arg("--cache-dir")
+        .arg(&w.cache)
+        .arg("build")
+        .arg(w.dir.join("stage3.tar.xz"))
+        .arg(&w.snapshot)
+        .args([
+            "localhost",
+            "fixture",
+            "t1",
+            "--engine",
+            "docker",
+            "--rt-packages",
+        ])
+        .arg(common::RT_PACKAGES.join(" "))
+        .env("HOME", &w.dir)
+        .env("DOCKER_HOST", &engine.host)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    ok(&out, "docker build as uid 65534");
+    for kind in ["dev", "rt"] {
+        let reference = format!("localhost/fixture-{kind}:t1");
+        let normal = |l: BTreeMap<String, String>| -> BTreeMap<String, String> {
+            // Which name of a hard-linked file carries the data depends on the walk order.
+            l.into_iter()
+                .map(|(k, v)| (k, v.replacen('h', "-", 1)))
+                .collect()
+        };
+        let a = normal(listing(&sandbox.store, &reference));
+        let b = normal(listing(&w.store, &reference));
+        let only_a: Vec<_> = a.keys().filter(|k| !b.contains_key(*k)).take(10).collect();
+        let only_b: Vec<_> = b.keys().filter(|k| !a.contains_key(*k)).take(10).collect();
+        assert!(
+            only_a.is_empty() && only_b.is_empty(),
+            "{kind}: sandbox only {only_a:?}, docker only {only_b:?}"
+        );
+        let differ: Vec<_> = a.iter().filter(|(k, v)| b[*k] != **v).take(10).collect();
+        assert!(
+            differ.is_empty(),
+            "{kind}: modes/owners differ (sandbox side): {differ:?}"
+        );
+    }
+    let pkgdir = w.dir.join("packages/t1");
+    for entry in std::fs::read_dir(&pkgdir).unwrap().flatten() {
+        assert_eq!(
+            entry.metadata().unwrap().uid(),
+            65534,
+            "{:?} not handed back",
+            entry.path()
+        );
+    }
+    let left = engine.docker_ok(&[
+        "ps",
+        "-a",
+        "--filter",
+        "label=org.gentoo-mkimg.session",
+        "--format",
+        "{{.Names}}",
+    ]);
+    assert_eq!(left.trim(), "", "containers left: {left}");
+}
+
+fn count_binpkgs(dir: &Path) -> usize {
+    let out = Command::new("find")
+        .arg(dir)
+        .args(["-name", "*.gpkg.tar"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// The old README's container usage, in containers made from our images: a package built in
+/// a dev container into a binary-package dir, installed with `emerge -K` in an rt container,
+/// and `hello` running in rt.
+fn usage_as_in_the_old_readme(w: &Work) {
+    let engine = common::engine::engine();
+    let (dev, rt) = ("localhost/fixture-dev:t1", "localhost/fixture-rt:t1");
+    let out = mkimg(w)
+        .args(["load", dev, rt])
+        .env("DOCKER_HOST", &engine.host)
+        .output()
+        .unwrap();
+    ok(&out, "load");
+    let tree = w.dir.join("portage/t1");
+    let pkgs = w.dir.join("usage-pkgs");
+    std::fs::create_dir_all(&pkgs).unwrap();
+    let tree_mount = format!("{}:/var/db/repos/gentoo:ro", tree.display());
+    let pkg_mount = format!("{}:/var/cache/binpkgs", pkgs.display());
+    let features = "FEATURES=-sandbox -usersandbox -network-sandbox -ipc-sandbox -pid-sandbox -binpkg-request-signature";
+    let run = |image: &str, cmd: &str| {
+        engine.docker(&[
+            "run",
+            "--rm",
+            "-e",
+            features,
+            "-v",
+            &tree_mount,
+            "-v",
+            &pkg_mount,
+            image,
+            "/bin/sh",
+            "-c",
+            cmd,
+        ])
+    };
+    let built = run(dev, "emerge --buildpkg --oneshot app-misc/extra");
+    assert!(
+        built.status.success(),
+        "dev build of app-misc/extra: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    assert!(
+        count_binpkgs(&pkgs) >= 1,
+        "no binary package from the dev container"
+    );
+    let installed = run(
+        rt,
+        "emerge -K --oneshot app-misc/extra && ls /var/db/pkg/app-misc && hello",
+    );
+    let stdout = String::from_utf8_lossy(&installed.stdout);
+    assert!(
+        installed.status.success(),
+        "rt install: {stdout}\n{}",
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    assert!(
+        stdout.contains("extra-"),
+        "extra not installed in rt: {stdout}"
+    );
+    assert!(
+        stdout.contains(common::HELLO_LINE),
+        "hello did not run in rt: {stdout}"
+    );
+    let _ = engine.docker(&["rmi", "-f", dev, rt]);
+}
+
+/// A package that fails to build: non-zero exit, the package and its log named, binary
+/// packages kept, no dev/rt tag changed, nothing left mounted.
+fn failing_package_keeps_packages_and_tags_nothing(w: &Work, stage: &Path) {
+    let before = tags(&w.store);
+    let binpkgs = count_binpkgs(&w.dir.join("packages/t1"));
+    let overlay = w.dir.join("broken-repo");
+    for dir in ["profiles", "app-misc/broken", "metadata"] {
+        std::fs::create_dir_all(overlay.join(dir)).unwrap();
+    }
+    std::fs::write(overlay.join("profiles/repo_name"), "broken\n").unwrap();
+    std::fs::write(
+        overlay.join("metadata/layout.conf"),
+        "masters = gentoo\nthin-manifests = true\n",
+    )
+    .unwrap();
+    std::fs::write(
+        overlay.join("app-misc/broken/broken-1.ebuild"),
+        "EAPI=8\nDESCRIPTION=\"fails\"\nHOMEPAGE=\"https://example.invalid\"\nS=${WORKDIR}\n\
+         LICENSE=\"GPL-2\"\nSLOT=\"0\"\nKEYWORDS=\"amd64\"\n\
+         src_compile() { die \"this package is meant to fail\"; }\n",
+    )
+    .unwrap();
+    let config = w.dir.join("broken.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "dev_packages = [\"app-misc/broken\"]\n[[repos]]\nname = \"broken\"\npath = \"{}\"\n",
+            overlay.display()
+        ),
+    )
+    .unwrap();
+    let out = build(w, stage, &["--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a failing package must fail the build"
+    );
+    assert!(
+        stderr.contains("app-misc/broken"),
+        "the failing package is not named: {stderr}"
+    );
+    assert!(stderr.contains("build log"), "no build log path: {stderr}");
+    assert_eq!(tags(&w.store), before, "a failed build changed tags");
+    assert!(
+        count_binpkgs(&w.dir.join("packages/t1")) >= binpkgs,
+        "binary packages lost"
+    );
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mountinfo.contains(w.cache.to_str().unwrap()),
+        "mounts left"
+    );
+    let runs: Vec<_> = std::fs::read_dir(w.cache.join("runs"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(runs.is_empty(), "run dirs left: {runs:?}");
+}
+
+#[test]
+fn unusable_inputs_are_refused_before_any_build() {
+    let stage = common::stage();
+    let w = work();
+    // A snapshot that is no Portage tree.
+    let empty = w.dir.join("not-a-tree");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = mkimg(&w)
+        .arg("build")
+        .arg(stage.xz())
+        .arg(&empty)
+        .args(["localhost", "fixture", "bad"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("profiles/repo_name"), "{stderr}");
+    assert!(
+        tags(&w.store).is_empty(),
+        "something was stored: {:?}",
+        tags(&w.store)
+    );
+
+    // A stage without Portage.
+    let tiny = w.dir.join("tiny.tar");
+    let status = Command::new("tar")
+        .arg("-cf")
+        .arg(&tiny)
+        .arg("-C")
+        .arg("/")
+        .args(["bin/true", "usr/bin/env"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = mkimg(&w)
+        .arg("build")
+        .arg(&tiny)
+        .arg(&w.snapshot)
+        .args(["localhost", "fixture", "bad"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no Portage"), "{stderr}");
+    assert!(!w.dir.join("packages/bad").exists(), "the build started");
+
+    // An unknown config key.
+    let config = w.dir.join("typo.toml");
+    std::fs::write(
+        &config,
+        "stage3 = \"x.tar.xz\"\nsnapshot = \"y\"\nrt_pakages = []\n",
+    )
+    .unwrap();
+    let out = mkimg(&w)
+        .args(["build", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("rt_pakages") && stderr.contains("typo.toml:3"),
+        "{stderr}"
+    );
+}
