@@ -324,3 +324,40 @@ fn docker_engine_runs_the_same_session() {
     ]);
     assert_eq!(left.trim(), "", "containers left: {left}");
 }
+
+/// `emerge --info` in the stage shows the snapshot's profile, with either engine.
+#[test]
+fn emerge_info_sees_the_snapshot_profile_with_each_engine() {
+    let stage = common::stage();
+    let engine = common::engine::engine();
+    for kind in ["sandbox", "docker"] {
+        let ws = workspace();
+        let out = Command::new(env!("CARGO_BIN_EXE_gentoo-mkimg"))
+            .arg("--work-dir")
+            .arg(&ws.work)
+            .arg("--cache-dir")
+            .arg(&ws.cache)
+            .arg("--store")
+            .arg(ws.work.join("images"))
+            .args(["shell", "--engine", kind])
+            .arg(stage.xz())
+            .arg("--snapshot")
+            .arg(common::repo())
+            .args(["--tag", "info", "--", "emerge", "--info"])
+            .env("DOCKER_HOST", &engine.host)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{kind}: emerge --info failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(common::REPO_PROFILE),
+            "{kind}: the profile {} is not in emerge --info: {stdout}",
+            common::REPO_PROFILE
+        );
+    }
+}

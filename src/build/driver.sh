@@ -85,6 +85,10 @@ if ! grep -qs '^EMERGE_DEFAULT_OPTS=' /etc/portage/make.conf "$IN/make.conf"; th
 	EMERGE_DEFAULT_OPTS="--jobs=$MKIMG_JOBS --load-average=$MKIMG_JOBS"
 	export EMERGE_DEFAULT_OPTS
 fi
+# Portage's dependency graph iterates Python sets: a fixed hash seed gives the same merge
+# order, and so the same package COUNTERs, every time.
+PYTHONHASHSEED=0
+export PYTHONHASHSEED
 PKGDIR=/var/cache/binpkgs
 DISTDIR=/var/cache/distfiles
 PORTAGE_LOGDIR=$LOGDIR/portage

@@ -142,6 +142,9 @@ impl Walker<'_> {
         names.sort();
         for name in names {
             let Some(text) = name.to_str() else { continue };
+            if text.starts_with("trusted.overlay.") {
+                continue; // overlayfs bookkeeping of the directory the root was built in
+            }
             if let Some(value) = xattr::get(&path, &name)
                 .with_context(|| format!("{}: cannot read the attribute {text}", path.display()))?
             {
