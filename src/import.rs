@@ -146,6 +146,18 @@ pub fn append_tar_stripped(
     append_tar(input, layer, opts, || {})
 }
 
+/// SOURCE_DATE_EPOCH, when set: a reproducible creation time.
+pub fn source_date_epoch() -> Result<Option<i64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map(Some)
+            .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
+        _ => Ok(None),
+    }
+}
+
 /// Import `opts.stage` into `store` as `opts.reference`.
 pub fn import(store: &Store, opts: &ImportOptions) -> Result<StoredImage> {
     Ok(import_scanned(store, opts)?.0)

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 
 use gentoo_mkimg::cli::{Cli, Command};
@@ -51,18 +51,6 @@ fn init_logging(verbosity: Verbosity, level: u8) {
         .with_target(false)
         .without_time()
         .init();
-}
-
-/// SOURCE_DATE_EPOCH, when set: a reproducible creation time.
-fn source_date_epoch() -> Result<Option<i64>> {
-    match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse()
-            .map(Some)
-            .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
-        _ => Ok(None),
-    }
 }
 
 /// The cache directory: --cache-dir, else $XDG_CACHE_HOME/gentoo-mkimg, else
@@ -130,7 +118,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 cache_dir: cache_dir(&cli)?,
                 store,
                 verbosity,
-                source_date_epoch: source_date_epoch()?,
+                source_date_epoch: import::source_date_epoch()?,
             };
             let summary = build::build(&opts)?;
             if verbosity != Verbosity::Quiet {
@@ -164,7 +152,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 reference: args.reference.parse()?,
                 compression: args.compression,
                 platform: args.platform.as_deref().map(str::parse).transpose()?,
-                source_date_epoch: source_date_epoch()?,
+                source_date_epoch: import::source_date_epoch()?,
                 verbosity,
             };
             let image = import::import(&store, &opts)?;

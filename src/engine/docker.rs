@@ -270,18 +270,6 @@ fn is_not_found(e: &EngineError) -> bool {
 // ---------------------------------------------------------------------------------------------
 // The image
 
-/// SOURCE_DATE_EPOCH, when set: a reproducible creation time.
-fn source_date_epoch() -> Result<Option<i64>> {
-    match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse()
-            .map(Some)
-            .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
-        _ => Ok(None),
-    }
-}
-
 /// The raw image from the store, imported from the stage first when the store lacks it.
 fn stored_image(session: &Session) -> Result<StoredImage> {
     let reference = session.raw_reference.to_string();
@@ -302,7 +290,7 @@ fn stored_image(session: &Session) -> Result<StoredImage> {
         reference: session.raw_reference.clone(),
         compression: LayerCompression::Gzip,
         platform: None,
-        source_date_epoch: source_date_epoch()?,
+        source_date_epoch: crate::import::source_date_epoch()?,
         verbosity: session.verbosity,
     };
     import(&session.store, &opts)
