@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::archive::decompress;
-use crate::archive::entries::{TopDirStripper, TrailerCheck, display_path, entry_meta};
+use crate::archive::entries::{TrailerCheck, display_path, entry_meta};
 use crate::image::config::{ImageSpec, Platform, platform_from_elf};
 use crate::image::layer::{EntryKind, LayerCompression, LayerInfo, LayerWriter};
 use crate::image::reference::Reference;
@@ -47,8 +47,6 @@ pub struct Scan {
 /// How entries are rewritten on the way into the layer.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TarOptions {
-    /// Drop the single top-level directory (an engine's archive of a directory).
-    pub strip_top_dir: bool,
     /// No mtime later than this (SOURCE_DATE_EPOCH).
     pub clamp_mtime: Option<u64>,
 }
@@ -74,7 +72,6 @@ pub fn append_tar(
 ) -> Result<Scan> {
     let mut checked = TrailerCheck::new(input);
     let mut scan = Scan::default();
-    let mut stripper = TopDirStripper::default();
     let mut last = String::from("(start of archive)");
     {
         let mut archive = tar::Archive::new(&mut checked);
@@ -84,9 +81,6 @@ pub fn append_tar(
                 .map_err(|e| anyhow!("corrupt or truncated data after entry {last:?}: {e}"))?;
             let mut meta = entry_meta(&mut entry)?;
             last = display_path(&meta.path);
-            if opts.strip_top_dir && !stripper.strip(&mut meta)? {
-                continue;
-            }
             if let Some(clamp) = opts.clamp_mtime {
                 meta.mtime = meta.mtime.min(clamp);
             }
@@ -130,20 +124,6 @@ pub fn append_tar(
     }
     scan.packages.sort();
     Ok(scan)
-}
-
-/// [`append_tar`] for an engine's tar stream of a root directory: top directory stripped,
-/// mtimes clamped.
-pub fn append_tar_stripped(
-    input: &mut dyn Read,
-    layer: &mut LayerWriter,
-    clamp_mtime: Option<u64>,
-) -> Result<Scan> {
-    let opts = TarOptions {
-        strip_top_dir: true,
-        clamp_mtime,
-    };
-    append_tar(input, layer, opts, || {})
 }
 
 /// SOURCE_DATE_EPOCH, when set: a reproducible creation time.

@@ -281,7 +281,6 @@ fn spawn_pipe_reader(
                 let clamp = read_clamp(&logs.join("clamp"))?;
                 let mut layer = LayerWriter::new(&store, compression)?;
                 let opts = import::TarOptions {
-                    strip_top_dir: false,
                     clamp_mtime: Some(clamp),
                 };
                 let scan =
@@ -466,18 +465,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         let started = Instant::now();
         let clamp = read_clamp(&logs.join("clamp"))?;
         let mut layer = LayerWriter::new(&opts.store, plan.compression)?;
-        let packages = match export {
-            Export::Dir(dir) => {
-                walk::append_dir(dir, &mut layer, Some(clamp))
-                    .with_context(|| format!("the {name} root"))?;
-                vdb::installed(dir)?
-            }
-            Export::Tar(reader) => {
-                let scan = import::append_tar_stripped(reader, &mut layer, Some(clamp))
-                    .with_context(|| format!("the {name} root"))?;
-                scan.packages
-            }
-        };
+        let Export::Dir(dir) = export;
+        walk::append_dir(dir, &mut layer, Some(clamp))
+            .with_context(|| format!("the {name} root"))?;
+        let packages = vdb::installed(dir)?;
         let info = layer.finish(&opts.store)?;
         roots.insert(
             name.to_string(),

@@ -34,7 +34,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::runtime::Runtime;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use super::{Export, Session};
+use super::Session;
 use crate::image::layer::LayerCompression;
 use crate::image::store::Store;
 use crate::image::{StoredImage, open_image};
@@ -66,18 +66,6 @@ const START_HINT: &str = "start Docker, or run `podman system service --time=0 \
 /// Run `session.command` in a container of the raw image; its exit status (130 after SIGINT,
 /// 143 after SIGTERM).
 pub fn run(session: &Session) -> Result<i32> {
-    run_exporting(session, &[], &mut |_, _| Ok(()))
-}
-
-/// [`run`]; when the command succeeds, stream each directory of `exports` out of the
-/// container as a tar (`GET /containers/{id}/archive`) to `on_export` before the container
-/// is removed. Reading through the engine keeps owners, modes, xattrs, hard links and
-/// devices intact even when this process is not root.
-pub fn run_exporting(
-    session: &Session,
-    exports: &[&str],
-    on_export: &mut dyn FnMut(&str, Export<'_>) -> Result<()>,
-) -> Result<i32> {
     if session.command.is_empty() {
         bail!("no command to run");
     }
@@ -85,18 +73,13 @@ pub fn run_exporting(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let result = run_with(&rt, session, exports, on_export);
+    let result = run_with(&rt, session);
     // A blocking read of the terminal (interactive sessions) never ends by itself.
     rt.shutdown_timeout(Duration::from_millis(100));
     result
 }
 
-fn run_with(
-    rt: &Runtime,
-    session: &Session,
-    exports: &[&str],
-    on_export: &mut dyn FnMut(&str, Export<'_>) -> Result<()>,
-) -> Result<i32> {
+fn run_with(rt: &Runtime, session: &Session) -> Result<i32> {
     // Reach the engine first: a long import is wasted when there is none.
     let docker = rt.block_on(connect())?;
     let image = stored_image(session)?;
@@ -106,15 +89,7 @@ fn run_with(
         docker: None,
         name: format!("gentoo-mkimg-{id}"),
     };
-    let mut result = rt.block_on(run_in_engine(&docker, session, &image, &id, &mut guard));
-    if let Ok(0) = result {
-        for path in exports {
-            if let Err(e) = export(&docker, &guard.name, path, on_export) {
-                result = Err(e);
-                break;
-            }
-        }
-    }
+    let result = rt.block_on(run_in_engine(&docker, session, &image, &id, &mut guard));
     let removed = guard.remove();
     match (result, removed) {
         (Ok(code), Ok(())) => Ok(code),
@@ -378,79 +353,6 @@ pub fn load_images(store: &Store, images: &[StoredImage]) -> Result<()> {
         }
         Ok(())
     })
-}
-
-/// Stream `path` out of the stopped container `name` into `on_export`. The download runs on
-/// its own thread and runtime; its chunks reach the (synchronous) consumer through a bounded
-/// channel, so memory stays flat whatever the size of the tree.
-fn export(
-    docker: &Docker,
-    name: &str,
-    path: &str,
-    on_export: &mut dyn FnMut(&str, Export<'_>) -> Result<()>,
-) -> Result<()> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Bytes>>(LOAD_CHUNKS_IN_FLIGHT);
-    let docker = docker.clone();
-    let (name_owned, path_owned) = (name.to_string(), path.to_string());
-    let downloader = std::thread::Builder::new()
-        .name("export".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = tx.send(Err(io::Error::other(e)));
-                    return;
-                }
-            };
-            rt.block_on(async {
-                let options = bollard::query_parameters::DownloadFromContainerOptionsBuilder::new()
-                    .path(&path_owned)
-                    .build();
-                let mut stream = docker.download_from_container(&name_owned, Some(options));
-                while let Some(chunk) = stream.next().await {
-                    let item = chunk.map_err(|e| {
-                        io::Error::other(format!("cannot read {path_owned} from {name_owned}: {e}"))
-                    });
-                    let failed = item.is_err();
-                    if tx.send(item).is_err() || failed {
-                        return;
-                    }
-                }
-            });
-        })
-        .context("cannot start the export thread")?;
-    let mut reader = ChannelReader {
-        rx,
-        current: Bytes::new(),
-    };
-    let result = on_export(path, Export::Tar(&mut reader));
-    drop(reader);
-    let _ = downloader.join();
-    result.with_context(|| format!("exporting {path} from container {name}"))
-}
-
-/// A `Read` over chunks arriving through a channel; the sender's end closing is EOF.
-struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<io::Result<Bytes>>,
-    current: Bytes,
-}
-
-impl io::Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.recv() {
-                Ok(Ok(chunk)) => self.current = chunk,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current.split_to(n));
-        Ok(n)
-    }
 }
 
 /// A `Write` that hands its bytes to the request body, in chunks, through a bounded channel.

@@ -15,7 +15,7 @@ pub mod sandbox;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use crate::image::reference::Reference;
 use crate::image::store::Store;
@@ -65,12 +65,9 @@ pub struct Session {
     pub verbosity: Verbosity,
 }
 
-/// A directory handed back from a finished session.
+/// A directory handed back from a finished session: readable on the host (sandbox).
 pub enum Export<'a> {
-    /// The directory itself, readable on the host (sandbox).
     Dir(&'a std::path::Path),
-    /// A tar stream of it whose entries are named `BASENAME/...` (Docker's archive API).
-    Tar(&'a mut dyn std::io::Read),
 }
 
 /// Run `session` with the chosen engine; the command's exit status (128+N for a signal).
@@ -82,7 +79,9 @@ pub fn run(kind: EngineKind, session: &Session) -> Result<i32> {
 }
 
 /// Run `session`; when the command succeeds, hand each of `exports` (directories inside the
-/// stage that the command made) to `on_export`, as a host directory or a tar stream.
+/// stage that the command made) to `on_export`. Only the sandbox can: with the docker engine
+/// a session hands trees back itself (the build writes them into named pipes), because the
+/// Engine API's archive download loses group ownership on Podman.
 pub fn run_exporting(
     kind: EngineKind,
     session: &Session,
@@ -91,6 +90,9 @@ pub fn run_exporting(
 ) -> Result<i32> {
     match kind {
         EngineKind::Sandbox => sandbox::run_exporting(session, exports, on_export),
-        EngineKind::Docker => docker::run_exporting(session, exports, on_export),
+        EngineKind::Docker if exports.is_empty() => docker::run(session),
+        EngineKind::Docker => {
+            bail!("the docker engine cannot hand back directories; export them through a mount")
+        }
     }
 }
