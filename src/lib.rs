@@ -12,6 +12,7 @@ pub mod engine;
 pub mod image;
 pub mod images;
 pub mod import;
+pub mod inputs;
 pub mod portage;
 pub mod progress;
 pub mod publish;

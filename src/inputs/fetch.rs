@@ -1,0 +1,1 @@
+//! Downloads into the cache: resumable, verified before they are renamed into place.

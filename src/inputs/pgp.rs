@@ -1,0 +1,1 @@
+//! OpenPGP verification in-process (rpgp): detached and clearsigned signatures by pinned keys.
