@@ -99,7 +99,7 @@ pub struct PushArgs {
 pub struct BuildArgs {
     /// The stage3 tarball.
     pub stage3: Option<String>,
-    /// The Portage tree: a snapshot tarball or a directory.
+    /// The Portage tree: a snapshot tarball, a squashfs snapshot or a directory.
     pub snapshot: Option<String>,
     /// Registry/namespace part of the image names, e.g. `localhost` or `docker.io/me`.
     pub repo: Option<String>,
@@ -155,7 +155,8 @@ pub struct ShellArgs {
     /// The stage3 tarball.
     pub stage3: PathBuf,
 
-    /// Portage tree: a directory or a snapshot tarball (extracted once into portage/TAG).
+    /// Portage tree: a directory, a snapshot tarball or a squashfs snapshot (extracted once
+    /// into portage/TAG).
     #[arg(long)]
     pub snapshot: Option<PathBuf>,
 

@@ -55,3 +55,45 @@ impl Drop for Bytes {
         self.finish();
     }
 }
+
+/// A count-of-items progress bar (entries of an archive whose byte size says little), or
+/// nothing.
+pub struct Count {
+    bar: Option<ProgressBar>,
+}
+
+impl Count {
+    /// A bar labelled `what`; its total is given with each update.
+    pub fn new(verbosity: Verbosity, what: &str) -> Self {
+        if verbosity == Verbosity::Quiet || !std::io::stderr().is_terminal() {
+            return Count { bar: None };
+        }
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_message(what.to_string());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Count { bar: Some(bar) }
+    }
+
+    pub fn set(&self, done: u64, total: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Drop for Count {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

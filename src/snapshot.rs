@@ -1,6 +1,6 @@
-//! The Portage tree a session or build uses: a directory as it is, or a snapshot tarball
-//! extracted once into `portage/TAG` (its single top-level directory stripped, as
-//! `emerge-webrsync` does).
+//! The Portage tree a session or build uses: a directory as it is, or a snapshot extracted
+//! once into `portage/TAG`: a tarball (its single top-level directory stripped, as
+//! `emerge-webrsync` does) or a squashfs image (whose root is the tree).
 //!
 //! A marker file records which snapshot (by SHA-256) the directory holds, so the same
 //! snapshot is never extracted twice and a different one replaces it.
@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result, bail};
 
-use crate::archive::{decompress, extract};
+use crate::archive::{decompress, extract, squashfs};
 use crate::engine::sandbox::sha256_file;
 use crate::progress::{self, Verbosity};
 
@@ -37,18 +37,32 @@ pub fn prepare(snapshot: &Path, dest: &Path, verbosity: Verbosity) -> Result<(Pa
         .prefix(".tmp-snapshot-")
         .tempdir_in(parent)
         .with_context(|| format!("{}: cannot create a temporary dir", parent.display()))?;
-    let input = decompress::open(snapshot)?;
-    let bar = progress::Bytes::new(verbosity, "extracting snapshot", input.size);
-    let consumed = input.consumed.clone();
     let opts = extract::ExtractOptions {
         preserve_owners: nix::unistd::geteuid().is_root(),
         strip_top_dir: true,
     };
-    extract::extract(input.reader, tmp.path(), opts, || {
-        bar.set(consumed.load(Ordering::Relaxed))
-    })
-    .with_context(|| format!("{}: cannot extract the snapshot", snapshot.display()))?;
-    bar.finish();
+    if squashfs::is_squashfs(snapshot)? {
+        // A squashfs snapshot's root is the tree: nothing to strip.
+        let opts = extract::ExtractOptions {
+            strip_top_dir: false,
+            ..opts
+        };
+        let bar = progress::Count::new(verbosity, "extracting snapshot");
+        squashfs::extract(snapshot, tmp.path(), opts, |done, total| {
+            bar.set(done, total)
+        })
+        .with_context(|| format!("{}: cannot extract the snapshot", snapshot.display()))?;
+        bar.finish();
+    } else {
+        let input = decompress::open(snapshot)?;
+        let bar = progress::Bytes::new(verbosity, "extracting snapshot", input.size);
+        let consumed = input.consumed.clone();
+        extract::extract(input.reader, tmp.path(), opts, || {
+            bar.set(consumed.load(Ordering::Relaxed))
+        })
+        .with_context(|| format!("{}: cannot extract the snapshot", snapshot.display()))?;
+        bar.finish();
+    }
     check_tree(tmp.path()).with_context(|| format!("{}", snapshot.display()))?;
     fs::write(tmp.path().join(MARKER), format!("{digest}\n"))
         .context("cannot mark the snapshot extracted")?;

@@ -361,3 +361,56 @@ fn emerge_info_sees_the_snapshot_profile_with_each_engine() {
         );
     }
 }
+
+/// A squashfs snapshot (`gentoo-YYYYMMDD.xz.sqfs`, made here by squashfs-tools) is unpacked
+/// once into portage/TAG and Portage in the stage reads the tree from it.
+#[test]
+fn squashfs_snapshot_is_unpacked_once_and_used_by_portage() {
+    let stage = common::stage();
+    let ws = workspace();
+    let sqfs = ws.work.join("gentoo-20260101.xz.sqfs");
+    let made = Command::new("mksquashfs")
+        .arg(common::repo())
+        .arg(&sqfs)
+        .args(["-comp", "xz", "-noappend", "-quiet", "-no-progress"])
+        .status()
+        .unwrap();
+    assert!(made.success(), "mksquashfs failed");
+    let emerge_info = || {
+        Command::new(env!("CARGO_BIN_EXE_gentoo-mkimg"))
+            .arg("--work-dir")
+            .arg(&ws.work)
+            .arg("--cache-dir")
+            .arg(&ws.cache)
+            .arg("shell")
+            .arg(stage.xz())
+            .arg("--snapshot")
+            .arg(&sqfs)
+            .args(["--tag", "sq", "--", "emerge", "--info"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = emerge_info();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "emerge --info failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(common::REPO_PROFILE),
+        "the profile {} is not in emerge --info: {stdout}",
+        common::REPO_PROFILE
+    );
+    let tree = ws.work.join("portage/sq");
+    let repo_name = std::fs::read_to_string(tree.join("profiles/repo_name")).unwrap();
+    let original = std::fs::read_to_string(common::repo().join("profiles/repo_name")).unwrap();
+    assert_eq!(repo_name, original);
+    // A second session finds the marker and does not extract again.
+    let stamp = tree.join("profiles/.unpacked-once");
+    std::fs::write(&stamp, "").unwrap();
+    let out = emerge_info();
+    assert!(out.status.success(), "second emerge --info failed");
+    assert!(stamp.exists(), "portage/sq was extracted again");
+}

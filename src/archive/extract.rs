@@ -57,12 +57,7 @@ pub fn extract(
     mut progress: impl FnMut(),
 ) -> Result<Extracted> {
     let mut checked = TrailerCheck::new(input);
-    let mut state = Unpacker {
-        dest: dest.to_path_buf(),
-        real_dirs: HashSet::from([Vec::new()]),
-        dir_times: Vec::new(),
-        opts,
-    };
+    let mut state = Unpacker::new(dest, opts);
     let mut stripper = TopDirStripper::default();
     let mut done = Extracted::default();
     let mut last = String::from("(start of archive)");
@@ -92,11 +87,15 @@ pub fn extract(
             "truncated: the archive ends after entry {last:?} without tar's end-of-archive marker"
         );
     }
-    state.finish_dirs()?;
+    state.finish()?;
     Ok(done)
 }
 
-struct Unpacker {
+/// Writes entries into a directory, one at a time, from any source of [`EntryMeta`] and
+/// data (a tar stream, a squashfs image). Paths must already be normalised
+/// ([`crate::archive::entries::normalize_path`]); parents must come before children.
+/// Call [`Unpacker::finish`] at the end: directory mtimes are set last.
+pub struct Unpacker {
     dest: PathBuf,
     /// Relative paths known to be real directories (created or checked by us).
     real_dirs: HashSet<Vec<u8>>,
@@ -113,6 +112,15 @@ fn parent_of(path: &[u8]) -> &[u8] {
 }
 
 impl Unpacker {
+    pub fn new(dest: &Path, opts: ExtractOptions) -> Self {
+        Unpacker {
+            dest: dest.to_path_buf(),
+            real_dirs: HashSet::from([Vec::new()]),
+            dir_times: Vec::new(),
+            opts,
+        }
+    }
+
     fn full(&self, rel: &[u8]) -> PathBuf {
         if rel.is_empty() {
             self.dest.clone()
@@ -175,7 +183,8 @@ impl Unpacker {
         Ok(())
     }
 
-    fn unpack(&mut self, meta: &EntryMeta, data: &mut dyn Read) -> Result<()> {
+    /// Create one entry; `data` is read for regular files only.
+    pub fn unpack(&mut self, meta: &EntryMeta, data: &mut dyn Read) -> Result<()> {
         let rel = meta.path.as_slice();
         let path = self.full(rel);
         if !rel.is_empty() {
@@ -280,7 +289,8 @@ impl Unpacker {
         Ok(())
     }
 
-    fn finish_dirs(&mut self) -> Result<()> {
+    /// Set the directories' mtimes (children change them while they are written).
+    pub fn finish(&mut self) -> Result<()> {
         for (path, mtime) in self.dir_times.iter().rev() {
             set_mtime(path, *mtime)?;
         }

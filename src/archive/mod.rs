@@ -4,3 +4,4 @@
 pub mod decompress;
 pub mod entries;
 pub mod extract;
+pub mod squashfs;
