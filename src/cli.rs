@@ -70,6 +70,57 @@ pub enum Command {
     /// Load images from the store into Docker or Podman (Docker Engine API: DOCKER_HOST or
     /// the default socket), named as in the store.
     Load(LoadArgs),
+    /// Download stage3s and snapshots into the cache and verify them, without building.
+    Fetch(FetchArgs),
+    /// Check local stage3s and snapshots against the companion files beside them
+    /// (signatures by Gentoo's pinned keys, DIGESTS, .sha256, .md5sum, sha512sum.txt).
+    Verify(VerifyArgs),
+}
+
+/// Where inputs come from and how they are verified (build, shell, import, fetch, verify).
+#[derive(Debug, Args, Clone, Default)]
+pub struct InputArgs {
+    /// Gentoo mirror for stage3:VARIANT and snapshot:... sources
+    /// [default: https://distfiles.gentoo.org].
+    #[arg(long, value_name = "URL")]
+    pub mirror: Option<String>,
+    /// OpenPGP keys to verify with [default: /usr/share/openpgp-keys/gentoo-release.asc,
+    /// else Gentoo's keys fetched by WKD].
+    #[arg(long, value_name = "FILE")]
+    pub keyring: Option<PathBuf>,
+    /// Trust signatures by this key (fingerprint; repeatable). Replaces the built-in pins
+    /// (Gentoo's release and snapshot keys).
+    #[arg(long = "trusted-key", value_name = "FINGERPRINT")]
+    pub trusted_keys: Vec<String>,
+    /// Verify local files too: their companion files must sit beside them.
+    #[arg(long, conflicts_with = "no_verify")]
+    pub verify: bool,
+    /// Verify nothing, not even downloads (prints a warning).
+    #[arg(long)]
+    pub no_verify: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Sources: stage3:VARIANT[@TIMESTAMP], snapshot:latest, snapshot:YYYYMMDD,
+    /// snapshot:sqfs:latest, or URLs.
+    #[arg(required = true, value_name = "SOURCE")]
+    pub sources: Vec<String>,
+    #[command(flatten)]
+    pub inputs: InputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Local stage3 tarballs or snapshots, with their companion files beside them.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// OpenPGP keys to verify with (as for build).
+    #[arg(long, value_name = "FILE")]
+    pub keyring: Option<PathBuf>,
+    /// Trust signatures by this key (as for build).
+    #[arg(long = "trusted-key", value_name = "FINGERPRINT")]
+    pub trusted_keys: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -97,9 +148,11 @@ pub struct PushArgs {
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// The stage3 tarball.
+    /// The stage3: a tarball, a URL, or stage3:VARIANT[@TIMESTAMP] from the mirror
+    /// [default without arguments: stage3:amd64-musl-openrc].
     pub stage3: Option<String>,
-    /// The Portage tree: a snapshot tarball, a squashfs snapshot or a directory.
+    /// The Portage tree: a snapshot tarball, a squashfs snapshot, a directory, a URL, or
+    /// snapshot:latest, snapshot:YYYYMMDD, snapshot:sqfs:latest [default: snapshot:latest].
     pub snapshot: Option<String>,
     /// Registry/namespace part of the image names, e.g. `localhost` or `docker.io/me`.
     pub repo: Option<String>,
@@ -148,17 +201,19 @@ pub struct BuildArgs {
     /// Allow plain HTTP for this registry when pushing (repeatable).
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub insecure_registries: Vec<String>,
+    #[command(flatten)]
+    pub inputs: InputArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct ShellArgs {
-    /// The stage3 tarball.
-    pub stage3: PathBuf,
+    /// The stage3: a tarball, a URL or stage3:VARIANT[@TIMESTAMP].
+    pub stage3: String,
 
     /// Portage tree: a directory, a snapshot tarball or a squashfs snapshot (extracted once
-    /// into portage/TAG).
+    /// into portage/TAG), a URL, or snapshot:latest etc.
     #[arg(long)]
-    pub snapshot: Option<PathBuf>,
+    pub snapshot: Option<String>,
 
     /// Tag naming packages/TAG and portage/TAG [default: the stage's timestamp or name].
     #[arg(long)]
@@ -179,12 +234,16 @@ pub struct ShellArgs {
     /// The command and its arguments (after `--`).
     #[arg(last = true)]
     pub command: Vec<String>,
+
+    #[command(flatten)]
+    pub inputs: InputArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// The stage3 tarball (xz, bzip2, gzip, zstd or plain tar; detected from its content).
-    pub stage3: PathBuf,
+    /// The stage3 tarball (xz, bzip2, gzip, zstd or plain tar; detected from its content),
+    /// a URL or stage3:VARIANT[@TIMESTAMP].
+    pub stage3: String,
 
     /// Name for the image, e.g. localhost/gentoo-musl-raw:20260214 (tag defaults to latest).
     pub reference: String,
@@ -200,4 +259,7 @@ pub struct ImportArgs {
     /// Set the platform (e.g. linux/arm/v7) instead of reading it from the stage's binaries.
     #[arg(long)]
     pub platform: Option<String>,
+
+    #[command(flatten)]
+    pub inputs: InputArgs,
 }

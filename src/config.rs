@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::engine::EngineKind;
 use crate::image::layer::LayerCompression;
+use crate::inputs::{self, Source};
 
 /// The runtime set the old tool installed into rt (everything is in ::gentoo now).
 pub const DEFAULT_RT_PACKAGES: &[&str] = &[
@@ -95,6 +96,41 @@ pub struct FileConfig {
     pub package_unmask: Option<Vec<String>>,
     #[serde(default)]
     pub repos: Vec<ExtraRepo>,
+    pub mirror: Option<String>,
+    pub keyring: Option<PathBuf>,
+    pub trusted_keys: Option<Vec<String>>,
+    pub verify: Option<bool>,
+}
+
+/// Where inputs come from and how they are checked: the file's keys and the command line's
+/// options, merged (the command line wins).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct InputSettings {
+    pub mirror: Option<String>,
+    pub keyring: Option<PathBuf>,
+    /// Replaces the built-in pins when not empty.
+    pub trusted_keys: Vec<String>,
+    /// `Some(true)`: verify local files too; `Some(false)`: verify nothing.
+    pub verify: Option<bool>,
+}
+
+impl InputSettings {
+    /// Merge the file (if any) under `self`; a relative keyring path in the file is taken
+    /// relative to the file.
+    pub fn merge_file(self, file: Option<(&Path, &FileConfig)>) -> InputSettings {
+        let Some((path, f)) = file else { return self };
+        let base = path.parent().unwrap_or(Path::new("."));
+        InputSettings {
+            mirror: self.mirror.or_else(|| f.mirror.clone()),
+            keyring: self.keyring.or_else(|| f.keyring.as_ref().map(|k| base.join(k))),
+            trusted_keys: if self.trusted_keys.is_empty() {
+                f.trusted_keys.clone().unwrap_or_default()
+            } else {
+                self.trusted_keys
+            },
+            verify: self.verify.or(f.verify),
+        }
+    }
 }
 
 impl FileConfig {
@@ -158,7 +194,16 @@ pub struct BuildPlan {
 impl BuildPlan {
     /// Merge the file (if any) and the command line. Relative paths in the file are taken
     /// relative to the file's directory.
-    pub fn resolve(file: Option<(&Path, FileConfig)>, cli: Overrides) -> Result<Self> {
+    ///
+    /// `get` turns a stage3 or snapshot source (a path, a URL, `stage3:VARIANT`,
+    /// `snapshot:latest`) into a local path: the inputs step. Without any stage3, the
+    /// default is the newest amd64 musl OpenRC stage with the latest snapshot, named
+    /// `gentoo-musl`.
+    pub fn resolve(
+        file: Option<(&Path, FileConfig)>,
+        cli: Overrides,
+        mut get: impl FnMut(&Source) -> Result<PathBuf>,
+    ) -> Result<Self> {
         let (base, f) = match file {
             Some((path, f)) => (path.parent().map(Path::to_path_buf), f),
             None => (None, FileConfig::default()),
@@ -170,29 +215,41 @@ impl BuildPlan {
                 _ => p,
             }
         };
-        let need = |v: Option<String>, what: &str| -> Result<String> {
-            v.ok_or_else(|| anyhow::anyhow!("no {what} given (argument or config key `{what}`)"))
+        // A source from the file: paths relative to the file.
+        let from_file = |spec: String| -> Result<Source> {
+            Ok(match Source::parse(&spec)? {
+                Source::Path(p) => Source::Path(rel(p.to_string_lossy().into_owned())),
+                other => other,
+            })
         };
-        let stage3 = match cli.stage3 {
-            Some(s) => PathBuf::from(s),
-            None => rel(need(f.stage3, "stage3")?),
+        let defaulted = cli.stage3.is_none() && f.stage3.is_none();
+        let stage3 = match (cli.stage3, f.stage3) {
+            (Some(s), _) => Source::parse(&s)?,
+            (None, Some(s)) => from_file(s)?,
+            (None, None) => Source::parse(inputs::DEFAULT_STAGE3)?,
         };
-        let snapshot = match cli.snapshot {
-            Some(s) => PathBuf::from(s),
-            None => rel(need(f.snapshot, "snapshot")?),
+        let snapshot = match (cli.snapshot, f.snapshot) {
+            (Some(s), _) => Source::parse(&s)?,
+            (None, Some(s)) => from_file(s)?,
+            (None, None) if defaulted => Source::parse(inputs::DEFAULT_SNAPSHOT)?,
+            (None, None) => bail!("no snapshot given (argument or config key `snapshot`)"),
         };
+        // Check the cheap things before fetching anything.
+        let jobs_given = cli.jobs.or(f.jobs);
+        if jobs_given == Some(0) {
+            bail!("jobs must be at least 1");
+        }
+        let stage3 = get(&stage3).context("the stage3")?;
+        let snapshot = get(&snapshot).context("the snapshot")?;
         let tag = match cli.tag.or(f.tag) {
             Some(t) => t,
             None => crate::shell::tag_from_stage(&stage3),
         };
-        let jobs = cli.jobs.or(f.jobs).unwrap_or_else(|| {
+        let jobs = jobs_given.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
         });
-        if jobs == 0 {
-            bail!("jobs must be at least 1");
-        }
         let repos = f
             .repos
             .into_iter()
@@ -208,10 +265,9 @@ impl BuildPlan {
                 .repo
                 .or(f.repo)
                 .unwrap_or_else(|| "localhost".to_string()),
-            basename: cli
-                .basename
-                .or(f.basename)
-                .unwrap_or_else(|| "gentoo".to_string()),
+            basename: cli.basename.or(f.basename).unwrap_or_else(|| {
+                if defaulted { "gentoo-musl" } else { "gentoo" }.to_string()
+            }),
             tag,
             engine: cli.engine.or(f.engine).unwrap_or(EngineKind::Sandbox),
             jobs,
@@ -271,7 +327,7 @@ mod tests {
             basename: Some("musl".into()),
             ..Default::default()
         };
-        let plan = BuildPlan::resolve(Some((&path, file)), cli).unwrap();
+        let plan = BuildPlan::resolve(Some((&path, file)), cli, local).unwrap();
         assert_eq!(plan.use_flags, "ipv6");
         assert_eq!(plan.jobs, 3);
         assert_eq!(plan.snapshot, dir.path().join("snap"));
@@ -287,14 +343,77 @@ mod tests {
         let file = FileConfig::load(&path).unwrap();
         assert_eq!(file.basename.as_deref(), Some("gentoo-musl"));
         assert_eq!(file.engine, Some(EngineKind::Sandbox));
-        let plan = BuildPlan::resolve(Some((&path, file)), Overrides::default()).unwrap();
+        let plan = BuildPlan::resolve(Some((&path, file)), Overrides::default(), local).unwrap();
         assert_eq!(plan.tag, "20260214T170533Z");
         assert_eq!(plan.rt_packages.len(), DEFAULT_RT_PACKAGES.len());
     }
 
+    /// The inputs step for tests: local paths only.
+    fn local(source: &Source) -> Result<PathBuf> {
+        match source {
+            Source::Path(p) => Ok(p.clone()),
+            other => bail!("not local: {other:?}"),
+        }
+    }
+
     #[test]
     fn missing_inputs_are_named() {
-        let err = BuildPlan::resolve(None, Overrides::default()).unwrap_err();
-        assert!(err.to_string().contains("stage3"), "{err}");
+        let cli = Overrides {
+            stage3: Some("stage3-amd64-openrc-20260101T000000Z.tar.xz".into()),
+            ..Default::default()
+        };
+        let err = BuildPlan::resolve(None, cli, local).unwrap_err();
+        assert!(err.to_string().contains("snapshot"), "{err}");
+    }
+
+    #[test]
+    fn without_inputs_the_newest_musl_stage_and_snapshot_are_built() {
+        let mut asked = Vec::new();
+        let plan = BuildPlan::resolve(None, Overrides::default(), |s| {
+            asked.push(s.clone());
+            Ok(match s {
+                Source::Stage3 { .. } => "/c/stage3-amd64-musl-openrc-20261122T170547Z.tar.xz",
+                _ => "/c/gentoo-latest.tar.xz",
+            }
+            .into())
+        })
+        .unwrap();
+        assert_eq!(
+            asked,
+            [
+                Source::parse("stage3:amd64-musl-openrc").unwrap(),
+                Source::parse("snapshot:latest").unwrap()
+            ]
+        );
+        assert_eq!(
+            plan.reference("dev"),
+            "localhost/gentoo-musl-dev:20261122T170547Z"
+        );
+    }
+
+    #[test]
+    fn input_settings_merge_with_the_command_line_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "mirror = \"http://127.0.0.1:1/m\"\nkeyring = \"keys.asc\"\n\
+             trusted_keys = [\"AAAA\"]\nverify = false\n",
+        )
+        .unwrap();
+        let file = FileConfig::load(&path).unwrap();
+        let merged = InputSettings::default().merge_file(Some((&path, &file)));
+        assert_eq!(merged.mirror.as_deref(), Some("http://127.0.0.1:1/m"));
+        assert_eq!(merged.keyring, Some(dir.path().join("keys.asc")));
+        assert_eq!(merged.trusted_keys, ["AAAA"]);
+        assert_eq!(merged.verify, Some(false));
+        let cli = InputSettings {
+            trusted_keys: vec!["BBBB".into()],
+            verify: Some(true),
+            ..Default::default()
+        };
+        let merged = cli.merge_file(Some((&path, &file)));
+        assert_eq!(merged.trusted_keys, ["BBBB"]);
+        assert_eq!(merged.verify, Some(true));
     }
 }

@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Parser;
 
-use gentoo_mkimg::cli::{Cli, Command};
+use gentoo_mkimg::cli::{Cli, Command, InputArgs};
+use gentoo_mkimg::config::InputSettings;
 use gentoo_mkimg::image::store::Store;
+use gentoo_mkimg::inputs::{self, InputOptions, Inputs, Source, VerifyMode};
 use gentoo_mkimg::progress::Verbosity;
 use gentoo_mkimg::{build, config, engine, images, import, publish, shell};
 
@@ -68,13 +70,61 @@ fn cache_dir(cli: &Cli) -> Result<std::path::PathBuf> {
     }
 }
 
+fn settings(args: &InputArgs) -> InputSettings {
+    InputSettings {
+        mirror: args.mirror.clone(),
+        keyring: args.keyring.clone(),
+        trusted_keys: args.trusted_keys.clone(),
+        verify: match (args.verify, args.no_verify) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
+    }
+}
+
+/// The inputs step, set up from the merged settings.
+fn inputs(cli: &Cli, settings: InputSettings, verbosity: Verbosity) -> Result<Inputs> {
+    let mut opts = InputOptions::new(cache_dir(cli)?, verbosity);
+    if let Some(mirror) = settings.mirror {
+        opts.mirror = mirror;
+    }
+    opts.keyring = settings.keyring;
+    if !settings.trusted_keys.is_empty() {
+        opts.pins = settings
+            .trusted_keys
+            .iter()
+            .map(|k| k.parse())
+            .collect::<Result<_>>()?;
+    }
+    opts.verify = match settings.verify {
+        Some(true) => VerifyMode::Always,
+        Some(false) => VerifyMode::Never,
+        None => VerifyMode::Auto,
+    };
+    Ok(Inputs::new(opts))
+}
+
+fn local(inputs: &Inputs, spec: &str, what: &str) -> Result<std::path::PathBuf> {
+    let source = Source::parse(spec)?;
+    Ok(inputs
+        .get(&source)
+        .map_err(|e| e.context(format!("the {what}")))?
+        .path)
+}
+
 fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
     let store = Store::new(&cli.store);
     match &cli.command {
         Command::Shell(args) => {
+            let inputs = inputs(&cli, settings(&args.inputs), verbosity)?;
             let opts = shell::ShellOptions {
-                stage: args.stage3.clone(),
-                snapshot: args.snapshot.clone(),
+                stage: local(&inputs, &args.stage3, "stage3")?,
+                snapshot: args
+                    .snapshot
+                    .as_deref()
+                    .map(|s| local(&inputs, s, "snapshot"))
+                    .transpose()?,
                 tag: args.tag.clone(),
                 engine: args.engine,
                 env: args.env.clone(),
@@ -111,7 +161,11 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 keep_going: args.keep_going,
                 compression: args.compression,
             };
-            let plan = config::BuildPlan::resolve(file, overrides)?;
+            let merged = settings(&args.inputs).merge_file(file.as_ref().map(|(p, f)| (*p, f)));
+            let inputs = inputs(&cli, merged, verbosity)?;
+            let plan = config::BuildPlan::resolve(file, overrides, |source| {
+                Ok(inputs.get(source)?.path)
+            })?;
             let opts = build::BuildOptions {
                 plan,
                 work_dir: cli.work_dir.clone(),
@@ -147,8 +201,9 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
             }
         }
         Command::Import(args) => {
+            let inputs = inputs(&cli, settings(&args.inputs), verbosity)?;
             let opts = import::ImportOptions {
-                stage: args.stage3.clone(),
+                stage: local(&inputs, &args.stage3, "stage3")?,
                 reference: args.reference.parse()?,
                 compression: args.compression,
                 platform: args.platform.as_deref().map(str::parse).transpose()?,
@@ -161,6 +216,47 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
             }
             if verbosity != Verbosity::Quiet {
                 println!("{} {}", image.reference, image.manifest.digest);
+            }
+        }
+        Command::Fetch(args) => {
+            let inputs = inputs(&cli, settings(&args.inputs), verbosity)?;
+            for spec in &args.sources {
+                let got = inputs.get(&Source::parse(spec)?)?;
+                if verbosity == Verbosity::Verbose {
+                    for check in &got.checks {
+                        eprintln!("  {check}");
+                    }
+                }
+                println!("{}", got.path.display());
+            }
+        }
+        Command::Verify(args) => {
+            let settings = InputSettings {
+                keyring: args.keyring.clone(),
+                trusted_keys: args.trusted_keys.clone(),
+                verify: Some(true),
+                ..Default::default()
+            };
+            let inputs = inputs(&cli, settings, verbosity)?;
+            let mut failed = false;
+            for file in &args.files {
+                let checks = inputs.check_local(file)?;
+                let name = file.display();
+                let verdict = inputs::verify::ensure_trusted(&name.to_string(), &checks);
+                println!("{name}:");
+                for check in &checks {
+                    println!("  {check}");
+                }
+                match verdict {
+                    Ok(()) => println!("  verified"),
+                    Err(e) => {
+                        println!("  NOT VERIFIED: {e:#}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
             }
         }
         Command::Load(args) => {

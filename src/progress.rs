@@ -97,3 +97,29 @@ impl Drop for Count {
         self.finish();
     }
 }
+
+/// A reader that moves a [`Bytes`] bar as it is read.
+pub struct Reading<'a, R> {
+    inner: R,
+    bar: &'a Bytes,
+    done: u64,
+}
+
+impl<'a, R> Reading<'a, R> {
+    pub fn new(inner: R, bar: &'a Bytes) -> Self {
+        Reading {
+            inner,
+            bar,
+            done: 0,
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Reading<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        self.bar.set(self.done);
+        Ok(n)
+    }
+}

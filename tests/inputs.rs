@@ -1,0 +1,602 @@
+//! Trusted inputs end to end: a Gentoo-shaped mirror served from 127.0.0.1 by the test,
+//! holding the stand-in stage and the test repository as a snapshot, with companion files
+//! signed by GnuPG keys made here and pinned with `--trusted-key`. GnuPG only makes the
+//! fixtures: the tool verifies in-process.
+
+mod common;
+#[allow(dead_code)]
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use support::mirror::Mirror;
+
+const TS: &str = "20260101T000000Z";
+const VARIANT: &str = "amd64-musl-openrc";
+
+fn stage_name() -> String {
+    format!("stage3-{VARIANT}-{TS}.tar.xz")
+}
+
+/// A GnuPG home with keys made for the test.
+struct Gpg {
+    home: PathBuf,
+}
+
+impl Gpg {
+    fn new(home: PathBuf) -> Gpg {
+        fs::create_dir_all(&home).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&home, fs::Permissions::from_mode(0o700)).unwrap();
+        Gpg { home }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("gpg");
+        c.arg("--homedir")
+            .arg(&self.home)
+            .args(["--batch", "--yes", "--pinentry-mode", "loopback"])
+            .args(["--passphrase", ""])
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = self.cmd().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "gpg {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// A new signing key; returns its fingerprint.
+    fn key(&self, uid: &str, faked_time: Option<&str>) -> String {
+        let mut args = vec![];
+        if let Some(t) = faked_time {
+            args.extend(["--faked-system-time", t]);
+        }
+        args.extend(["--quick-gen-key", uid, "ed25519", "sign", "never"]);
+        self.run(&args);
+        let out = self.run(&["--with-colons", "--list-keys", uid]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix("fpr:"))
+            .map(|l| l.trim_matches(':').to_string())
+            .unwrap()
+    }
+
+    fn export(&self, fprs: &[&str], out: &Path) {
+        let mut args = vec!["--armor", "--export"];
+        args.extend(fprs);
+        let exported = self.run(&args);
+        fs::write(out, exported.stdout).unwrap();
+    }
+
+    fn detach_sign(&self, fpr: &str, file: &Path, out: &Path, faked_time: Option<&str>) {
+        let mut args = vec![];
+        if let Some(t) = faked_time {
+            args.extend(["--faked-system-time", t]);
+        }
+        args.extend(["--local-user", fpr, "--armor", "--detach-sign", "--output"]);
+        let (o, f) = (out.to_str().unwrap(), file.to_str().unwrap());
+        args.extend([o, f]);
+        self.run(&args);
+    }
+
+    fn clearsign(&self, fpr: &str, text: &str, out: &Path) {
+        let plain = out.with_extension("plain");
+        fs::write(&plain, text).unwrap();
+        let (o, p) = (out.to_str().unwrap(), plain.to_str().unwrap());
+        self.run(&["--local-user", fpr, "--clearsign", "--output", o, p]);
+        fs::remove_file(plain).unwrap();
+    }
+}
+
+impl Drop for Gpg {
+    fn drop(&mut self) {
+        let _ = Command::new("gpgconf")
+            .arg("--homedir")
+            .arg(&self.home)
+            .args(["--kill", "gpg-agent"])
+            .status();
+    }
+}
+
+fn hash(tool: &str, file: &Path) -> String {
+    let out = Command::new(tool).arg(file).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The mirror's tree and the keys that signed it.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    gpg: Gpg,
+    releng: String,
+    intruder: String,
+    expired: String,
+    /// All public keys (pinned and not): what `--keyring` gets.
+    keyring: PathBuf,
+    work: PathBuf,
+}
+
+impl Fixture {
+    fn autobuilds(&self) -> PathBuf {
+        self.root.join("releases/amd64/autobuilds")
+    }
+
+    fn stage(&self) -> PathBuf {
+        self.autobuilds().join(TS).join(stage_name())
+    }
+
+    fn snapshot(&self) -> PathBuf {
+        self.root.join("snapshots/gentoo-latest.tar.xz")
+    }
+
+    /// Write the DIGESTS file (2022+ layout: BLAKE2B then SHA512, tarball then CONTENTS.gz)
+    /// with `sha512` for the tarball, clearsigned by `fpr`.
+    fn write_digests(&self, fpr: &str, sha512: &str) {
+        let stage = self.stage();
+        let name = stage_name();
+        let text = format!(
+            "# BLAKE2B HASH\n{}  {name}\n{}  {name}.CONTENTS.gz\n\
+             # SHA512 HASH\n{sha512}  {name}\n{}  {name}.CONTENTS.gz\n",
+            hash("b2sum", &stage),
+            "0".repeat(128),
+            "0".repeat(128),
+        );
+        self.gpg
+            .clearsign(fpr, &text, &self.autobuilds().join(TS).join(format!("{name}.DIGESTS")));
+    }
+
+    fn write_latest(&self, fpr: &str, size: u64) -> PathBuf {
+        let latest = self
+            .autobuilds()
+            .join(format!("latest-stage3-{VARIANT}.txt"));
+        let text = format!(
+            "# Latest as of Thu, 01 Jan 2026 00:00:00 +0000\n# ts=1767225600\n{TS}/{} {size}\n",
+            stage_name()
+        );
+        self.gpg.clearsign(fpr, &text, &latest);
+        latest
+    }
+
+    /// Sign the stage with `fpr` (its .asc).
+    fn sign_stage(&self, fpr: &str, faked_time: Option<&str>) {
+        let stage = self.stage();
+        let asc = PathBuf::from(format!("{}.asc", stage.display()));
+        self.gpg.detach_sign(fpr, &stage, &asc, faked_time);
+    }
+
+    fn mkimg(&self, mirror: &Mirror) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gentoo-mkimg"));
+        cmd.arg("--work-dir")
+            .arg(&self.work)
+            .arg("--store")
+            .arg(self.work.join("images"))
+            .arg("--cache-dir")
+            .arg(self.work.join("cache"))
+            .env_remove("SOURCE_DATE_EPOCH")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn input_args(&self, mirror: &Mirror) -> Vec<String> {
+        vec![
+            "--mirror".into(),
+            mirror.url(),
+            "--keyring".into(),
+            self.keyring.display().to_string(),
+            "--trusted-key".into(),
+            self.releng.clone(),
+            "--trusted-key".into(),
+            self.expired.clone(),
+        ]
+    }
+
+    fn fetch(&self, mirror: &Mirror, sources: &[&str]) -> Output {
+        self.mkimg(mirror)
+            .arg("fetch")
+            .args(sources)
+            .args(self.input_args(mirror))
+            .output()
+            .unwrap()
+    }
+
+    /// Files with `.tar.xz` in their name anywhere under the cache (verified or partial).
+    fn cached_artifacts(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.work.join("cache/downloads")];
+        while let Some(dir) = stack.pop() {
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let n = p.file_name().unwrap().to_string_lossy().into_owned();
+                    if n.ends_with(".tar.xz") || n.ends_with(".tar.xz.part") {
+                        out.push(p);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A mirror tree with a good stage (signed, DIGESTS, .sha256, latest file) and a good
+/// snapshot (.gpgsig, .md5sum).
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("mirror");
+    let work = tmp.path().join("work");
+    fs::create_dir_all(&work).unwrap();
+    let gpg = Gpg::new(tmp.path().join("gnupg"));
+    let releng = gpg.key("Test Releng <releng@test.invalid>", None);
+    let intruder = gpg.key("Intruder <intruder@test.invalid>", None);
+    // Made on 2020-01-01 without expiry, used on 2020-01-05, then given an expiry of one day:
+    // its signature postdates its expiry.
+    let expired = gpg.key("Old Key <old@test.invalid>", Some("20200101T000000"));
+    let keyring = tmp.path().join("keys.asc");
+    let fx = Fixture {
+        _tmp: tmp,
+        root,
+        gpg,
+        releng: releng.clone(),
+        intruder: intruder.clone(),
+        expired: expired.clone(),
+        keyring,
+        work,
+    };
+    let dir = fx.autobuilds().join(TS);
+    fs::create_dir_all(&dir).unwrap();
+    fs::copy(common::stage().xz(), fx.stage()).unwrap();
+    let size = fs::metadata(fx.stage()).unwrap().len();
+    fx.sign_stage(&releng, None);
+    fx.write_digests(&releng, &hash("sha512sum", &fx.stage()));
+    fx.gpg.clearsign(
+        &releng,
+        &format!("# SHA256 HASH\n{}  {}\n", hash("sha256sum", &fx.stage()), stage_name()),
+        &dir.join(format!("{}.sha256", stage_name())),
+    );
+    fx.write_latest(&releng, size);
+
+    // The snapshot: the test repository under gentoo-20260101/.
+    let snapshots = fx.root.join("snapshots");
+    let staging = fx.work.join("staging");
+    fs::create_dir_all(&snapshots).unwrap();
+    fs::create_dir_all(&staging).unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(common::repo())
+        .arg(staging.join("gentoo-20260101"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = Command::new("tar")
+        .arg("-cJf")
+        .arg(fx.snapshot())
+        .arg("-C")
+        .arg(&staging)
+        .arg("gentoo-20260101")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    fs::remove_dir_all(&staging).unwrap();
+    let snap = fx.snapshot();
+    fx.gpg.detach_sign(
+        &releng,
+        &snap,
+        &snapshots.join("gentoo-latest.tar.xz.gpgsig"),
+        None,
+    );
+    fs::write(
+        snapshots.join("gentoo-latest.tar.xz.md5sum"),
+        format!("{}  gentoo-latest.tar.xz\n", hash("md5sum", &snap)),
+    )
+    .unwrap();
+    fx.gpg.export(&[&releng, &intruder, &expired], &fx.keyring);
+    fx
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_fails(out: &Output, needles: &[&str], case: &str) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "{case}: succeeded: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{case}: {n:?} not in the error: {err}");
+    }
+}
+
+/// GETs of `suffix` that transferred a body (status 200 or 206).
+fn downloads(mirror: &Mirror, suffix: &str) -> usize {
+    mirror
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with(suffix) && (r.status == 200 || r.status == 206))
+        .count()
+}
+
+#[test]
+fn fetch_resolves_downloads_and_verifies_then_reuses_the_cache() {
+    let fx = fixture();
+    let mirror = Mirror::start(&fx.root);
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc", "snapshot:latest", "-v"]);
+    assert!(out.status.success(), "fetch failed: {}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let paths: Vec<&str> = printed.lines().collect();
+    assert_eq!(paths.len(), 2, "{printed}");
+    assert!(paths[0].ends_with(&stage_name()), "{printed}");
+    assert_eq!(fs::read(paths[0]).unwrap(), fs::read(fx.stage()).unwrap());
+    assert_eq!(fs::read(paths[1]).unwrap(), fs::read(fx.snapshot()).unwrap());
+    let err = stderr(&out);
+    for check in [".asc", "BLAKE2B", "SHA512", "SHA256", ".gpgsig", "MD5"] {
+        assert!(
+            err.lines().any(|l| l.contains("ok") && l.contains(check)),
+            "no passed {check} check reported: {err}"
+        );
+    }
+    assert_eq!(downloads(&mirror, &stage_name()), 1);
+    assert_eq!(downloads(&mirror, "gentoo-latest.tar.xz"), 1);
+
+    // Again: the index and companions are revalidated (304), nothing is downloaded.
+    mirror.clear_log();
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc", "snapshot:latest"]);
+    assert!(out.status.success(), "second fetch failed: {}", stderr(&out));
+    let log = mirror.requests();
+    assert!(!log.is_empty(), "the latest file was not revalidated");
+    let transferred: Vec<_> = log.iter().filter(|r| r.status == 200 || r.status == 206).collect();
+    assert!(transferred.is_empty(), "downloaded again: {transferred:?}");
+
+    // A new snapshot under the same moving name (new signature): fetched again.
+    fs::write(fx.snapshot(), b"not even a tarball").unwrap();
+    fx.gpg.detach_sign(
+        &fx.releng,
+        &fx.snapshot(),
+        &fx.root.join("snapshots/gentoo-latest.tar.xz.gpgsig"),
+        None,
+    );
+    fs::remove_file(fx.root.join("snapshots/gentoo-latest.tar.xz.md5sum")).unwrap();
+    mirror.clear_log();
+    let out = fx.fetch(&mirror, &["snapshot:latest"]);
+    assert!(out.status.success(), "refetch failed: {}", stderr(&out));
+    assert_eq!(downloads(&mirror, "gentoo-latest.tar.xz"), 1);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(fs::read(printed.trim()).unwrap(), b"not even a tarball");
+}
+
+/// Each broken input fails with the file and the check named, and nothing is kept as
+/// verified.
+#[test]
+fn tampered_or_untrusted_inputs_are_refused() {
+    type Breaker = fn(&Fixture);
+    let cases: &[(&str, Breaker, &[&str])] = &[
+        (
+            "tampered stage byte",
+            |fx| {
+                let mut data = fs::read(fx.stage()).unwrap();
+                let mid = data.len() / 2;
+                data[mid] ^= 0x01;
+                fs::write(fx.stage(), data).unwrap();
+            },
+            &[".tar.xz", "signature (", ".asc) failed"],
+        ),
+        (
+            "DIGESTS with a wrong hash",
+            |fx| fx.write_digests(&fx.releng, &"ab".repeat(64)),
+            &[".tar.xz", "SHA512 (", ".DIGESTS) failed", "mismatch"],
+        ),
+        (
+            "signature by an unpinned key",
+            |fx| fx.sign_stage(&fx.intruder, None),
+            &[".asc) failed", "not one of the trusted keys"],
+        ),
+        (
+            "bad signature",
+            |fx| {
+                // A good signature, but over other data.
+                let other = fx.work.join("other");
+                fs::write(&other, b"other data").unwrap();
+                let asc = PathBuf::from(format!("{}.asc", fx.stage().display()));
+                fx.gpg.detach_sign(&fx.releng, &other, &asc, None);
+            },
+            &[".asc) failed", "does not match"],
+        ),
+        (
+            "expired key",
+            |fx| {
+                fx.sign_stage(&fx.expired, Some("20200105T000000"));
+                fx.gpg.run(&[
+                    "--faked-system-time",
+                    "20200101T000010",
+                    "--quick-set-expire",
+                    &fx.expired,
+                    "1d",
+                ]);
+                fx.gpg.export(&[&fx.releng, &fx.intruder, &fx.expired], &fx.keyring);
+            },
+            &[".asc) failed", "expired"],
+        ),
+        (
+            "altered latest file",
+            |fx| {
+                let latest = fx.write_latest(&fx.releng, 1);
+                let text = fs::read_to_string(&latest).unwrap();
+                let changed = text.replace(&format!("{TS}/"), &format!("{TS}/../{TS}/"));
+                assert_ne!(text, changed);
+                fs::write(latest, changed).unwrap();
+            },
+            &["latest-stage3-amd64-musl-openrc.txt", "signature"],
+        ),
+        (
+            "missing companion",
+            |fx| {
+                fs::remove_file(format!("{}.DIGESTS", fx.stage().display())).unwrap();
+            },
+            &[".DIGESTS", "missing companion"],
+        ),
+    ];
+    for (case, breaker, needles) in cases {
+        let fx = fixture();
+        breaker(&fx);
+        let mirror = Mirror::start(&fx.root);
+        let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+        assert_fails(&out, needles, case);
+        assert_eq!(
+            fx.cached_artifacts(),
+            Vec::<PathBuf>::new(),
+            "{case}: something was kept"
+        );
+    }
+}
+
+/// A failing input stops `build` before anything is built: no image, no packages dir.
+#[test]
+fn build_builds_nothing_from_an_unverified_stage() {
+    let fx = fixture();
+    let mut data = fs::read(fx.stage()).unwrap();
+    let last = data.len() - 100;
+    data[last] ^= 0x80;
+    fs::write(fx.stage(), data).unwrap();
+    let mirror = Mirror::start(&fx.root);
+    let out = fx
+        .mkimg(&mirror)
+        .arg("build")
+        .args(fx.input_args(&mirror))
+        .output()
+        .unwrap();
+    assert_fails(&out, &[&stage_name(), "failed"], "build");
+    assert!(!fx.work.join("images/index.json").exists(), "an image was written");
+    assert!(!fx.work.join("packages").exists(), "a build started");
+}
+
+/// A download cut off halfway resumes with a Range request on the next run.
+#[test]
+fn an_interrupted_download_resumes_on_the_next_run() {
+    let fx = fixture();
+    let mirror = Mirror::start(&fx.root);
+    let path = format!("/releases/amd64/autobuilds/{TS}/{}", stage_name());
+    let size = fs::metadata(fx.stage()).unwrap().len();
+    let half = size / 2;
+    mirror.stall_after(&path, half);
+    let mut child = fx
+        .mkimg(&mirror)
+        .arg("fetch")
+        .arg("stage3:amd64-musl-openrc")
+        .args(fx.input_args(&mirror))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until half is on disk, then cut the run off.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let part = loop {
+        let parts: Vec<PathBuf> = fx
+            .cached_artifacts()
+            .into_iter()
+            .filter(|p| p.to_string_lossy().ends_with(".part"))
+            .collect();
+        if let Some(p) = parts.first()
+            && fs::metadata(p).map(|m| m.len()).unwrap_or(0) >= half
+        {
+            break p.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no half-done download");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    nix_kill(child.id());
+    let _ = child.wait();
+    assert!(part.exists(), "the partial download was not kept");
+    mirror.clear_log();
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "resume failed: {}", stderr(&out));
+    let resumed = mirror.requests().into_iter().find(|r| {
+        r.path == path && r.status == 206 && r.range.as_deref() == Some(&format!("bytes={half}-"))
+    });
+    assert!(resumed.is_some(), "no Range request: {:?}", mirror.requests());
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(fs::read(printed.trim()).unwrap(), fs::read(fx.stage()).unwrap());
+}
+
+fn nix_kill(pid: u32) {
+    let status = Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+/// `verify` on local files with their companions beside them reports every check.
+#[test]
+fn verify_reports_every_check_on_local_files() {
+    let fx = fixture();
+    let run = |files: &[PathBuf], trusted: &str| {
+        Command::new(env!("CARGO_BIN_EXE_gentoo-mkimg"))
+            .arg("verify")
+            .args(files)
+            .arg("--keyring")
+            .arg(&fx.keyring)
+            .args(["--trusted-key", trusted])
+            .output()
+            .unwrap()
+    };
+    let out = run(&[fx.stage(), fx.snapshot()], &fx.releng);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", stderr(&out));
+    let oks = stdout.lines().filter(|l| l.trim_start().starts_with("ok")).count();
+    // stage: .asc, .DIGESTS signature, BLAKE2B, SHA512, .sha256 signature, SHA256;
+    // snapshot: .gpgsig, MD5.
+    assert_eq!(oks, 8, "{stdout}");
+    assert_eq!(stdout.matches("  verified").count(), 2, "{stdout}");
+    // With another key pinned the same files are refused, per check.
+    let out = run(&[fx.stage()], &fx.intruder);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("FAILED  signature"), "{stdout}");
+    assert!(stdout.contains("NOT VERIFIED"), "{stdout}");
+}
+
+/// With no inputs named, `build` makes localhost/gentoo-musl-{raw,dev,rt}:<stage timestamp>
+/// from the newest stage3:amd64-musl-openrc and snapshot:latest; a second run downloads
+/// nothing.
+#[test]
+fn bare_build_uses_the_newest_musl_stage_and_the_latest_snapshot() {
+    let fx = fixture();
+    let mirror = Mirror::start(&fx.root);
+    let build = || {
+        fx.mkimg(&mirror)
+            .arg("build")
+            .args(fx.input_args(&mirror))
+            .arg("--rt-packages")
+            .arg(common::RT_PACKAGES.join(" "))
+            .output()
+            .unwrap()
+    };
+    let out = build();
+    assert!(out.status.success(), "build failed: {}", stderr(&out));
+    let index = fs::read_to_string(fx.work.join("images/index.json")).unwrap();
+    for kind in ["raw", "dev", "rt"] {
+        let name = format!("localhost/gentoo-musl-{kind}:{TS}");
+        assert!(index.contains(&name), "{name} not in the store: {index}");
+    }
+    assert_eq!(downloads(&mirror, &stage_name()), 1);
+    mirror.clear_log();
+    let out = build();
+    assert!(out.status.success(), "second build failed: {}", stderr(&out));
+    let transferred: Vec<_> = mirror
+        .requests()
+        .into_iter()
+        .filter(|r| r.status == 200 || r.status == 206)
+        .collect();
+    assert!(transferred.is_empty(), "downloaded again: {transferred:?}");
+}
