@@ -1,1 +1,694 @@
 //! Digest files (DIGESTS, .sha256, .md5sum, sha512sum.txt), latest-*.txt and release file names.
+//!
+//! Gentoo publishes its release checksums in a handful of shapes that changed over the years
+//! (see `shared/notes/gentoo-formats.md`). Everything here is pure parsing plus one streaming
+//! multi-algorithm hasher, so the fetch and verify steps can stay small. Parsers are strict:
+//! a line that fits none of the known shapes is an error with its line number, because a
+//! silently skipped checksum line is a silently skipped verification.
+//!
+//! The text given to [`parse`] and [`parse_latest`] is expected to be the payload of an
+//! already verified OpenPGP signature where the file is clearsigned.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use blake2::Blake2b512;
+use md5::Md5;
+use sha2::{Digest, Sha256, Sha512};
+
+/// A hash algorithm this crate can compute and check.
+///
+/// The order (BLAKE2b first) is the order of preference when several are listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Algorithm {
+    /// BLAKE2b with a 512-bit output (`b2sum`).
+    Blake2b,
+    /// SHA-512 (`sha512sum`).
+    Sha512,
+    /// SHA-256 (`sha256sum`).
+    Sha256,
+    /// MD5 (`md5sum`): only an integrity check against transfer errors, never a trust anchor.
+    Md5,
+}
+
+impl Algorithm {
+    /// Every supported algorithm, in order of preference.
+    pub const ALL: [Algorithm; 4] = [
+        Algorithm::Blake2b,
+        Algorithm::Sha512,
+        Algorithm::Sha256,
+        Algorithm::Md5,
+    ];
+
+    /// Whether a matching digest of this algorithm from a signed digest file is enough to
+    /// trust the file it describes. False only for MD5, which is collision-broken.
+    pub fn trust_anchor(&self) -> bool {
+        !matches!(self, Algorithm::Md5)
+    }
+
+    /// Length of the digest in hex characters.
+    pub fn hex_len(&self) -> usize {
+        match self {
+            Algorithm::Blake2b | Algorithm::Sha512 => 128,
+            Algorithm::Sha256 => 64,
+            Algorithm::Md5 => 32,
+        }
+    }
+
+    /// The algorithm for a name as it appears in a DIGESTS header (`SHA512`,
+    /// `BLAKE2 (b2sum)`) or in a BSD-style line (`BLAKE2b`, `BLAKE2B-512`).
+    /// Case-insensitive; `None` for anything unsupported (SHA1, WHIRLPOOL, ...).
+    pub fn from_name(name: &str) -> Option<Algorithm> {
+        let upper = name.trim().to_ascii_uppercase();
+        Some(match upper.as_str() {
+            "BLAKE2B" | "BLAKE2B-512" | "BLAKE2B512" | "BLAKE2 (B2SUM)" | "B2SUM" => {
+                Algorithm::Blake2b
+            }
+            "SHA512" | "SHA-512" => Algorithm::Sha512,
+            "SHA256" | "SHA-256" => Algorithm::Sha256,
+            "MD5" => Algorithm::Md5,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Algorithm::Blake2b => "BLAKE2B",
+            Algorithm::Sha512 => "SHA512",
+            Algorithm::Sha256 => "SHA256",
+            Algorithm::Md5 => "MD5",
+        })
+    }
+}
+
+/// One digest of one file, as listed in a digest file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DigestLine {
+    /// The algorithm, from the block header, the BSD tag, the caller's default or the length.
+    pub algorithm: Algorithm,
+    /// The digest in lower-case hex, length checked against `algorithm`.
+    pub hex: String,
+    /// The file name as written, possibly with a build path
+    /// (`/var/tmp/catalyst/builds/...`); compare with [`DigestLine::basename`].
+    pub name: String,
+}
+
+impl DigestLine {
+    /// The last path component of the listed name: what a downloaded file is matched by.
+    pub fn basename(&self) -> &str {
+        basename(&self.name)
+    }
+}
+
+fn basename(name: &str) -> &str {
+    name.rsplit('/').next().unwrap_or(name)
+}
+
+/// What the lines seen so far are under.
+enum Block {
+    /// No `# ... HASH` header yet: algorithm from the default or the hex length.
+    None,
+    /// Under a header of a supported algorithm.
+    Supported(Algorithm),
+    /// Under a header of an unsupported algorithm (WHIRLPOOL, SHA1, ...): lines skipped.
+    Unsupported,
+}
+
+/// Parse a digest file's text into its digest lines, in file order.
+///
+/// Accepts Gentoo DIGESTS (blocks headed `# <ALG> HASH` in any order, including unsupported
+/// algorithms whose lines are skipped), GNU coreutils lines (`HEX  NAME`, `HEX *NAME`, one or
+/// two spaces, `\`-escaped names), BSD-style lines anywhere (`SHA512 (NAME) = HEX`), and
+/// header-less files where the algorithm is `default` or, without one, follows from the hex
+/// length (32 → MD5, 64 → SHA256; 128 is ambiguous between SHA512 and BLAKE2b → error).
+/// Blank lines and other `#` comments are ignored; anything else is an error naming the line.
+pub fn parse(text: &str, default: Option<Algorithm>) -> Result<Vec<DigestLine>> {
+    let mut out = Vec::new();
+    let mut block = Block::None;
+    for (idx, raw) in text.lines().enumerate() {
+        let lineno = idx + 1;
+        let line = raw.trim_end();
+        if line.trim_start().is_empty() {
+            continue;
+        }
+        if let Some(comment) = line.strip_prefix('#') {
+            if let Some(name) = header_algorithm_name(comment) {
+                block = match Algorithm::from_name(name) {
+                    Some(a) => Block::Supported(a),
+                    None => Block::Unsupported,
+                };
+            }
+            continue;
+        }
+        if let Some(bsd) = parse_bsd(line) {
+            let (tag, name, hex) = bsd;
+            // A well-formed line of an unsupported algorithm (`SHA1 (x) = ...`) is skipped
+            // like an unsupported DIGESTS block.
+            if let Some(algorithm) = Algorithm::from_name(tag) {
+                out.push(make_line(algorithm, hex, name, lineno)?);
+            }
+            continue;
+        }
+        if matches!(block, Block::Unsupported) {
+            continue;
+        }
+        let Some((hex, name)) = parse_gnu(line) else {
+            bail!("line {lineno}: not a digest line: {:?}", truncate(line));
+        };
+        let algorithm = match block {
+            Block::Supported(a) => a,
+            Block::Unsupported => continue,
+            Block::None => match default {
+                Some(a) => a,
+                None => match hex.len() {
+                    32 => Algorithm::Md5,
+                    64 => Algorithm::Sha256,
+                    128 => bail!(
+                        "line {lineno}: a 128-digit digest without a header is SHA512 or \
+                         BLAKE2B; cannot tell which"
+                    ),
+                    n => bail!("line {lineno}: no algorithm has a {n}-digit digest"),
+                },
+            },
+        };
+        out.push(make_line(algorithm, hex, &name, lineno)?);
+    }
+    Ok(out)
+}
+
+/// `# SHA512 HASH` → `SHA512`; `# BLAKE2 (b2sum) HASH` → `BLAKE2 (b2sum)`.
+fn header_algorithm_name(comment: &str) -> Option<&str> {
+    let body = comment.trim();
+    let cut = body.len().checked_sub(" HASH".len())?;
+    let (name, tail) = (body.get(..cut)?, body.get(cut..)?);
+    if !tail.eq_ignore_ascii_case(" HASH") {
+        return None;
+    }
+    let name = name.trim();
+    (!name.is_empty()).then_some(name)
+}
+
+/// `TAG (NAME) = HEX` → (tag, name, hex). The tag is a single word of letters, digits and `-`.
+fn parse_bsd(line: &str) -> Option<(&str, &str, &str)> {
+    let (tag, rest) = line.split_once(" (")?;
+    if tag.is_empty()
+        || !tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return None;
+    }
+    let (name, hex) = rest.rsplit_once(") = ")?;
+    let hex = hex.trim();
+    if name.is_empty() || hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((tag, name, hex))
+}
+
+/// `HEX  NAME`, `HEX NAME`, `HEX *NAME`, `HEX  *NAME`, and coreutils' escaped form
+/// `\HEX  NA\\ME` (backslash and newline escaped in the name).
+fn parse_gnu(line: &str) -> Option<(&str, String)> {
+    let (escaped, line) = match line.strip_prefix('\\') {
+        Some(rest) => (true, rest),
+        None => (false, line),
+    };
+    let end = line.find([' ', '\t'])?;
+    let (hex, rest) = line.split_at(end);
+    if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    // One separator, optionally a second space, then optionally the `*` binary-mode marker.
+    let rest = &rest[1..];
+    let rest = rest.strip_prefix(' ').unwrap_or(rest);
+    let rest = rest.strip_prefix('*').unwrap_or(rest);
+    if rest.is_empty() || rest.starts_with([' ', '\t']) {
+        return None;
+    }
+    let name = if escaped {
+        unescape(rest)?
+    } else {
+        rest.to_owned()
+    };
+    Some((hex, name))
+}
+
+fn unescape(s: &str) -> Option<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next()? {
+                '\\' => out.push('\\'),
+                'n' => out.push('\n'),
+                'r' => out.push('\r'),
+                _ => return None,
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Some(out)
+}
+
+fn make_line(algorithm: Algorithm, hex: &str, name: &str, lineno: usize) -> Result<DigestLine> {
+    ensure!(
+        hex.len() == algorithm.hex_len(),
+        "line {lineno}: a {algorithm} digest has {} hex digits, found {}",
+        algorithm.hex_len(),
+        hex.len()
+    );
+    ensure!(
+        hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        "line {lineno}: digest is not hex"
+    );
+    ensure!(!name.is_empty(), "line {lineno}: no file name");
+    Ok(DigestLine {
+        algorithm,
+        hex: hex.to_ascii_lowercase(),
+        name: name.to_owned(),
+    })
+}
+
+fn truncate(line: &str) -> &str {
+    match line.char_indices().nth(80) {
+        Some((i, _)) => &line[..i],
+        None => line,
+    }
+}
+
+/// The lines that apply to file `basename`, matched by the basename of the listed name (so
+/// `/var/tmp/catalyst/builds/.../stage3-...tar.bz2` applies to `stage3-...tar.bz2`). A path
+/// given as `basename` is reduced to its last component too.
+pub fn for_file<'a>(lines: &'a [DigestLine], basename: &str) -> Vec<&'a DigestLine> {
+    let want = self::basename(basename);
+    lines.iter().filter(|l| l.basename() == want).collect()
+}
+
+/// The distinct algorithms the lines list, in order of preference: what to hash.
+pub fn algorithms(lines: &[&DigestLine]) -> Vec<Algorithm> {
+    let mut algs: Vec<Algorithm> = lines.iter().map(|l| l.algorithm).collect();
+    algs.sort();
+    algs.dedup();
+    algs
+}
+
+/// Digests of one file, one per algorithm asked for, in lower-case hex.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hashes {
+    values: BTreeMap<Algorithm, String>,
+    size: u64,
+}
+
+impl Hashes {
+    /// The digest for `a`, if it was computed.
+    pub fn get(&self, a: Algorithm) -> Option<&str> {
+        self.values.get(&a).map(String::as_str)
+    }
+
+    /// Number of bytes hashed.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The computed digests, in order of preference.
+    pub fn iter(&self) -> impl Iterator<Item = (Algorithm, &str)> {
+        self.values.iter().map(|(a, h)| (*a, h.as_str()))
+    }
+}
+
+/// One algorithm's running state.
+enum State {
+    Blake2b(Box<Blake2b512>),
+    Sha512(Box<Sha512>),
+    Sha256(Box<Sha256>),
+    Md5(Box<Md5>),
+}
+
+impl State {
+    fn new(a: Algorithm) -> State {
+        match a {
+            Algorithm::Blake2b => State::Blake2b(Box::default()),
+            Algorithm::Sha512 => State::Sha512(Box::default()),
+            Algorithm::Sha256 => State::Sha256(Box::default()),
+            Algorithm::Md5 => State::Md5(Box::default()),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            State::Blake2b(h) => h.update(data),
+            State::Sha512(h) => h.update(data),
+            State::Sha256(h) => h.update(data),
+            State::Md5(h) => h.update(data),
+        }
+    }
+
+    fn finish(self) -> (Algorithm, String) {
+        match self {
+            State::Blake2b(h) => (Algorithm::Blake2b, hex::encode(h.finalize())),
+            State::Sha512(h) => (Algorithm::Sha512, hex::encode(h.finalize())),
+            State::Sha256(h) => (Algorithm::Sha256, hex::encode(h.finalize())),
+            State::Md5(h) => (Algorithm::Md5, hex::encode(h.finalize())),
+        }
+    }
+}
+
+/// Incremental hashing with several algorithms at once, for data that arrives in pieces
+/// (a download being written to disk). Also an [`std::io::Write`] sink.
+pub struct Hasher {
+    states: Vec<State>,
+    size: u64,
+}
+
+impl Hasher {
+    /// A hasher computing each of `algs` (duplicates ignored).
+    pub fn new(algs: &[Algorithm]) -> Hasher {
+        let mut algs = algs.to_vec();
+        algs.sort();
+        algs.dedup();
+        Hasher {
+            states: algs.into_iter().map(State::new).collect(),
+            size: 0,
+        }
+    }
+
+    /// Feed the next piece of data.
+    pub fn update(&mut self, data: &[u8]) {
+        for s in &mut self.states {
+            s.update(data);
+        }
+        self.size += data.len() as u64;
+    }
+
+    /// The digests of everything fed.
+    pub fn finish(self) -> Hashes {
+        Hashes {
+            values: self.states.into_iter().map(State::finish).collect(),
+            size: self.size,
+        }
+    }
+}
+
+impl std::io::Write for Hasher {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Read buffer for [`hash_file`]: large enough that per-read overhead vanishes, fixed so
+/// memory does not grow with the file.
+const HASH_BUF: usize = 1 << 20;
+
+/// Hash the file at `path` with all of `algs` in one streaming pass over a fixed-size buffer.
+/// `progress` gets the number of bytes hashed so far after each buffer and once at the end.
+pub fn hash_file(path: &Path, algs: &[Algorithm], mut progress: impl FnMut(u64)) -> Result<Hashes> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Hasher::new(algs);
+    let mut buf = vec![0u8; HASH_BUF];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        hasher.update(&buf[..n]);
+        progress(hasher.size);
+    }
+    progress(hasher.size);
+    Ok(hasher.finish())
+}
+
+/// The outcome of checking one digest line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckResult {
+    /// The line's algorithm.
+    pub algorithm: Algorithm,
+    /// The digest the line lists (lower-case hex).
+    pub expected: String,
+    /// The computed digest, `None` when `hashes` lacks this algorithm.
+    pub actual: Option<String>,
+    /// Whether `actual` equals `expected`.
+    pub ok: bool,
+}
+
+/// Check `hashes` against every line (normally [`for_file`]'s result for one file): one
+/// result per line, so each listed algorithm must match. An algorithm that was not computed
+/// counts as a mismatch. Errors when `lines` is empty: a file no line lists is unverified.
+pub fn check(lines: &[&DigestLine], hashes: &Hashes) -> Result<Vec<CheckResult>> {
+    ensure!(!lines.is_empty(), "no digest line lists the file");
+    Ok(lines
+        .iter()
+        .map(|l| {
+            let actual = hashes.get(l.algorithm).map(str::to_owned);
+            CheckResult {
+                algorithm: l.algorithm,
+                expected: l.hex.clone(),
+                ok: actual.as_deref() == Some(l.hex.as_str()),
+                actual,
+            }
+        })
+        .collect())
+}
+
+/// Verify the file named `file_name` (a basename or path) against a parsed digest file:
+/// every line listing it must match, and at least one must exist. The error names the file
+/// and each failing algorithm.
+pub fn verify(all: &[DigestLine], file_name: &str, hashes: &Hashes) -> Result<Vec<CheckResult>> {
+    let lines = for_file(all, file_name);
+    let results =
+        check(&lines, hashes).with_context(|| format!("verifying {}", basename(file_name)))?;
+    let bad: Vec<String> = results
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| match &r.actual {
+            Some(actual) => format!("{}: expected {}, got {actual}", r.algorithm, r.expected),
+            None => format!("{}: not computed", r.algorithm),
+        })
+        .collect();
+    ensure!(
+        bad.is_empty(),
+        "digest mismatch for {}: {}",
+        basename(file_name),
+        bad.join("; ")
+    );
+    Ok(results)
+}
+
+/// One entry of a `latest-stage3-<variant>.txt` file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LatestEntry {
+    /// Path relative to the `autobuilds/` directory, e.g. `20260214T170533Z/stage3-...tar.xz`.
+    pub path: String,
+    /// Size of that file in bytes.
+    pub size: u64,
+}
+
+/// Parse the (verified) payload of a `latest-stage3*.txt` file: `#` comments (`# Latest as
+/// of ...`, `# ts=EPOCH`), then `RELPATH SIZE` lines, returned in order. The path is joined to
+/// a mirror URL later, so absolute paths and `..` components are rejected.
+pub fn parse_latest(text: &str) -> Result<Vec<LatestEntry>> {
+    let mut out = Vec::new();
+    for (idx, raw) in text.lines().enumerate() {
+        let lineno = idx + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let (Some(path), Some(size), None) = (fields.next(), fields.next(), fields.next()) else {
+            bail!(
+                "line {lineno}: expected `RELPATH SIZE`, found {:?}",
+                truncate(line)
+            );
+        };
+        ensure!(
+            !size.is_empty() && size.bytes().all(|b| b.is_ascii_digit()),
+            "line {lineno}: size {size:?} is not a decimal number"
+        );
+        let size: u64 = size
+            .parse()
+            .with_context(|| format!("line {lineno}: size {size:?} out of range"))?;
+        ensure!(
+            !path.starts_with('/') && !path.split('/').any(|c| c == ".." || c.is_empty()),
+            "line {lineno}: path {path:?} is not a plain relative path"
+        );
+        out.push(LatestEntry {
+            path: path.to_owned(),
+            size,
+        });
+    }
+    ensure!(!out.is_empty(), "no `RELPATH SIZE` entry");
+    Ok(out)
+}
+
+/// The parts of a stage3 tarball name `stage3-<variant>-<TS>.tar.<ext>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StageName {
+    /// E.g. `amd64-musl-openrc`, `armv7a_hardfp_musl-openrc`, `amd64-musl` (old).
+    pub variant: String,
+    /// `20260214T170533Z`, or date-only `20171208` on old stages.
+    pub timestamp: String,
+    /// `xz`, `bz2`, ...
+    pub compression_ext: String,
+}
+
+/// Split a stage3 tarball name; `None` for anything else, including companions such as
+/// `.tar.xz.asc`, `.tar.xz.DIGESTS` and `.tar.xz.CONTENTS.gz`.
+pub fn parse_stage_name(file_name: &str) -> Option<StageName> {
+    let rest = file_name.strip_prefix("stage3-")?;
+    let (stem, ext) = rest.rsplit_once(".tar.")?;
+    if ext.is_empty() || !ext.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    let (variant, ts) = stem.rsplit_once('-')?;
+    if !is_timestamp(ts) || !is_variant(variant) {
+        return None;
+    }
+    Some(StageName {
+        variant: variant.to_owned(),
+        timestamp: ts.to_owned(),
+        compression_ext: ext.to_owned(),
+    })
+}
+
+/// `YYYYMMDD` or `YYYYMMDDTHHMMSSZ`.
+fn is_timestamp(ts: &str) -> bool {
+    let b = ts.as_bytes();
+    let date_ok = |d: &[u8]| d.len() == 8 && d.iter().all(u8::is_ascii_digit);
+    match b.len() {
+        8 => date_ok(b),
+        16 => {
+            date_ok(&b[..8])
+                && b[8] == b'T'
+                && b[9..15].iter().all(u8::is_ascii_digit)
+                && b[15] == b'Z'
+        }
+        _ => false,
+    }
+}
+
+fn is_variant(v: &str) -> bool {
+    !v.is_empty()
+        && !v.starts_with('-')
+        && !v.ends_with('-')
+        && !v.contains("--")
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_+.".contains(&b))
+}
+
+/// The `releases/<arch>/` directory that holds a stage3 variant, from the variant's first
+/// `-`-separated token (`armv7a_hardfp_musl-openrc` → `arm`, `i686-musl` → `x86`).
+pub fn arch_dir(variant: &str) -> Result<&'static str> {
+    let first = variant.split('-').next().unwrap_or(variant);
+    const EXACT: &[(&str, &str)] = &[
+        ("amd64", "amd64"),
+        ("arm64", "arm64"),
+        ("i486", "x86"),
+        ("i686", "x86"),
+        ("x86", "x86"),
+        ("armv4tl", "arm"),
+        ("armv5tel", "arm"),
+        ("ppc", "ppc"),
+        ("ppc64", "ppc"),
+        ("ppc64le", "ppc"),
+        ("s390", "s390"),
+        ("s390x", "s390"),
+        ("sparc64", "sparc"),
+        ("alpha", "alpha"),
+        ("m68k", "m68k"),
+    ];
+    const PREFIX: &[(&str, &str)] = &[
+        ("armv6j", "arm"),
+        ("armv7a", "arm"),
+        ("rv32", "riscv"),
+        ("rv64", "riscv"),
+        ("hppa", "hppa"),
+        ("loong", "loong"),
+        ("mips", "mips"),
+    ];
+    if let Some((_, dir)) = EXACT.iter().find(|(k, _)| *k == first) {
+        return Ok(dir);
+    }
+    if let Some((_, dir)) = PREFIX.iter().find(|(k, _)| first.starts_with(k)) {
+        return Ok(dir);
+    }
+    bail!("unknown architecture {first:?} in stage3 variant {variant:?}")
+}
+
+/// How a Portage tree snapshot is packed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// `gentoo-*.tar.xz` / `portage-*.tar.bz2`: one top-level directory holding the tree.
+    Tarball,
+    /// `gentoo-*.xz.sqfs`: the image root is the tree.
+    Squashfs,
+}
+
+/// The parts of a snapshot name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotName {
+    /// `gentoo` or `portage`.
+    pub prefix: String,
+    /// Tarball or SquashFS image.
+    pub kind: SnapshotKind,
+    /// `YYYYMMDD`, or `latest` (tarballs) / `current` (SquashFS) for the moving name.
+    pub date: String,
+    /// `xz`, `bz2`, ... (`xz` in `.xz.sqfs` for SquashFS).
+    pub compression_ext: String,
+}
+
+impl SnapshotName {
+    /// Whether the name is a moving one (`latest`, `current`) rather than a dated one.
+    pub fn is_moving(&self) -> bool {
+        !self.date.bytes().all(|b| b.is_ascii_digit())
+    }
+}
+
+/// Split a snapshot name: `{gentoo,portage}-{YYYYMMDD,latest}.tar.{xz,bz2}` or
+/// `gentoo-{YYYYMMDD,current}.<comp>.sqfs`. `None` for anything else, including
+/// companions (`.md5sum`, `.gpgsig`).
+pub fn parse_snapshot_name(file_name: &str) -> Option<SnapshotName> {
+    let (prefix, rest) = file_name.split_once('-')?;
+    if prefix != "gentoo" && prefix != "portage" {
+        return None;
+    }
+    let (date, kind, ext) = if let Some(stem) = rest.strip_suffix(".sqfs") {
+        let (date, ext) = stem.split_once('.')?;
+        if prefix != "gentoo" || !(date == "current" || is_date(date)) {
+            return None;
+        }
+        (date, SnapshotKind::Squashfs, ext)
+    } else {
+        let (date, ext) = rest.split_once(".tar.")?;
+        if !(date == "latest" || is_date(date)) {
+            return None;
+        }
+        (date, SnapshotKind::Tarball, ext)
+    };
+    if ext.is_empty() || !ext.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    Some(SnapshotName {
+        prefix: prefix.to_owned(),
+        kind,
+        date: date.to_owned(),
+        compression_ext: ext.to_owned(),
+    })
+}
+
+fn is_date(d: &str) -> bool {
+    d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit())
+}
