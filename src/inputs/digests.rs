@@ -155,16 +155,17 @@ pub fn parse(text: &str, default: Option<Algorithm>) -> Result<Vec<DigestLine>> 
             }
             continue;
         }
-        if matches!(block, Block::Unsupported) {
-            continue;
-        }
+        let from_header = match block {
+            Block::Unsupported => continue,
+            Block::Supported(a) => Some(a),
+            Block::None => None,
+        };
         let Some((hex, name)) = parse_gnu(line) else {
             bail!("line {lineno}: not a digest line: {:?}", truncate(line));
         };
-        let algorithm = match block {
-            Block::Supported(a) => a,
-            Block::Unsupported => continue,
-            Block::None => match default {
+        let algorithm = match from_header {
+            Some(a) => a,
+            None => match default {
                 Some(a) => a,
                 None => match hex.len() {
                     32 => Algorithm::Md5,
@@ -691,4 +692,602 @@ pub fn parse_snapshot_name(file_name: &str) -> Option<SnapshotName> {
 
 fn is_date(d: &str) -> bool {
     d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::process::Command;
+
+    /// A recognisable hex digest of `len` digits: `seed` repeated (upper-case when asked, to
+    /// check normalisation).
+    fn hx(seed: char, len: usize) -> String {
+        std::iter::repeat_n(seed, len).collect()
+    }
+
+    const TS: &str = "20260214T170533Z";
+
+    fn stage(ts: &str) -> String {
+        format!("stage3-amd64-musl-openrc-{ts}.tar.xz")
+    }
+
+    /// (algorithm, hex seed, name) triples for compact expectations.
+    fn triples(lines: &[DigestLine]) -> Vec<(Algorithm, String, String)> {
+        lines
+            .iter()
+            .map(|l| (l.algorithm, l.hex.clone(), l.name.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_digest_file_shapes() {
+        let tar = stage(TS);
+        let contents = format!("{tar}.CONTENTS.gz");
+        let old_tar = "stage3-amd64-hardened-20171208.tar.bz2";
+        let build = "/var/tmp/catalyst/builds/hardened";
+        use Algorithm::*;
+        struct Case {
+            what: &'static str,
+            text: String,
+            default: Option<Algorithm>,
+            want: Vec<(Algorithm, String, String)>,
+        }
+        let cases = vec![
+            Case {
+                what: "DIGESTS, 2022 layout: BLAKE2B block then SHA512, tarball then CONTENTS.gz",
+                text: format!(
+                    "# BLAKE2B HASH\n{}  {tar}\n{}  {contents}\n# SHA512 HASH\n{}  {tar}\n{}  {contents}\n",
+                    hx('a', 128),
+                    hx('b', 128),
+                    hx('c', 128),
+                    hx('d', 128)
+                ),
+                default: None,
+                want: vec![
+                    (Blake2b, hx('a', 128), tar.clone()),
+                    (Blake2b, hx('b', 128), contents.clone()),
+                    (Sha512, hx('c', 128), tar.clone()),
+                    (Sha512, hx('d', 128), contents.clone()),
+                ],
+            },
+            Case {
+                what: "DIGESTS, reverse order, upper-case hex, CRLF, blank lines",
+                text: format!(
+                    "# SHA512 HASH\r\n{}  {tar}\r\n\r\n# BLAKE2B HASH\r\n{}  {tar}\r\n",
+                    hx('C', 128),
+                    hx('A', 128)
+                ),
+                default: Some(Md5), // headers win over the default
+                want: vec![
+                    (Sha512, hx('c', 128), tar.clone()),
+                    (Blake2b, hx('a', 128), tar.clone()),
+                ],
+            },
+            Case {
+                what: "pre-2022 DIGESTS: b2sum header, WHIRLPOOL and SHA1 blocks, build paths",
+                text: format!(
+                    "# BLAKE2 (b2sum) HASH\n{b2}  {build}/{old_tar}\n{b2c}  {build}/{old_tar}.CONTENTS\n\
+                     # SHA1 HASH\n{sha1}  {build}/{old_tar}\n\
+                     # SHA512 HASH\n{s5}  {build}/{old_tar}\n{s5c}  {build}/{old_tar}.CONTENTS\n\
+                     # WHIRLPOOL HASH\n{wp}  {build}/{old_tar}\n{wp}  {build}/{old_tar}.CONTENTS\n\
+                     # MD5 HASH\n{md5} *{old_tar}.DIGESTS\n",
+                    b2 = hx('1', 128),
+                    b2c = hx('2', 128),
+                    sha1 = hx('9', 40),
+                    s5 = hx('3', 128),
+                    s5c = hx('4', 128),
+                    wp = hx('e', 128),
+                    md5 = hx('5', 32),
+                ),
+                default: None,
+                want: vec![
+                    (Blake2b, hx('1', 128), format!("{build}/{old_tar}")),
+                    (Blake2b, hx('2', 128), format!("{build}/{old_tar}.CONTENTS")),
+                    (Sha512, hx('3', 128), format!("{build}/{old_tar}")),
+                    (Sha512, hx('4', 128), format!("{build}/{old_tar}.CONTENTS")),
+                    (Md5, hx('5', 32), format!("{old_tar}.DIGESTS")),
+                ],
+            },
+            Case {
+                what: "BSD style, mixed case tags, unsupported tag skipped",
+                text: format!(
+                    "SHA512 ({tar}) = {}\nBLAKE2b ({tar}) = {}\nblake2b-512 (x (1).tar) = {}\n\
+                     SHA1 ({tar}) = {}\nSHA256 ({tar}) = {}\n",
+                    hx('a', 128),
+                    hx('b', 128),
+                    hx('c', 128),
+                    hx('d', 40),
+                    hx('e', 64)
+                ),
+                default: None,
+                want: vec![
+                    (Sha512, hx('a', 128), tar.clone()),
+                    (Blake2b, hx('b', 128), tar.clone()),
+                    (Blake2b, hx('c', 128), "x (1).tar".into()),
+                    (Sha256, hx('e', 64), tar.clone()),
+                ],
+            },
+            Case {
+                what: ".sha256 payload",
+                text: format!("# SHA256 HASH\n{}  {tar}\n", hx('f', 64)),
+                default: None,
+                want: vec![(Sha256, hx('f', 64), tar.clone())],
+            },
+            Case {
+                what: ".sha256 payload without header: SHA256 from the length",
+                text: format!("{} {tar}\n", hx('f', 64)),
+                default: None,
+                want: vec![(Sha256, hx('f', 64), tar.clone())],
+            },
+            Case {
+                what: ".md5sum: MD5 from the length",
+                text: format!("{}  gentoo-20261127.tar.xz\n", hx('0', 32)),
+                default: None,
+                want: vec![(Md5, hx('0', 32), "gentoo-20261127.tar.xz".into())],
+            },
+            Case {
+                what: "sha512sum.txt for squashfs: header-less, default SHA512, binary marker",
+                text: format!(
+                    "{}  gentoo-20261127.xz.sqfs\n{} *gentoo-current.xz.sqfs\n{}  gentoo-20261126.lz4.sqfs\n",
+                    hx('1', 128),
+                    hx('2', 128),
+                    hx('3', 128)
+                ),
+                default: Some(Sha512),
+                want: vec![
+                    (Sha512, hx('1', 128), "gentoo-20261127.xz.sqfs".into()),
+                    (Sha512, hx('2', 128), "gentoo-current.xz.sqfs".into()),
+                    (Sha512, hx('3', 128), "gentoo-20261126.lz4.sqfs".into()),
+                ],
+            },
+            Case {
+                what: "coreutils escaped name, `*` belonging to the name after two spaces, comments",
+                text: format!(
+                    "# made by hand\n\\{}  a\\\\b\\nc\n{}  **star\n",
+                    hx('1', 32),
+                    hx('2', 32)
+                ),
+                default: None,
+                want: vec![
+                    (Md5, hx('1', 32), "a\\b\nc".into()),
+                    (Md5, hx('2', 32), "*star".into()),
+                ],
+            },
+        ];
+        for c in cases {
+            let got = parse(&c.text, c.default).unwrap_or_else(|e| panic!("{}: {e:#}", c.what));
+            assert_eq!(triples(&got), c.want, "{}", c.what);
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_digest_files_with_line_number() {
+        let tar = stage(TS);
+        let cases: Vec<(&str, String, Option<Algorithm>, &str)> = vec![
+            (
+                "short SHA512",
+                format!("# SHA512 HASH\n{}  {tar}\n{}  {tar}\n", hx('a', 128), hx('a', 127)),
+                None,
+                "line 3",
+            ),
+            (
+                "SHA256 length under a BLAKE2B header",
+                format!("\n# BLAKE2B HASH\n{}  {tar}\n", hx('a', 64)),
+                None,
+                "line 3",
+            ),
+            (
+                "garbage",
+                format!("# SHA512 HASH\n{}  {tar}\nhello world\n", hx('a', 128)),
+                None,
+                "line 3",
+            ),
+            (
+                "non-hex digest",
+                format!("{}g  {tar}\n", hx('a', 31)),
+                None,
+                "line 1",
+            ),
+            ("digest without name", format!("{}\n", hx('a', 32)), None, "line 1"),
+            (
+                "128 digits without header or default",
+                format!("{}  {tar}\n", hx('a', 128)),
+                None,
+                "line 1",
+            ),
+            (
+                "unknown length",
+                format!("{}  {tar}\n", hx('a', 40)),
+                None,
+                "line 1",
+            ),
+            (
+                "default disagrees with length",
+                format!("{}  {tar}\n", hx('a', 64)),
+                Some(Algorithm::Sha512),
+                "line 1",
+            ),
+            (
+                "BSD line with wrong length",
+                format!("# c\n\nSHA512 ({tar}) = {}\n", hx('a', 64)),
+                None,
+                "line 3",
+            ),
+            (
+                "BSD line with wrong length (after valid lines)",
+                format!("# SHA256 HASH\n{}  {tar}\nSHA512 ({tar}) = {}\n", hx('a', 64), hx('a', 64)),
+                None,
+                "line 3",
+            ),
+            (
+                "PGP armour left in a payload",
+                format!("-----BEGIN PGP SIGNED MESSAGE-----\n{}  {tar}\n", hx('a', 64)),
+                None,
+                "line 1",
+            ),
+        ];
+        for (what, text, default, want) in cases {
+            match parse(&text, default) {
+                Ok(v) => panic!("{what}: accepted as {v:?}"),
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    assert!(msg.starts_with(&format!("{want}:")), "{what}: {msg}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lines_in_unsupported_blocks_are_skipped_until_the_next_header() {
+        let text = format!(
+            "# WHIRLPOOL HASH\nnot even a digest line\n{}  f\n# SHA512 HASH\n{}  f\n",
+            hx('a', 128),
+            hx('b', 128)
+        );
+        let got = parse(&text, None).expect("parse");
+        assert_eq!(
+            triples(&got),
+            vec![(Algorithm::Sha512, hx('b', 128), "f".into())]
+        );
+    }
+
+    #[test]
+    fn for_file_matches_by_basename() {
+        let name = "stage3-amd64-20180204T214502Z.tar.xz";
+        let text = format!(
+            "# SHA512 HASH\n{a}  {name}\n{a}  /var/tmp/catalyst/builds/default/{name}\n\
+             {a}  ./{name}\n{a}  {name}.CONTENTS.gz\n{a}  other/{name}x\n{a}  x{name}\n",
+            a = hx('a', 128)
+        );
+        let lines = parse(&text, None).expect("parse");
+        let cases: &[(&str, usize)] = &[
+            (name, 3),
+            ("/srv/cache/stage3-amd64-20180204T214502Z.tar.xz", 3),
+            ("stage3-amd64-20180204T214502Z.tar.xz.CONTENTS.gz", 1),
+            ("stage3-amd64-20180204T214502Z.tar", 0),
+            ("", 0),
+        ];
+        for (file, n) in cases {
+            let got = for_file(&lines, file);
+            assert_eq!(got.len(), *n, "{file}");
+            assert!(got.iter().all(|l| l.basename() == basename(file)));
+        }
+    }
+
+    /// Runs a coreutils `*sum` tool and returns its digest of `path`.
+    fn coreutils(tool: &str, path: &Path) -> String {
+        let out = Command::new(tool).arg(path).output().expect("run coreutils");
+        assert!(out.status.success(), "{tool} failed");
+        let text = String::from_utf8(out.stdout).expect("utf-8");
+        text.split_whitespace().next().expect("digest").to_owned()
+    }
+
+    /// A file of `len` pseudo-random bytes (xorshift), not a multiple of the buffer size.
+    fn random_file(len: usize) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut data = Vec::with_capacity(len);
+        while data.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+        data.truncate(len);
+        f.write_all(&data).expect("write");
+        f.flush().expect("flush");
+        f
+    }
+
+    #[test]
+    fn hash_file_matches_coreutils() {
+        let len = 5 * HASH_BUF + 12_345;
+        let f = random_file(len);
+        let mut calls = Vec::new();
+        let hashes = hash_file(f.path(), &Algorithm::ALL, |n| calls.push(n)).expect("hash");
+        assert_eq!(hashes.size(), len as u64);
+        assert_eq!(calls.last(), Some(&(len as u64)));
+        assert!(calls.len() >= 6, "progress called {} times", calls.len());
+        assert!(calls.windows(2).all(|w| w[0] <= w[1]));
+        for (alg, tool) in [
+            (Algorithm::Blake2b, "b2sum"),
+            (Algorithm::Sha512, "sha512sum"),
+            (Algorithm::Sha256, "sha256sum"),
+            (Algorithm::Md5, "md5sum"),
+        ] {
+            assert_eq!(
+                hashes.get(alg),
+                Some(coreutils(tool, f.path()).as_str()),
+                "{alg}"
+            );
+        }
+        // Only what was asked for is computed.
+        let some = hash_file(f.path(), &[Algorithm::Md5, Algorithm::Md5], |_| {}).expect("hash");
+        assert_eq!(some.iter().count(), 1);
+        assert_eq!(some.get(Algorithm::Md5), hashes.get(Algorithm::Md5));
+        assert_eq!(some.get(Algorithm::Sha512), None);
+    }
+
+    #[test]
+    fn hash_file_empty_and_missing() {
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        let h = hash_file(f.path(), &[Algorithm::Sha256], |_| {}).expect("hash");
+        assert_eq!(
+            h.get(Algorithm::Sha256),
+            Some("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        );
+        let missing = f.path().with_extension("does-not-exist");
+        let err = hash_file(&missing, &[Algorithm::Md5], |_| {}).expect_err("missing file");
+        assert!(format!("{err:#}").contains("does-not-exist"), "{err:#}");
+    }
+
+    #[test]
+    fn check_flags_the_one_mismatching_algorithm() {
+        let f = random_file(300_000);
+        let algs = [Algorithm::Blake2b, Algorithm::Sha512, Algorithm::Sha256];
+        let hashes = hash_file(f.path(), &algs, |_| {}).expect("hash");
+        let good = |a| hashes.get(a).expect("computed").to_uppercase();
+        let mut bad_sha512 = good(Algorithm::Sha512);
+        bad_sha512.replace_range(0..1, if bad_sha512.starts_with('0') { "1" } else { "0" });
+        let text = format!(
+            "# BLAKE2B HASH\n{}  /builds/file.tar.xz\n# SHA512 HASH\n{bad_sha512}  file.tar.xz\n\
+             # SHA256 HASH\n{}  file.tar.xz\n{}  other.tar.xz\n",
+            good(Algorithm::Blake2b),
+            good(Algorithm::Sha256),
+            hx('0', 64),
+        );
+        let all = parse(&text, None).expect("parse");
+        let lines = for_file(&all, "file.tar.xz");
+        assert_eq!(
+            algorithms(&lines),
+            vec![Algorithm::Blake2b, Algorithm::Sha512, Algorithm::Sha256]
+        );
+        let results = check(&lines, &hashes).expect("check");
+        let oks: Vec<(Algorithm, bool)> = results.iter().map(|r| (r.algorithm, r.ok)).collect();
+        assert_eq!(
+            oks,
+            vec![
+                (Algorithm::Blake2b, true),
+                (Algorithm::Sha512, false),
+                (Algorithm::Sha256, true)
+            ]
+        );
+        assert_eq!(results[1].expected, bad_sha512.to_lowercase());
+        assert_eq!(results[1].actual.as_deref(), hashes.get(Algorithm::Sha512));
+
+        let err = verify(&all, "file.tar.xz", &hashes).expect_err("mismatch");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("file.tar.xz") && msg.contains("SHA512"), "{msg}");
+        assert!(!msg.contains("BLAKE2B") && !msg.contains("SHA256"), "{msg}");
+
+        // Without the bad line everything verifies; a file no line lists does not.
+        let fine: Vec<DigestLine> = all
+            .iter()
+            .filter(|l| l.algorithm != Algorithm::Sha512)
+            .cloned()
+            .collect();
+        assert_eq!(verify(&fine, "file.tar.xz", &hashes).expect("ok").len(), 2);
+        assert!(check(&[], &hashes).is_err());
+        let err = verify(&fine, "missing.tar.xz", &hashes).expect_err("unlisted");
+        assert!(format!("{err:#}").contains("missing.tar.xz"), "{err:#}");
+
+        // A listed algorithm that was not computed is a failure, not a pass.
+        let md5_only = hash_file(f.path(), &[Algorithm::Md5], |_| {}).expect("hash");
+        let r = check(&lines, &md5_only).expect("check");
+        assert!(r.iter().all(|r| !r.ok && r.actual.is_none()));
+    }
+
+    #[test]
+    fn algorithm_names_and_anchors() {
+        let names = [
+            ("BLAKE2B", Some(Algorithm::Blake2b)),
+            ("BLAKE2 (b2sum)", Some(Algorithm::Blake2b)),
+            ("blake2b-512", Some(Algorithm::Blake2b)),
+            ("SHA512", Some(Algorithm::Sha512)),
+            ("sha256", Some(Algorithm::Sha256)),
+            ("MD5", Some(Algorithm::Md5)),
+            ("WHIRLPOOL", None),
+            ("SHA1", None),
+            ("BLAKE2s", None),
+        ];
+        for (name, want) in names {
+            assert_eq!(Algorithm::from_name(name), want, "{name}");
+        }
+        for a in Algorithm::ALL {
+            assert_eq!(Algorithm::from_name(&a.to_string()), Some(a));
+            assert_eq!(a.trust_anchor(), a != Algorithm::Md5);
+        }
+    }
+
+    #[test]
+    fn parses_latest_files() {
+        let real = "# Latest as of Sat, 14 Feb 2026 17:05:33 +0000\n# ts=1771088733\n\
+                    20260214T170533Z/stage3-amd64-musl-openrc-20260214T170533Z.tar.xz 229145684\n";
+        let one = vec![LatestEntry {
+            path: "20260214T170533Z/stage3-amd64-musl-openrc-20260214T170533Z.tar.xz".into(),
+            size: 229_145_684,
+        }];
+        let crlf = real.replace('\n', " \t\r\n");
+        let aggregate = "# Latest as of Sat, 14 Feb 2026 17:05:33 +0000\n# ts=1771088733\n\n\
+                         20260214T170533Z/stage3-amd64-openrc-20260214T170533Z.tar.xz 300\n\
+                         20171208/hardened/stage3-amd64-hardened-20171208.tar.bz2\t7\n";
+        let ok: Vec<(&str, &str, Vec<LatestEntry>)> = vec![
+            ("real", real, one.clone()),
+            ("crlf + trailing whitespace", &crlf, one),
+            (
+                "several entries, tab separator",
+                aggregate,
+                vec![
+                    LatestEntry {
+                        path: "20260214T170533Z/stage3-amd64-openrc-20260214T170533Z.tar.xz"
+                            .into(),
+                        size: 300,
+                    },
+                    LatestEntry {
+                        path: "20171208/hardened/stage3-amd64-hardened-20171208.tar.bz2".into(),
+                        size: 7,
+                    },
+                ],
+            ),
+        ];
+        for (what, text, want) in ok {
+            assert_eq!(parse_latest(text).expect(what), want, "{what}");
+        }
+        let bad = [
+            ("no size", "# ts=1\nfoo/stage3.tar.xz\n", "line 2"),
+            ("three fields", "a/b.tar.xz 12 34\n", "line 1"),
+            ("hex size", "a/b.tar.xz 0x12\n", "line 1"),
+            ("negative size", "a/b.tar.xz -12\n", "line 1"),
+            ("huge size", "a/b.tar.xz 99999999999999999999999\n", "line 1"),
+            ("absolute", "# c\n\n/etc/passwd 1\n", "line 3"),
+            ("dot-dot", "../../x.tar.xz 1\n", "line 1"),
+            ("html", "<html><body>Not Found</body></html>\n", "line 1"),
+            ("only comments", "# Latest as of\n# ts=1\n", "no `RELPATH SIZE`"),
+        ];
+        for (what, text, want) in bad {
+            let err = parse_latest(text).expect_err(what);
+            assert!(format!("{err:#}").starts_with(want), "{what}: {err:#}");
+        }
+    }
+
+    #[test]
+    fn parses_stage_names_and_arch_dirs() {
+        let cases: &[(&str, &str, &str, &str, &str)] = &[
+            // (file name, variant, timestamp, ext, arch dir)
+            ("stage3-amd64-musl-openrc-20260214T170533Z.tar.xz", "amd64-musl-openrc", TS, "xz", "amd64"),
+            ("stage3-amd64-musl-20180204T214502Z.tar.xz", "amd64-musl", "20180204T214502Z", "xz", "amd64"),
+            ("stage3-amd64-musl-hardened-systemd-20260214T170533Z.tar.xz", "amd64-musl-hardened-systemd", TS, "xz", "amd64"),
+            ("stage3-amd64-musl-llvm-openrc-20260214T170533Z.tar.xz", "amd64-musl-llvm-openrc", TS, "xz", "amd64"),
+            ("stage3-arm64-musl-hardened-systemd-20260214T170533Z.tar.xz", "arm64-musl-hardened-systemd", TS, "xz", "arm64"),
+            ("stage3-amd64-openrc-20260214T170533Z.tar.xz", "amd64-openrc", TS, "xz", "amd64"),
+            ("stage3-amd64-desktop-systemd-mergedusr-20260214T170533Z.tar.xz", "amd64-desktop-systemd-mergedusr", TS, "xz", "amd64"),
+            ("stage3-i686-musl-20260214T170533Z.tar.xz", "i686-musl", TS, "xz", "x86"),
+            ("stage3-i486-openrc-20260214T170533Z.tar.xz", "i486-openrc", TS, "xz", "x86"),
+            ("stage3-x86-20171208.tar.bz2", "x86", "20171208", "bz2", "x86"),
+            ("stage3-ppc64le-musl-hardened-openrc-20260214T170533Z.tar.xz", "ppc64le-musl-hardened-openrc", TS, "xz", "ppc"),
+            ("stage3-ppc64-openrc-20260214T170533Z.tar.xz", "ppc64-openrc", TS, "xz", "ppc"),
+            ("stage3-ppc-openrc-20260214T170533Z.tar.xz", "ppc-openrc", TS, "xz", "ppc"),
+            ("stage3-armv7a_hardfp_musl-openrc-20260214T170533Z.tar.xz", "armv7a_hardfp_musl-openrc", TS, "xz", "arm"),
+            ("stage3-armv6j_hardfp-openrc-20260214T170533Z.tar.xz", "armv6j_hardfp-openrc", TS, "xz", "arm"),
+            ("stage3-armv5tel-openrc-20260214T170533Z.tar.xz", "armv5tel-openrc", TS, "xz", "arm"),
+            ("stage3-armv4tl-20180204.tar.bz2", "armv4tl", "20180204", "bz2", "arm"),
+            ("stage3-rv64_lp64d-openrc-20260214T170533Z.tar.xz", "rv64_lp64d-openrc", TS, "xz", "riscv"),
+            ("stage3-rv32_ilp32d-openrc-20260214T170533Z.tar.xz", "rv32_ilp32d-openrc", TS, "xz", "riscv"),
+            ("stage3-s390x-openrc-20260214T170533Z.tar.xz", "s390x-openrc", TS, "xz", "s390"),
+            ("stage3-s390-openrc-20260214T170533Z.tar.xz", "s390-openrc", TS, "xz", "s390"),
+            ("stage3-sparc64-openrc-20260214T170533Z.tar.xz", "sparc64-openrc", TS, "xz", "sparc"),
+            ("stage3-hppa2.0-openrc-20260214T170533Z.tar.xz", "hppa2.0-openrc", TS, "xz", "hppa"),
+            ("stage3-alpha-openrc-20260214T170533Z.tar.xz", "alpha-openrc", TS, "xz", "alpha"),
+            ("stage3-loong-lp64d-openrc-20260214T170533Z.tar.xz", "loong-lp64d-openrc", TS, "xz", "loong"),
+            ("stage3-m68k-openrc-20260214T170533Z.tar.xz", "m68k-openrc", TS, "xz", "m68k"),
+            ("stage3-mips64el_n64-openrc-20260214T170533Z.tar.xz", "mips64el_n64-openrc", TS, "xz", "mips"),
+            ("stage3-amd64-hardened-nomultilib-selinux-openrc-20260214T170533Z.tar.xz", "amd64-hardened-nomultilib-selinux-openrc", TS, "xz", "amd64"),
+            ("stage3-amd64-hardened+nomultilib-20171208.tar.bz2", "amd64-hardened+nomultilib", "20171208", "bz2", "amd64"),
+            ("stage3-amd64-20180204.tar.bz2", "amd64", "20180204", "bz2", "amd64"),
+        ];
+        for &(file, variant, ts, ext, dir) in cases {
+            let got = parse_stage_name(file).unwrap_or_else(|| panic!("{file}"));
+            assert_eq!(
+                got,
+                StageName {
+                    variant: variant.into(),
+                    timestamp: ts.into(),
+                    compression_ext: ext.into()
+                },
+                "{file}"
+            );
+            assert_eq!(arch_dir(&got.variant).expect(file), dir, "{file}");
+        }
+        let not_stages = [
+            "stage3-amd64-musl-openrc-20260214T170533Z.tar.xz.asc",
+            "stage3-amd64-musl-openrc-20260214T170533Z.tar.xz.DIGESTS",
+            "stage3-amd64-musl-openrc-20260214T170533Z.tar.xz.CONTENTS.gz",
+            "stage3-amd64-musl-openrc-20260214T170533Z.tar.xz.sha256",
+            "stage3-amd64-musl-openrc-20260214T170533Z.tar",
+            "stage3-amd64-musl-openrc-latest.tar.xz",
+            "stage3-amd64-musl-openrc-2026021.tar.xz",
+            "stage3-amd64-musl-openrc-20260214T1705Z.tar.xz",
+            "stage3-amd64-musl-openrc-20260214T170533X.tar.xz",
+            "stage3-amd64-musl-openrc-20260214X170533Z.tar.xz",
+            "stage3-20260214T170533Z.tar.xz",
+            "stage3--20260214T170533Z.tar.xz",
+            "stage3-Amd64-20260214T170533Z.tar.xz",
+            "stage4-amd64-openrc-20260214T170533Z.tar.xz",
+            "latest-stage3-amd64-musl-openrc.txt",
+            "",
+        ];
+        for file in not_stages {
+            assert_eq!(parse_stage_name(file), None, "{file}");
+        }
+        for variant in ["x32-openrc", "ia64", "aarch64-musl", "", "-musl", "armv7"] {
+            assert!(arch_dir(variant).is_err(), "{variant}");
+        }
+    }
+
+    #[test]
+    fn parses_snapshot_names() {
+        use SnapshotKind::*;
+        let cases: &[(&str, &str, SnapshotKind, &str, &str, bool)] = &[
+            ("gentoo-20261127.tar.xz", "gentoo", Tarball, "20261127", "xz", false),
+            ("gentoo-20261127.tar.bz2", "gentoo", Tarball, "20261127", "bz2", false),
+            ("portage-20261127.tar.xz", "portage", Tarball, "20261127", "xz", false),
+            ("portage-20180204.tar.bz2", "portage", Tarball, "20180204", "bz2", false),
+            ("gentoo-latest.tar.xz", "gentoo", Tarball, "latest", "xz", true),
+            ("portage-latest.tar.bz2", "portage", Tarball, "latest", "bz2", true),
+            ("gentoo-20261127.xz.sqfs", "gentoo", Squashfs, "20261127", "xz", false),
+            ("gentoo-current.xz.sqfs", "gentoo", Squashfs, "current", "xz", true),
+            ("gentoo-current.zstd.sqfs", "gentoo", Squashfs, "current", "zstd", true),
+        ];
+        for &(file, prefix, kind, date, ext, moving) in cases {
+            let got = parse_snapshot_name(file).unwrap_or_else(|| panic!("{file}"));
+            assert_eq!(
+                got,
+                SnapshotName {
+                    prefix: prefix.into(),
+                    kind,
+                    date: date.into(),
+                    compression_ext: ext.into()
+                },
+                "{file}"
+            );
+            assert_eq!(got.is_moving(), moving, "{file}");
+        }
+        for file in [
+            "gentoo-20261127.tar.xz.md5sum",
+            "gentoo-20261127.tar.xz.gpgsig",
+            "portage-latest.tar.bz2.md5sum",
+            "gentoo-2026112.tar.xz",
+            "gentoo-current.tar.xz",
+            "gentoo-latest.xz.sqfs",
+            "portage-20261127.xz.sqfs",
+            "gentoo-20261127.sqfs",
+            "gentoo-20261127.tar",
+            "funtoo-20261127.tar.xz",
+            "sha512sum.txt",
+            "",
+        ] {
+            assert_eq!(parse_snapshot_name(file), None, "{file}");
+        }
+    }
 }
