@@ -250,24 +250,27 @@ fn an_unexpected_size_keeps_nothing() {
 
 #[test]
 fn a_server_ignoring_the_range_makes_the_download_start_over() {
-    let env = Env::new();
-    let data = noise(6, 500_000);
-    let url = env.put(ART, &data);
-    std::fs::create_dir_all(&env.cache).unwrap();
-    // A .part that does not even match the file: it must be thrown away, not appended to.
-    std::fs::write(env.part(ART_NAME), vec![0xAA; 100_000]).unwrap();
-    env.mirror.set_ignore_range(true);
-    let got = env
-        .fetcher(3)
-        .fetch_verified(&url, Path::new(ART_NAME), Some(data.len() as u64), ok)
-        .unwrap();
-    assert_eq!(std::fs::read(&got.path).unwrap(), data);
-    assert_eq!(got.resumed_from, None);
-    assert_eq!(got.downloaded, data.len() as u64);
-    assert_eq!(
-        gets(&env.mirror.requests()),
-        vec![(200, Some("bytes=100000-".to_string()))]
-    );
+    // .parts that do not even match the file, shorter and longer than it: thrown away, not
+    // appended to nor overwritten in place.
+    for part_len in [100_000usize, 700_000] {
+        let env = Env::new();
+        let data = noise(6, 500_000);
+        let url = env.put(ART, &data);
+        std::fs::create_dir_all(&env.cache).unwrap();
+        std::fs::write(env.part(ART_NAME), vec![0xAA; part_len]).unwrap();
+        env.mirror.set_ignore_range(true);
+        let got = env
+            .fetcher(3)
+            .fetch_verified(&url, Path::new(ART_NAME), None, ok)
+            .unwrap();
+        assert_eq!(std::fs::read(&got.path).unwrap(), data);
+        assert_eq!(got.resumed_from, None);
+        assert_eq!(got.downloaded, data.len() as u64);
+        assert_eq!(
+            gets(&env.mirror.requests()),
+            vec![(200, Some(format!("bytes={part_len}-")))]
+        );
+    }
 }
 
 #[test]
