@@ -362,7 +362,7 @@ fn mount_sources(
 
 /// Roots for verified TLS: the system's bundle, plus `SSL_CERT_FILE`, `SSL_CERT_DIR` and
 /// `extra` files.
-fn tls_config(extra: &[PathBuf]) -> Result<rustls::ClientConfig> {
+pub(crate) fn tls_config(extra: &[PathBuf]) -> Result<rustls::ClientConfig> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
 

@@ -1,8 +1,10 @@
 //! Servers for the push tests, all on 127.0.0.1 and started by the tests themselves: the
 //! real distribution registry (Debian's `docker-registry`) with its own config and storage
-//! in a temporary directory, a fault-injecting proxy and a token service.
+//! in a temporary directory, a fault-injecting proxy and a token service; and a file mirror
+//! for the download tests.
 #![allow(dead_code)] // not every test uses every helper
 
+pub mod mirror;
 pub mod proxy;
 pub mod token;
 
