@@ -491,7 +491,7 @@ fn an_interrupted_download_resumes_on_the_next_run() {
     let path = format!("/releases/amd64/autobuilds/{TS}/{}", stage_name());
     let size = fs::metadata(fx.stage()).unwrap().len();
     let half = size / 2;
-    mirror.stall_after(&path, half);
+    mirror.stall_after(&path, half, std::time::Duration::from_secs(20));
     let mut child = fx
         .mkimg(&mirror)
         .arg("fetch")
@@ -501,30 +501,34 @@ fn an_interrupted_download_resumes_on_the_next_run() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Wait until half is on disk, then cut the run off.
+    // Wait until the transfer stalls halfway with data on disk, then cut the run off.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut last = (0u64, std::time::Instant::now());
     let part = loop {
-        let parts: Vec<PathBuf> = fx
+        let part = fx
             .cached_artifacts()
             .into_iter()
-            .filter(|p| p.to_string_lossy().ends_with(".part"))
-            .collect();
-        if let Some(p) = parts.first()
-            && fs::metadata(p).map(|m| m.len()).unwrap_or(0) >= half
-        {
-            break p.clone();
+            .find(|p| p.to_string_lossy().ends_with(".part"));
+        if let Some(p) = part {
+            let len = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            if len != last.0 {
+                last = (len, std::time::Instant::now());
+            } else if len > 0 && last.1.elapsed() > std::time::Duration::from_secs(1) {
+                break p;
+            }
         }
         assert!(std::time::Instant::now() < deadline, "no half-done download");
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     nix_kill(child.id());
     let _ = child.wait();
-    assert!(part.exists(), "the partial download was not kept");
+    let kept = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    assert!(kept > 0 && kept <= half, "the partial download was not kept: {kept}");
     mirror.clear_log();
     let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
     assert!(out.status.success(), "resume failed: {}", stderr(&out));
     let resumed = mirror.requests().into_iter().find(|r| {
-        r.path == path && r.status == 206 && r.range.as_deref() == Some(&format!("bytes={half}-"))
+        r.path == path && r.status == 206 && r.range.as_deref() == Some(&format!("bytes={kept}-"))
     });
     assert!(resumed.is_some(), "no Range request: {:?}", mirror.requests());
     let printed = String::from_utf8_lossy(&out.stdout);
