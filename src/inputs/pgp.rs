@@ -1,1 +1,1114 @@
 //! OpenPGP verification in-process (rpgp): detached and clearsigned signatures by pinned keys.
+//!
+//! No `gpg` binary is involved. The policy is deliberately small and explicit:
+//!
+//! * A [`Keyring`] holds certificates (transferable public keys). When a certificate is loaded,
+//!   every *self*-signature on its primary key (user ID and user attribute bindings, direct-key
+//!   signatures, key revocations) must verify, otherwise the certificate is refused.
+//!   Third-party certifications are ignored. Subkey binding signatures that do not verify are
+//!   ignored; a subkey left without a valid binding cannot be used.
+//! * A document signature counts only when ALL of these hold: it is cryptographically good; it
+//!   was made by a key (primary or subkey) whose *primary* fingerprint is pinned; that key has the
+//!   signing capability (and a signing subkey carries a valid back-signature); neither the primary
+//!   nor the signing subkey was expired at the signature's creation time; neither is revoked (any
+//!   valid revocation counts, whatever its reason); the hash algorithm is not MD5/SHA-1/RIPEMD-160.
+//! * If a document carries several signatures, one that counts is enough; otherwise the most
+//!   informative failure is reported.
+//!
+//! Detached signatures are verified over a reader that is consumed once, in bounded chunks
+//! ([`verify_detached`]), so stage3 tarballs of any size never sit in memory.
+
+use std::{
+    fmt,
+    io::{self, Read},
+    path::Path,
+    str::FromStr,
+    sync::{Arc, mpsc},
+};
+
+use ::pgp::{
+    armor::{BlockType, Dearmor, DearmorOptions},
+    composed::{CleartextSignedMessage, Deserializable, SignedPublicKey},
+    crypto::hash::HashAlgorithm,
+    errors::Error as PgpError,
+    packet::{
+        KeyFlags, Packet, PacketParser, PacketTrait, PublicKey, PublicSubkey, Signature,
+        SignatureType, SubpacketData,
+    },
+    types::{KeyDetails, Tag},
+};
+use anyhow::{Context, anyhow, bail};
+
+/// An OpenPGP key fingerprint, as upper-case hex (40 hex digits for v4 keys, 64 for v6).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fingerprint(String);
+
+/// Why a string is not a [`Fingerprint`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FingerprintError(String);
+
+impl Fingerprint {
+    /// The upper-case hex digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn of(key: &impl KeyDetails) -> Fingerprint {
+        Fingerprint::from_pgp(&key.fingerprint())
+    }
+
+    fn from_pgp(fp: &::pgp::types::Fingerprint) -> Fingerprint {
+        Fingerprint(hex::encode_upper(fp.as_bytes()))
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for Fingerprint {
+    type Err = FingerprintError;
+
+    /// Accepts upper or lower case, spaces (as gpg prints them) and an optional `0x` prefix.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let trimmed = s.trim();
+        let body = trimmed
+            .strip_prefix("0x")
+            .or_else(|| trimmed.strip_prefix("0X"))
+            .unwrap_or(trimmed);
+        let hex: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+        if let Some(bad) = hex.chars().find(|c| !c.is_ascii_hexdigit()) {
+            return Err(FingerprintError(format!(
+                "{s:?} is not an OpenPGP fingerprint: {bad:?} is not a hex digit"
+            )));
+        }
+        match hex.len() {
+            40 | 64 => Ok(Fingerprint(hex.to_ascii_uppercase())),
+            8 | 16 => Err(FingerprintError(format!(
+                "{s:?} is a key ID, not a fingerprint: give the full fingerprint \
+                 (40 hex digits, `gpg --fingerprint` shows it)"
+            ))),
+            n => Err(FingerprintError(format!(
+                "{s:?} is not an OpenPGP fingerprint: it has {n} hex digits instead of 40 (or 64 for v6 keys)"
+            ))),
+        }
+    }
+}
+
+/// Gentoo Linux release engineering keys (stage3 signing).
+const GENTOO_RELEASE_KEYS: [&str; 2] = [
+    "13EBBDBEDE7A12775DFDB1BABB572E0E2D182910",
+    "D99EAC7379A850BCE47DA5F29E6438C817072058",
+];
+/// Gentoo Portage snapshot signing key (its signing subkey
+/// E1D6ABB63BFCFB4BA02FDF1CEC590EEAC9189250 counts through this primary).
+const GENTOO_SNAPSHOT_KEY: &str = "DCD05B71EAB94199527F44ACDB6B8C1F96D8BF6D";
+
+/// The built-in pins: Gentoo's release keys and snapshot key (primary fingerprints).
+pub fn gentoo_pins() -> Vec<Fingerprint> {
+    GENTOO_RELEASE_KEYS
+        .iter()
+        .chain([&GENTOO_SNAPSHOT_KEY])
+        .map(|s| Fingerprint(s.to_string()))
+        .collect()
+}
+
+/// What a good signature established.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// Primary fingerprint of the signer's certificate (the pinned one).
+    pub primary: Fingerprint,
+    /// The key that made the signature: the primary itself or one of its subkeys.
+    pub signing_key: Fingerprint,
+    /// Signature creation time, seconds since the Unix epoch.
+    pub created: i64,
+    /// The certificate's primary user ID, if it has one.
+    pub user_id: Option<String>,
+}
+
+impl fmt::Display for Verified {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "good signature")?;
+        if let Some(uid) = &self.user_id {
+            write!(f, " from \"{uid}\"")?;
+        }
+        write!(f, " (key {}", self.primary)?;
+        if self.signing_key != self.primary {
+            write!(f, ", subkey {}", self.signing_key)?;
+        }
+        write!(f, ") made {}", fmt_utc(self.created))
+    }
+}
+
+/// Why a signature does not count. The caller prefixes the file name.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("no OpenPGP signature found")]
+    NoSignature,
+    #[error("malformed signature: {0}")]
+    Malformed(String),
+    #[error("signed by key {issuer}, which is not in the keyring")]
+    UnknownKey { issuer: String },
+    #[error("signed by key {fingerprint}, which is not one of the trusted keys")]
+    NotPinned { fingerprint: Fingerprint },
+    #[error(
+        "BAD signature by key {fingerprint}: the data does not match the signature \
+         (the file or its signature was modified or corrupted)"
+    )]
+    Bad { fingerprint: Fingerprint },
+    #[error(
+        "signed on {} by key {fingerprint}, which had expired on {}",
+        fmt_utc(*.signed_at),
+        fmt_utc(*.expired_at)
+    )]
+    Expired {
+        fingerprint: Fingerprint,
+        expired_at: i64,
+        signed_at: i64,
+    },
+    #[error(
+        "signed by key {fingerprint}, which has been revoked{}",
+        .reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+    )]
+    Revoked {
+        fingerprint: Fingerprint,
+        reason: Option<String>,
+    },
+    #[error("signed by key {fingerprint}, which cannot be used for signing: {reason}")]
+    UnusableKey {
+        fingerprint: Fingerprint,
+        reason: String,
+    },
+    #[error("signed by key {fingerprint} with {algorithm}, a hash algorithm too weak to trust")]
+    WeakHash {
+        fingerprint: Fingerprint,
+        algorithm: String,
+    },
+    #[error("cannot read the signed data: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl VerifyError {
+    /// How much a failure tells the user; the highest-ranking one is reported.
+    fn rank(&self) -> u8 {
+        match self {
+            VerifyError::NoSignature => 0,
+            VerifyError::Malformed(_) => 1,
+            VerifyError::UnknownKey { .. } => 2,
+            VerifyError::NotPinned { .. } => 3,
+            VerifyError::WeakHash { .. } | VerifyError::UnusableKey { .. } => 4,
+            VerifyError::Expired { .. } => 5,
+            VerifyError::Revoked { .. } => 6,
+            VerifyError::Bad { .. } => 7,
+            VerifyError::Io(_) => 8,
+        }
+    }
+}
+
+/// A set of certificates (transferable public keys) whose self-signatures have been checked.
+#[derive(Clone, Default)]
+pub struct Keyring {
+    certs: Vec<Cert>,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.certs.iter().map(|c| &c.fingerprint))
+            .finish()
+    }
+}
+
+impl Keyring {
+    /// Parse public keys: ASCII-armoured (any number of blocks, each with any number of keys,
+    /// text around the blocks is ignored) or binary (`gpg --export` output, old `.gpg` keyrings).
+    /// `origin` names the file or URL in error messages.
+    pub fn parse(bytes: &[u8], origin: &str) -> anyhow::Result<Keyring> {
+        let blobs = decode(bytes, BlockType::PublicKey, "public key")
+            .map_err(|e| anyhow!("{origin}: {e}"))?;
+        let mut keys = Vec::new();
+        for blob in &blobs {
+            let packets = key_packets(blob).peekable();
+            for key in SignedPublicKey::from_packets(packets) {
+                keys.push(key.with_context(|| format!("{origin}: malformed OpenPGP public key"))?);
+            }
+        }
+        if keys.is_empty() {
+            bail!("{origin}: no OpenPGP public key found");
+        }
+        let mut ring = Keyring::default();
+        for key in keys {
+            ring.insert(key, origin)?;
+        }
+        Ok(ring)
+    }
+
+    /// Read and [`parse`](Keyring::parse) a key file.
+    pub fn load(path: &Path) -> anyhow::Result<Keyring> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read key file {}", path.display()))?;
+        Keyring::parse(&bytes, &path.display().to_string())
+    }
+
+    /// Add the certificates of `other`; copies of the same certificate are merged (so a
+    /// revocation or a renewed expiry from either side applies).
+    pub fn extend(&mut self, other: Keyring) {
+        for cert in other.certs {
+            match self
+                .certs
+                .iter()
+                .position(|c| c.fingerprint == cert.fingerprint)
+            {
+                None => self.certs.push(cert),
+                Some(i) => {
+                    let merged = merge(self.certs[i].key.clone(), cert.key);
+                    // Both halves passed their checks, so the merge does too; keep ours if not.
+                    match Cert::evaluate(merged, "merged keyring") {
+                        Ok(c) => self.certs[i] = c,
+                        Err(e) => tracing::warn!("cannot merge copies of a key: {e:#}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Primary fingerprints, sorted.
+    pub fn fingerprints(&self) -> Vec<Fingerprint> {
+        let mut fps: Vec<_> = self.certs.iter().map(|c| c.fingerprint.clone()).collect();
+        fps.sort();
+        fps
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.certs.is_empty()
+    }
+
+    /// Keep only certificates whose primary fingerprint is pinned (used for keys fetched by WKD).
+    pub fn retain_pinned(&mut self, pins: &[Fingerprint]) {
+        self.certs.retain(|c| pins.contains(&c.fingerprint));
+    }
+
+    fn insert(&mut self, key: SignedPublicKey, origin: &str) -> anyhow::Result<()> {
+        let fp = Fingerprint::of(&key.primary_key);
+        match self.certs.iter().position(|c| c.fingerprint == fp) {
+            None => self.certs.push(Cert::evaluate(key, origin)?),
+            Some(i) => {
+                let merged = merge(self.certs[i].key.clone(), key);
+                self.certs[i] = Cert::evaluate(merged, origin)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every (certificate, component key) that may have issued `sig`.
+    fn candidates(&self, sig: &Signature) -> Vec<(&Cert, Component)> {
+        let mut out = Vec::new();
+        for cert in &self.certs {
+            if issued_by(sig, &cert.key.primary_key) {
+                out.push((cert, Component::Primary));
+            }
+            for (i, sub) in cert.key.public_subkeys.iter().enumerate() {
+                if issued_by(sig, &sub.key) {
+                    out.push((cert, Component::Subkey(i)));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A certificate and what its (verified) self-signatures say about it.
+#[derive(Clone)]
+struct Cert {
+    key: SignedPublicKey,
+    fingerprint: Fingerprint,
+    user_id: Option<String>,
+    revocation: Option<Revocation>,
+    /// Absolute expiry time of the primary key, if any.
+    expires: Option<i64>,
+    /// Whether the primary key may sign data.
+    usable: Result<(), String>,
+    subkeys: Vec<Subkey>,
+}
+
+#[derive(Clone)]
+struct Subkey {
+    fingerprint: Fingerprint,
+    revocation: Option<Revocation>,
+    expires: Option<i64>,
+    usable: Result<(), String>,
+}
+
+#[derive(Clone)]
+struct Revocation {
+    reason: Option<String>,
+}
+
+impl Revocation {
+    fn of(sig: &Signature) -> Revocation {
+        let code = sig.revocation_reason_code().map(|c| format!("{c:?}"));
+        let text = sig
+            .revocation_reason_string()
+            .map(|b| String::from_utf8_lossy(b).trim().to_string())
+            .filter(|s| !s.is_empty());
+        let reason = match (code, text) {
+            (Some(c), Some(t)) => Some(format!("{c}: {t}")),
+            (c, t) => c.or(t),
+        };
+        Revocation { reason }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Component {
+    Primary,
+    Subkey(usize),
+}
+
+impl Cert {
+    /// Check the self-signatures of `key` and work out its validity.
+    fn evaluate(key: SignedPublicKey, origin: &str) -> anyhow::Result<Cert> {
+        let primary = &key.primary_key;
+        let fingerprint = Fingerprint::of(primary);
+        let fail = |what: String| anyhow!("{origin}: key {fingerprint}: {what}");
+        let is_self = |sig: &&Signature| issued_by(sig, primary);
+
+        // User IDs: every self-signature must verify; third-party certifications are ignored.
+        let mut bindings: Vec<(&Signature, String)> = Vec::new();
+        for user in &key.details.users {
+            let name = String::from_utf8_lossy(user.id.id()).into_owned();
+            let mut certifications = Vec::new();
+            let mut revoked = false;
+            for sig in user.signatures.iter().filter(is_self) {
+                sig.verify_certification(primary, Tag::UserId, &user.id)
+                    .map_err(|e| {
+                        fail(format!(
+                            "the self-signature on user ID \"{name}\" does not verify: {e}"
+                        ))
+                    })?;
+                if sig.typ() == Some(SignatureType::CertRevocation) {
+                    revoked = true;
+                } else {
+                    certifications.push(sig);
+                }
+            }
+            if !revoked {
+                bindings.extend(certifications.into_iter().map(|s| (s, name.clone())));
+            }
+        }
+        for attr in &key.details.user_attributes {
+            for sig in attr.signatures.iter().filter(is_self) {
+                sig.verify_certification(primary, Tag::UserAttribute, &attr.attr)
+                    .map_err(|e| {
+                        fail(format!(
+                            "the self-signature on a user attribute does not verify: {e}"
+                        ))
+                    })?;
+            }
+        }
+        let mut direct = Vec::new();
+        for sig in key.details.direct_signatures.iter().filter(is_self) {
+            if sig.typ() != Some(SignatureType::Key) {
+                continue;
+            }
+            sig.verify_key(primary)
+                .map_err(|e| fail(format!("a direct-key self-signature does not verify: {e}")))?;
+            direct.push(sig);
+        }
+        let mut revocation = None;
+        for sig in key.details.revocation_signatures.iter().filter(is_self) {
+            sig.verify_key(primary)
+                .map_err(|e| fail(format!("a revocation signature does not verify: {e}")))?;
+            revocation = Some(Revocation::of(sig));
+        }
+        if bindings.is_empty() && direct.is_empty() && revocation.is_none() {
+            return Err(fail(
+                "no valid self-signature binds a user ID to it".to_string(),
+            ));
+        }
+
+        // The binding in force: the newest one on the primary user ID (or on any user ID).
+        let uid_binding = bindings
+            .iter()
+            .filter(|(s, _)| s.is_primary())
+            .max_by_key(|(s, _)| s.created())
+            .or_else(|| bindings.iter().max_by_key(|(s, _)| s.created()));
+        let dks = direct.iter().copied().max_by_key(|s| s.created());
+        let in_force: Vec<&Signature> = uid_binding.map(|(s, _)| *s).into_iter().chain(dks).collect();
+        let created = i64::from(primary.created_at().as_secs());
+        let legacy = primary
+            .legacy_v3_expiration_days()
+            .filter(|d| *d > 0)
+            .map(|d| created + i64::from(d) * 86_400);
+        let expires = in_force
+            .iter()
+            .filter_map(|s| expiry(s, created))
+            .chain(legacy)
+            .min();
+        let usable = match in_force.iter().find_map(|s| key_flags(s)) {
+            Some(flags) if !flags.sign() => {
+                Err("its self-signature does not give it the signing capability".to_string())
+            }
+            _ => Ok(()),
+        };
+
+        let subkeys = key
+            .public_subkeys
+            .iter()
+            .map(|sub| Subkey::evaluate(primary, &sub.key, &sub.signatures))
+            .collect();
+
+        Ok(Cert {
+            user_id: uid_binding.map(|(_, n)| n.clone()),
+            fingerprint,
+            revocation,
+            expires,
+            usable,
+            subkeys,
+            key,
+        })
+    }
+
+    fn component_fingerprint(&self, c: Component) -> &Fingerprint {
+        match c {
+            Component::Primary => &self.fingerprint,
+            Component::Subkey(i) => &self.subkeys[i].fingerprint,
+        }
+    }
+
+    fn component_key(&self, c: Component) -> KeyRef<'_> {
+        match c {
+            Component::Primary => KeyRef::Primary(&self.key.primary_key),
+            Component::Subkey(i) => KeyRef::Subkey(&self.key.public_subkeys[i].key),
+        }
+    }
+
+    /// Everything but the cryptographic check: revocation, capability, expiry, hash strength.
+    fn policy(&self, c: Component, sig: &Signature, signed_at: i64) -> Option<VerifyError> {
+        let sub = match c {
+            Component::Primary => None,
+            Component::Subkey(i) => Some(&self.subkeys[i]),
+        };
+        let fingerprint = self.component_fingerprint(c).clone();
+        if let Some(r) = &self.revocation {
+            return Some(VerifyError::Revoked {
+                fingerprint: self.fingerprint.clone(),
+                reason: r.reason.clone(),
+            });
+        }
+        if let Some(r) = sub.and_then(|s| s.revocation.as_ref()) {
+            return Some(VerifyError::Revoked {
+                fingerprint,
+                reason: r.reason.clone(),
+            });
+        }
+        let usable = sub.map_or(&self.usable, |s| &s.usable);
+        if let Err(reason) = usable {
+            return Some(VerifyError::UnusableKey {
+                fingerprint,
+                reason: reason.clone(),
+            });
+        }
+        let key_created = i64::from(self.component_key(c).created_at());
+        if signed_at < key_created {
+            return Some(VerifyError::UnusableKey {
+                fingerprint,
+                reason: format!(
+                    "the signature ({}) is older than the key ({})",
+                    fmt_utc(signed_at),
+                    fmt_utc(key_created)
+                ),
+            });
+        }
+        if let Some(expired_at) = self.expires.filter(|e| signed_at >= *e) {
+            return Some(VerifyError::Expired {
+                fingerprint: self.fingerprint.clone(),
+                expired_at,
+                signed_at,
+            });
+        }
+        if let Some(expired_at) = sub.and_then(|s| s.expires).filter(|e| signed_at >= *e) {
+            return Some(VerifyError::Expired {
+                fingerprint,
+                expired_at,
+                signed_at,
+            });
+        }
+        match sig.hash_alg() {
+            Some(h @ (HashAlgorithm::Md5 | HashAlgorithm::Sha1 | HashAlgorithm::Ripemd160)) => {
+                Some(VerifyError::WeakHash {
+                    fingerprint,
+                    algorithm: h.to_string(),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Subkey {
+    fn evaluate(primary: &PublicKey, key: &PublicSubkey, sigs: &[Signature]) -> Subkey {
+        let fingerprint = Fingerprint::of(key);
+        let mut bindings = Vec::new();
+        let mut revocation = None;
+        let mut failure = None;
+        for sig in sigs.iter().filter(|s| issued_by(s, primary)) {
+            match sig.verify_subkey_binding(primary, key) {
+                Err(e) => {
+                    tracing::debug!("subkey {fingerprint}: ignoring a bad binding signature: {e}");
+                    failure.get_or_insert_with(|| e.to_string());
+                }
+                Ok(()) if sig.typ() == Some(SignatureType::SubkeyRevocation) => {
+                    revocation = Some(Revocation::of(sig));
+                }
+                Ok(()) => bindings.push(sig),
+            }
+        }
+        let binding = bindings.into_iter().max_by_key(|s| s.created());
+        let usable = match binding {
+            None => Err(match failure {
+                Some(e) => format!("its binding signature does not verify: {e}"),
+                None => "it has no binding signature from its primary key".to_string(),
+            }),
+            Some(b) => match key_flags(b) {
+                Some(flags) if !flags.sign() => Err(
+                    "its binding signature does not give it the signing capability".to_string(),
+                ),
+                _ => match b.embedded_signature() {
+                    None => Err("its binding signature lacks the back-signature \
+                                 (primary key binding) a signing subkey needs"
+                        .to_string()),
+                    Some(back) => back
+                        .verify_primary_key_binding(key, primary)
+                        .map_err(|e| format!("its back-signature does not verify: {e}")),
+                },
+            },
+        };
+        let created = i64::from(key.created_at().as_secs());
+        Subkey {
+            fingerprint,
+            revocation,
+            expires: binding.and_then(|b| expiry(b, created)),
+            usable,
+        }
+    }
+}
+
+/// Absolute key expiry set by a binding signature (`None`: never).
+fn expiry(sig: &Signature, key_created: i64) -> Option<i64> {
+    sig.key_expiration_time()
+        .map(|d| d.as_secs())
+        .filter(|s| *s > 0)
+        .map(|s| key_created + i64::from(s))
+}
+
+/// Key flags from the hashed area, if the signature has them at all.
+fn key_flags(sig: &Signature) -> Option<KeyFlags> {
+    sig.config()?.hashed_subpackets().find_map(|p| match &p.data {
+        SubpacketData::KeyFlags(f) => Some(f.clone()),
+        _ => None,
+    })
+}
+
+/// Does `sig` name `key` as its issuer? (A signature naming no issuer may be from anyone.)
+fn issued_by(sig: &Signature, key: &impl KeyDetails) -> bool {
+    let fps = sig.issuer_fingerprint();
+    let ids = sig.issuer_key_id();
+    if fps.is_empty() && ids.is_empty() {
+        return true;
+    }
+    let fp = key.fingerprint();
+    let id = key.legacy_key_id();
+    fps.iter().any(|f| **f == fp) || ids.iter().any(|i| **i == id)
+}
+
+fn issuer_description(sig: &Signature) -> String {
+    if let Some(fp) = sig.issuer_fingerprint().first() {
+        hex::encode_upper(fp.as_bytes())
+    } else if let Some(id) = sig.issuer_key_id().first() {
+        hex::encode_upper(id.as_ref())
+    } else {
+        "(the signature names no issuer)".to_string()
+    }
+}
+
+/// Merge two copies of the same certificate (union of their signatures and components).
+fn merge(mut a: SignedPublicKey, b: SignedPublicKey) -> SignedPublicKey {
+    fn union(into: &mut Vec<Signature>, from: Vec<Signature>) {
+        for s in from {
+            if !into.contains(&s) {
+                into.push(s);
+            }
+        }
+    }
+    union(
+        &mut a.details.revocation_signatures,
+        b.details.revocation_signatures,
+    );
+    union(&mut a.details.direct_signatures, b.details.direct_signatures);
+    for u in b.details.users {
+        match a.details.users.iter_mut().find(|x| x.id == u.id) {
+            Some(x) => union(&mut x.signatures, u.signatures),
+            None => a.details.users.push(u),
+        }
+    }
+    for u in b.details.user_attributes {
+        match a.details.user_attributes.iter_mut().find(|x| x.attr == u.attr) {
+            Some(x) => union(&mut x.signatures, u.signatures),
+            None => a.details.user_attributes.push(u),
+        }
+    }
+    for s in b.public_subkeys {
+        let fp = s.key.fingerprint();
+        match a
+            .public_subkeys
+            .iter_mut()
+            .find(|x| x.key.fingerprint() == fp)
+        {
+            Some(x) => union(&mut x.signatures, s.signatures),
+            None => a.public_subkeys.push(s),
+        }
+    }
+    a
+}
+
+/// Packets of a key file, without the ones that carry no key material (GnuPG trust packets,
+/// markers, padding) and skipping what rpgp flags as safe to ignore (as its own parser does).
+fn key_packets(bytes: &[u8]) -> impl Iterator<Item = ::pgp::errors::Result<Packet>> + '_ {
+    PacketParser::new(bytes).filter(|p| match p {
+        Ok(Packet::Trust(_) | Packet::Marker(_) | Packet::Padding(_)) => false,
+        Ok(_) => true,
+        Err(e) => !ignorable(e),
+    })
+}
+
+fn ignorable(e: &PgpError) -> bool {
+    match e {
+        PgpError::Unsupported { .. } | PgpError::PacketIncomplete { .. } => true,
+        PgpError::InvalidPacketContent { source } => matches!(
+            **source,
+            PgpError::Unsupported { .. } | PgpError::EllipticCurve { .. }
+        ),
+        _ => false,
+    }
+}
+
+/// Binary OpenPGP data from `bytes`: binary input as is, or the decoded ASCII-armour blocks
+/// (all of which must be of type `want`). Returns nothing for empty input.
+fn decode(bytes: &[u8], want: BlockType, what: &str) -> Result<Vec<Vec<u8>>, String> {
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return Ok(Vec::new()),
+        // A binary packet header always has its top bit set; armour is ASCII.
+        Some(b) if b & 0x80 != 0 => return Ok(vec![bytes.to_vec()]),
+        Some(_) => {}
+    }
+    let mut blocks = Vec::new();
+    let mut start = None;
+    let mut pos = 0;
+    for line in bytes.split_inclusive(|b| *b == b'\n') {
+        let t = line.trim_ascii();
+        match start {
+            None if t.starts_with(b"-----BEGIN PGP ") => start = Some(pos),
+            Some(s) if t.starts_with(b"-----END PGP ") => {
+                blocks.push(&bytes[s..pos + line.len()]);
+                start = None;
+            }
+            _ => {}
+        }
+        pos += line.len();
+    }
+    if start.is_some() {
+        return Err("truncated ASCII armour (no -----END line)".to_string());
+    }
+    if blocks.is_empty() {
+        return Err(format!(
+            "not an OpenPGP {what} (neither ASCII-armoured nor binary)"
+        ));
+    }
+    let mut out = Vec::new();
+    for block in blocks {
+        let mut dearmor =
+            Dearmor::with_options(block, DearmorOptions::new().enable_crc24_check());
+        dearmor
+            .read_header()
+            .map_err(|e| format!("bad ASCII armour: {e}"))?;
+        match dearmor.typ {
+            Some(t) if t == want => {}
+            Some(BlockType::PrivateKey) => {
+                return Err(format!(
+                    "this is a PRIVATE key; give the public key instead (gpg --export --armor)"
+                ));
+            }
+            Some(t) => return Err(format!("expected an OpenPGP {what}, found a {t}")),
+            None => return Err("bad ASCII armour".to_string()),
+        }
+        let mut bin = Vec::new();
+        dearmor
+            .read_to_end(&mut bin)
+            .map_err(|e| format!("bad ASCII armour: {e}"))?;
+        out.push(bin);
+    }
+    Ok(out)
+}
+
+/// The signature packets of a detached signature file.
+fn parse_signatures(bytes: &[u8]) -> Result<Vec<Signature>, VerifyError> {
+    let blobs = decode(bytes, BlockType::Signature, "signature").map_err(VerifyError::Malformed)?;
+    let mut sigs = Vec::new();
+    let mut unsupported = None;
+    for blob in &blobs {
+        for p in PacketParser::new(&blob[..]) {
+            match p {
+                Ok(Packet::Signature(s)) => sigs.push(s),
+                Ok(Packet::Marker(_) | Packet::Padding(_)) => {}
+                Ok(other) => {
+                    return Err(VerifyError::Malformed(format!(
+                        "expected a detached signature, found a {:?} packet",
+                        other.tag()
+                    )));
+                }
+                Err(e) if ignorable(&e) => unsupported = Some(e.to_string()),
+                Err(e) => return Err(VerifyError::Malformed(e.to_string())),
+            }
+        }
+    }
+    if sigs.is_empty() {
+        return Err(match unsupported {
+            Some(e) => VerifyError::Malformed(format!("unsupported signature: {e}")),
+            None => VerifyError::NoSignature,
+        });
+    }
+    Ok(sigs)
+}
+
+/// A component key to verify with.
+#[derive(Clone, Copy)]
+enum KeyRef<'a> {
+    Primary(&'a PublicKey),
+    Subkey(&'a PublicSubkey),
+}
+
+impl KeyRef<'_> {
+    fn created_at(&self) -> u32 {
+        match self {
+            KeyRef::Primary(k) => k.created_at().as_secs(),
+            KeyRef::Subkey(k) => k.created_at().as_secs(),
+        }
+    }
+
+    /// Cryptographic check of `sig` over `data`; rpgp hashes `data` as it reads it.
+    fn check(&self, sig: &Signature, data: impl Read) -> Result<(), String> {
+        match self {
+            KeyRef::Primary(k) => sig.verify(*k, data),
+            KeyRef::Subkey(k) => sig.verify(*k, data),
+        }
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// One cryptographic check to run: a signature against a candidate key.
+struct Job<'a> {
+    sig: &'a Signature,
+    key: KeyRef<'a>,
+}
+
+/// Decide on `sigs`: policy checks here, cryptographic checks by `crypto` (one result per job,
+/// in order; it may fail as a whole, e.g. when the data cannot be read).
+fn decide<'a>(
+    keyring: &'a Keyring,
+    pins: &[Fingerprint],
+    sigs: &'a [Signature],
+    crypto: impl FnOnce(&[Job<'a>]) -> Result<Vec<Result<(), String>>, VerifyError>,
+) -> Result<Verified, VerifyError> {
+    let mut failures = Vec::new();
+    let mut jobs = Vec::new();
+    let mut pending = Vec::new();
+    for sig in sigs {
+        match sig.typ() {
+            Some(SignatureType::Binary | SignatureType::Text) => {}
+            other => {
+                failures.push(VerifyError::Malformed(match other {
+                    Some(t) => format!("a {t:?} signature is not a signature over a document"),
+                    None => format!("unsupported signature version {:?}", sig.version()),
+                }));
+                continue;
+            }
+        }
+        let Some(created) = sig.created() else {
+            failures.push(VerifyError::Malformed(
+                "the signature has no creation time".to_string(),
+            ));
+            continue;
+        };
+        let signed_at = i64::from(created.as_secs());
+        if let Some(h) = sig.hash_alg().filter(|h| h.new_hasher().is_err()) {
+            failures.push(VerifyError::Malformed(format!(
+                "unsupported hash algorithm {h}"
+            )));
+            continue;
+        }
+        let candidates = keyring.candidates(sig);
+        if candidates.is_empty() {
+            failures.push(VerifyError::UnknownKey {
+                issuer: issuer_description(sig),
+            });
+            continue;
+        }
+        for (cert, c) in candidates {
+            if !pins.contains(&cert.fingerprint) {
+                failures.push(VerifyError::NotPinned {
+                    fingerprint: cert.fingerprint.clone(),
+                });
+                continue;
+            }
+            let signing_key = cert.component_fingerprint(c).clone();
+            let verified = Verified {
+                primary: cert.fingerprint.clone(),
+                signing_key,
+                created: signed_at,
+                user_id: cert.user_id.clone(),
+            };
+            jobs.push(Job {
+                sig,
+                key: cert.component_key(c),
+            });
+            pending.push((verified, cert.policy(c, sig, signed_at)));
+        }
+    }
+    let results = if jobs.is_empty() {
+        Vec::new()
+    } else {
+        crypto(&jobs)?
+    };
+    for ((verified, policy), result) in pending.into_iter().zip(results) {
+        match (result, policy) {
+            (Err(e), _) => {
+                tracing::debug!("signature by {} does not verify: {e}", verified.signing_key);
+                failures.push(VerifyError::Bad {
+                    fingerprint: verified.signing_key,
+                });
+            }
+            (Ok(()), Some(e)) => failures.push(e),
+            (Ok(()), None) => return Ok(verified),
+        }
+    }
+    // The first of the most informative failures.
+    Err(failures
+        .into_iter()
+        .rev()
+        .max_by_key(VerifyError::rank)
+        .unwrap_or(VerifyError::NoSignature))
+}
+
+/// Verify a detached signature (ASCII-armoured or binary, as in `.asc` / `.gpgsig` files) over
+/// `data`. `data` is read exactly once, in 64 KiB chunks, each handed to one hashing thread per
+/// candidate signature through a bounded channel: memory does not grow with the data. Nothing is
+/// read when no signature could count anyway (unknown or unpinned signer).
+pub fn verify_detached(
+    keyring: &Keyring,
+    pins: &[Fingerprint],
+    data: impl Read,
+    signature: &[u8],
+) -> Result<Verified, VerifyError> {
+    let sigs = parse_signatures(signature)?;
+    decide(keyring, pins, &sigs, |jobs| hash_streaming(jobs, data))
+}
+
+/// Verify a cleartext-signed (clearsigned) document and return ONLY the signed text: dash-escaping
+/// undone, trailing whitespace trimmed and line endings made `\n` (the canonical form that was
+/// signed, as rpgp reconstructs it). Text around the signed block is not accepted.
+pub fn verify_cleartext(
+    keyring: &Keyring,
+    pins: &[Fingerprint],
+    text: &str,
+) -> Result<(String, Verified), VerifyError> {
+    if !text.contains("-----BEGIN PGP SIGNED MESSAGE-----") {
+        return Err(VerifyError::NoSignature);
+    }
+    let (msg, _headers) = CleartextSignedMessage::from_string(text).map_err(|e| {
+        VerifyError::Malformed(format!("not a well-formed clearsigned document: {e}"))
+    })?;
+    let signed = msg.signed_text();
+    let verified = decide(keyring, pins, msg.signatures(), |jobs| {
+        Ok(jobs
+            .iter()
+            .map(|j| j.key.check(j.sig, signed.as_bytes()))
+            .collect())
+    })?;
+    Ok((signed.replace("\r\n", "\n"), verified))
+}
+
+/// Size of the chunks `data` is read in.
+const CHUNK: usize = 64 * 1024;
+/// Chunks in flight per hashing thread.
+const IN_FLIGHT: usize = 4;
+
+/// Run the cryptographic checks of `jobs` over `data`, read once: the calling thread reads,
+/// each job hashes on its own thread from a bounded channel (so memory stays at about
+/// jobs × IN_FLIGHT × CHUNK). rpgp's `Signature::verify` consumes its reader incrementally
+/// (`io::copy` into the hasher; text-mode normalisation is a streaming reader too).
+fn hash_streaming(
+    jobs: &[Job<'_>],
+    mut data: impl Read,
+) -> Result<Vec<Result<(), String>>, VerifyError> {
+    std::thread::scope(|scope| {
+        let mut senders = Vec::new();
+        let mut workers = Vec::new();
+        for job in jobs {
+            let (tx, rx) = mpsc::sync_channel::<Arc<[u8]>>(IN_FLIGHT);
+            senders.push(Some(tx));
+            workers.push(scope.spawn(move || job.key.check(job.sig, ChunkReader::new(rx))));
+        }
+        let mut buf = vec![0u8; CHUNK];
+        let read = loop {
+            let n = match data.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(e),
+            };
+            let chunk: Arc<[u8]> = Arc::from(&buf[..n]);
+            for slot in &mut senders {
+                // A worker that gave up early (e.g. unsupported algorithm) drops its receiver.
+                if slot.as_ref().is_some_and(|tx| tx.send(chunk.clone()).is_err()) {
+                    *slot = None;
+                }
+            }
+            if senders.iter().all(Option::is_none) {
+                break Ok(());
+            }
+        };
+        drop(senders); // end of data for the workers
+        let results = workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err("the verification thread panicked".to_string()))
+            })
+            .collect();
+        read.map(|()| results).map_err(VerifyError::Io)
+    })
+}
+
+/// `Read` over the chunks arriving on a channel; end of data when the sender is gone.
+struct ChunkReader {
+    rx: mpsc::Receiver<Arc<[u8]>>,
+    chunk: Arc<[u8]>,
+    pos: usize,
+}
+
+impl ChunkReader {
+    fn new(rx: mpsc::Receiver<Arc<[u8]>>) -> Self {
+        ChunkReader {
+            rx,
+            chunk: Arc::from(&[][..]),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(c) => {
+                    self.chunk = c;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// WKD (Web Key Directory) URLs for an e-mail address: the advanced method first, then the
+/// direct method. The hash is the z-base-32 encoded SHA-1 of the lower-cased local part.
+pub fn wkd_urls(email: &str) -> anyhow::Result<[String; 2]> {
+    let email = email.trim();
+    let Some((local, domain)) = email.rsplit_once('@') else {
+        bail!("{email:?} is not an e-mail address");
+    };
+    let domain_ok = !domain.is_empty()
+        && !domain.starts_with(['.', '-'])
+        && !domain.ends_with(['.', '-'])
+        && !domain.contains("..")
+        && domain
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    if local.is_empty() || local.contains('@') || local.chars().any(char::is_whitespace) {
+        bail!("{email:?} is not an e-mail address");
+    }
+    if !domain_ok {
+        bail!("{email:?} is not an e-mail address with a plain DNS domain");
+    }
+    let domain = domain.to_ascii_lowercase();
+    let digest = HashAlgorithm::Sha1
+        .digest(local.to_ascii_lowercase().as_bytes())
+        .map_err(|e| anyhow!("SHA-1 of {local:?}: {e}"))?;
+    let hash = zbase32(&digest);
+    let l = percent_encode(local);
+    Ok([
+        format!("https://openpgpkey.{domain}/.well-known/openpgpkey/{domain}/hu/{hash}?l={l}"),
+        format!("https://{domain}/.well-known/openpgpkey/hu/{hash}?l={l}"),
+    ])
+}
+
+fn zbase32(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"ybndrfg8ejkmcpqxot1uwisza345h769";
+    let mut out = String::with_capacity(data.len() * 8 / 5 + 1);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &b in data {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(char::from(ALPHABET[((acc >> bits) & 31) as usize]));
+        }
+        acc &= (1 << bits) - 1;
+    }
+    if bits > 0 {
+        out.push(char::from(ALPHABET[((acc << (5 - bits)) & 31) as usize]));
+    }
+    out
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` for seconds since the Unix epoch.
+fn fmt_utc(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
