@@ -122,7 +122,9 @@ impl InputSettings {
         let base = path.parent().unwrap_or(Path::new("."));
         InputSettings {
             mirror: self.mirror.or_else(|| f.mirror.clone()),
-            keyring: self.keyring.or_else(|| f.keyring.as_ref().map(|k| base.join(k))),
+            keyring: self
+                .keyring
+                .or_else(|| f.keyring.as_ref().map(|k| base.join(k))),
             trusted_keys: if self.trusted_keys.is_empty() {
                 f.trusted_keys.clone().unwrap_or_default()
             } else {
@@ -265,9 +267,10 @@ impl BuildPlan {
                 .repo
                 .or(f.repo)
                 .unwrap_or_else(|| "localhost".to_string()),
-            basename: cli.basename.or(f.basename).unwrap_or_else(|| {
-                if defaulted { "gentoo-musl" } else { "gentoo" }.to_string()
-            }),
+            basename: cli
+                .basename
+                .or(f.basename)
+                .unwrap_or_else(|| if defaulted { "gentoo-musl" } else { "gentoo" }.to_string()),
             tag,
             engine: cli.engine.or(f.engine).unwrap_or(EngineKind::Sandbox),
             jobs,

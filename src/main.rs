@@ -94,7 +94,10 @@ fn inputs(cli: &Cli, settings: InputSettings, verbosity: Verbosity) -> Result<In
         opts.pins = settings
             .trusted_keys
             .iter()
-            .map(|k| k.parse())
+            .map(|k| {
+                k.parse()
+                    .map_err(|e| anyhow::anyhow!("trusted key {k:?}: {e}"))
+            })
             .collect::<Result<_>>()?;
     }
     opts.verify = match settings.verify {
@@ -163,9 +166,8 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
             };
             let merged = settings(&args.inputs).merge_file(file.as_ref().map(|(p, f)| (*p, f)));
             let inputs = inputs(&cli, merged, verbosity)?;
-            let plan = config::BuildPlan::resolve(file, overrides, |source| {
-                Ok(inputs.get(source)?.path)
-            })?;
+            let plan =
+                config::BuildPlan::resolve(file, overrides, |source| Ok(inputs.get(source)?.path))?;
             let opts = build::BuildOptions {
                 plan,
                 work_dir: cli.work_dir.clone(),

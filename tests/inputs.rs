@@ -154,8 +154,11 @@ impl Fixture {
             "0".repeat(128),
             "0".repeat(128),
         );
-        self.gpg
-            .clearsign(fpr, &text, &self.autobuilds().join(TS).join(format!("{name}.DIGESTS")));
+        self.gpg.clearsign(
+            fpr,
+            &text,
+            &self.autobuilds().join(TS).join(format!("{name}.DIGESTS")),
+        );
     }
 
     fn write_latest(&self, fpr: &str, size: u64) -> PathBuf {
@@ -266,7 +269,11 @@ fn fixture() -> Fixture {
     fx.write_digests(&releng, &hash("sha512sum", &fx.stage()));
     fx.gpg.clearsign(
         &releng,
-        &format!("# SHA256 HASH\n{}  {}\n", hash("sha256sum", &fx.stage()), stage_name()),
+        &format!(
+            "# SHA256 HASH\n{}  {}\n",
+            hash("sha256sum", &fx.stage()),
+            stage_name()
+        ),
         &dir.join(format!("{}.sha256", stage_name())),
     );
     fx.write_latest(&releng, size);
@@ -326,7 +333,9 @@ fn downloads(mirror: &Mirror, suffix: &str) -> usize {
     mirror
         .requests()
         .iter()
-        .filter(|r| r.method == "GET" && r.path.ends_with(suffix) && (r.status == 200 || r.status == 206))
+        .filter(|r| {
+            r.method == "GET" && r.path.ends_with(suffix) && (r.status == 200 || r.status == 206)
+        })
         .count()
 }
 
@@ -334,14 +343,20 @@ fn downloads(mirror: &Mirror, suffix: &str) -> usize {
 fn fetch_resolves_downloads_and_verifies_then_reuses_the_cache() {
     let fx = fixture();
     let mirror = Mirror::start(&fx.root);
-    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc", "snapshot:latest", "-v"]);
+    let out = fx.fetch(
+        &mirror,
+        &["stage3:amd64-musl-openrc", "snapshot:latest", "-v"],
+    );
     assert!(out.status.success(), "fetch failed: {}", stderr(&out));
     let printed = String::from_utf8_lossy(&out.stdout);
     let paths: Vec<&str> = printed.lines().collect();
     assert_eq!(paths.len(), 2, "{printed}");
     assert!(paths[0].ends_with(&stage_name()), "{printed}");
     assert_eq!(fs::read(paths[0]).unwrap(), fs::read(fx.stage()).unwrap());
-    assert_eq!(fs::read(paths[1]).unwrap(), fs::read(fx.snapshot()).unwrap());
+    assert_eq!(
+        fs::read(paths[1]).unwrap(),
+        fs::read(fx.snapshot()).unwrap()
+    );
     let err = stderr(&out);
     for check in [".asc", "BLAKE2B", "SHA512", "SHA256", ".gpgsig", "MD5"] {
         assert!(
@@ -355,10 +370,17 @@ fn fetch_resolves_downloads_and_verifies_then_reuses_the_cache() {
     // Again: the index and companions are revalidated (304), nothing is downloaded.
     mirror.clear_log();
     let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc", "snapshot:latest"]);
-    assert!(out.status.success(), "second fetch failed: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "second fetch failed: {}",
+        stderr(&out)
+    );
     let log = mirror.requests();
     assert!(!log.is_empty(), "the latest file was not revalidated");
-    let transferred: Vec<_> = log.iter().filter(|r| r.status == 200 || r.status == 206).collect();
+    let transferred: Vec<_> = log
+        .iter()
+        .filter(|r| r.status == 200 || r.status == 206)
+        .collect();
     assert!(transferred.is_empty(), "downloaded again: {transferred:?}");
 
     // A new snapshot under the same moving name (new signature): fetched again.
@@ -426,7 +448,8 @@ fn tampered_or_untrusted_inputs_are_refused() {
                     &fx.expired,
                     "1d",
                 ]);
-                fx.gpg.export(&[&fx.releng, &fx.intruder, &fx.expired], &fx.keyring);
+                fx.gpg
+                    .export(&[&fx.releng, &fx.intruder, &fx.expired], &fx.keyring);
             },
             &[".asc) failed", "expired"],
         ),
@@ -479,7 +502,10 @@ fn build_builds_nothing_from_an_unverified_stage() {
         .output()
         .unwrap();
     assert_fails(&out, &[&stage_name(), "failed"], "build");
-    assert!(!fx.work.join("images/index.json").exists(), "an image was written");
+    assert!(
+        !fx.work.join("images/index.json").exists(),
+        "an image was written"
+    );
     assert!(!fx.work.join("packages").exists(), "a build started");
 }
 
@@ -517,26 +543,42 @@ fn an_interrupted_download_resumes_on_the_next_run() {
                 break p;
             }
         }
-        assert!(std::time::Instant::now() < deadline, "no half-done download");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no half-done download"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     nix_kill(child.id());
     let _ = child.wait();
     let kept = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-    assert!(kept > 0 && kept <= half, "the partial download was not kept: {kept}");
+    assert!(
+        kept > 0 && kept <= half,
+        "the partial download was not kept: {kept}"
+    );
     mirror.clear_log();
     let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
     assert!(out.status.success(), "resume failed: {}", stderr(&out));
     let resumed = mirror.requests().into_iter().find(|r| {
         r.path == path && r.status == 206 && r.range.as_deref() == Some(&format!("bytes={kept}-"))
     });
-    assert!(resumed.is_some(), "no Range request: {:?}", mirror.requests());
+    assert!(
+        resumed.is_some(),
+        "no Range request: {:?}",
+        mirror.requests()
+    );
     let printed = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(fs::read(printed.trim()).unwrap(), fs::read(fx.stage()).unwrap());
+    assert_eq!(
+        fs::read(printed.trim()).unwrap(),
+        fs::read(fx.stage()).unwrap()
+    );
 }
 
 fn nix_kill(pid: u32) {
-    let status = Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
@@ -557,7 +599,10 @@ fn verify_reports_every_check_on_local_files() {
     let out = run(&[fx.stage(), fx.snapshot()], &fx.releng);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", stderr(&out));
-    let oks = stdout.lines().filter(|l| l.trim_start().starts_with("ok")).count();
+    let oks = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("ok"))
+        .count();
     // stage: .asc, .DIGESTS signature, BLAKE2B, SHA512, .sha256 signature, SHA256;
     // snapshot: .gpgsig, MD5.
     assert_eq!(oks, 8, "{stdout}");
@@ -596,7 +641,11 @@ fn bare_build_uses_the_newest_musl_stage_and_the_latest_snapshot() {
     assert_eq!(downloads(&mirror, &stage_name()), 1);
     mirror.clear_log();
     let out = build();
-    assert!(out.status.success(), "second build failed: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "second build failed: {}",
+        stderr(&out)
+    );
     let transferred: Vec<_> = mirror
         .requests()
         .into_iter()

@@ -52,7 +52,10 @@ pub enum Source {
         timestamp: Option<String>,
     },
     /// `snapshot:latest`, `snapshot:YYYYMMDD`, `snapshot:sqfs:latest`, `snapshot:sqfs:YYYYMMDD`.
-    Snapshot { date: Option<String>, squashfs: bool },
+    Snapshot {
+        date: Option<String>,
+        squashfs: bool,
+    },
 }
 
 impl Source {
@@ -203,7 +206,9 @@ impl Inputs {
         }
         let keyring = match &self.opts.keyring {
             Some(path) => Keyring::load(path)?,
-            None if Path::new(SYSTEM_KEYRING).is_file() => Keyring::load(Path::new(SYSTEM_KEYRING))?,
+            None if Path::new(SYSTEM_KEYRING).is_file() => {
+                Keyring::load(Path::new(SYSTEM_KEYRING))?
+            }
             None => self.wkd_keys()?,
         };
         if keyring.is_empty() {
@@ -217,7 +222,11 @@ impl Inputs {
         let mut all: Option<Keyring> = None;
         let mut errors = Vec::new();
         for address in WKD_ADDRESSES {
-            let dest = self.opts.cache_dir.join("keys").join(format!("{address}.pgp"));
+            let dest = self
+                .opts
+                .cache_dir
+                .join("keys")
+                .join(format!("{address}.pgp"));
             let mut got = None;
             for url in pgp::wkd_urls(address)? {
                 match fetcher
@@ -295,7 +304,10 @@ impl Inputs {
     /// given timestamp's directory.
     fn resolve_stage3(&self, variant: &str, timestamp: Option<&str>) -> Result<Remote> {
         let mirror = self.opts.mirror.trim_end_matches('/');
-        let base = format!("{mirror}/releases/{}/autobuilds", digests::arch_dir(variant)?);
+        let base = format!(
+            "{mirror}/releases/{}/autobuilds",
+            digests::arch_dir(variant)?
+        );
         if let Some(ts) = timestamp {
             let name = format!("stage3-{variant}-{ts}.tar.xz");
             return Ok(Remote {
@@ -313,14 +325,13 @@ impl Inputs {
             .map_err(|e| missing_or(e, &latest_name, "the list of the newest stages"))?;
         let text = String::from_utf8_lossy(&text);
         let payload = if self.opts.verify == VerifyMode::Never {
-            pgp::cleartext_payload(&text).unwrap_or_else(|| text.to_string())
+            cleartext_payload(&text).unwrap_or_else(|| text.to_string())
         } else {
             let (payload, _) = pgp::verify_cleartext(self.keyring()?, &self.opts.pins, &text)
                 .map_err(|e| anyhow::anyhow!("{latest_name}: signature check failed: {e}"))?;
             payload
         };
-        let entries =
-            digests::parse_latest(&payload).with_context(|| latest_name.clone())?;
+        let entries = digests::parse_latest(&payload).with_context(|| latest_name.clone())?;
         let entry = entries
             .iter()
             .find(|e| {
@@ -349,7 +360,8 @@ impl Inputs {
             .join(cache_path(&remote.url)?);
         if self.opts.verify == VerifyMode::Never {
             warn_unverified(&remote.name);
-            let got = fetcher.fetch_verified(&remote.url, &dest, remote.expected_size, |_| Ok(()))?;
+            let got =
+                fetcher.fetch_verified(&remote.url, &dest, remote.expected_size, |_| Ok(()))?;
             return Ok(Input {
                 path: got.path,
                 checks: Vec::new(),
@@ -397,8 +409,8 @@ impl Inputs {
     /// A local file: verified when its companions sit beside it, or always with
     /// [`VerifyMode::Always`].
     fn local(&self, path: &Path) -> Result<Input> {
-        let meta = fs::metadata(path)
-            .with_context(|| format!("{}: cannot open", path.display()))?;
+        let meta =
+            fs::metadata(path).with_context(|| format!("{}: cannot open", path.display()))?;
         let plain = Input {
             path: path.to_path_buf(),
             checks: Vec::new(),
@@ -470,6 +482,14 @@ impl Inputs {
     }
 }
 
+/// The text of a clearsigned document without checking its signature (`--no-verify` only).
+fn cleartext_payload(text: &str) -> Option<String> {
+    use ::pgp::composed::CleartextSignedMessage;
+    CleartextSignedMessage::from_string(text)
+        .ok()
+        .map(|(msg, _)| msg.signed_text())
+}
+
 fn check_companions_present(name: &str, found: &[(Companion, Option<Vec<u8>>)]) -> Result<()> {
     for (companion, content) in found {
         if companion.required && content.is_none() {
@@ -509,7 +529,10 @@ fn warn_unverified(what: &str) {
 }
 
 fn is_not_found(e: &anyhow::Error) -> bool {
-    matches!(e.downcast_ref::<FetchError>(), Some(FetchError::NotFound { .. }))
+    matches!(
+        e.downcast_ref::<FetchError>(),
+        Some(FetchError::NotFound { .. })
+    )
 }
 
 fn missing_or(e: anyhow::Error, name: &str, what: &str) -> anyhow::Error {
@@ -553,7 +576,11 @@ fn cache_path(url: &str) -> Result<PathBuf> {
         if part == ".." || part.contains('\0') {
             bail!("{url}: refusing a URL with `..` in its path");
         }
-        out.push(if i == 0 { part.replace(':', "_") } else { part.to_string() });
+        out.push(if i == 0 {
+            part.replace(':', "_")
+        } else {
+            part.to_string()
+        });
     }
     if out.components().count() < 2 {
         bail!("{url}: the URL names no file");
@@ -605,7 +632,9 @@ mod tests {
             ),
             (
                 "https://example.org/x/stage3-amd64-openrc-20260101T000000Z.tar.xz",
-                Source::Url("https://example.org/x/stage3-amd64-openrc-20260101T000000Z.tar.xz".into()),
+                Source::Url(
+                    "https://example.org/x/stage3-amd64-openrc-20260101T000000Z.tar.xz".into(),
+                ),
             ),
             ("stage3.tar.xz", Source::Path("stage3.tar.xz".into())),
             ("./snap", Source::Path("./snap".into())),

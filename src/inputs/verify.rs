@@ -55,7 +55,11 @@ pub fn companions(name: &str) -> Vec<Companion> {
     if digests::parse_stage_name(name).is_some() {
         return vec![
             c(".asc", CompanionKind::Signature, true),
-            c(".DIGESTS", CompanionKind::SignedDigests { default: None }, true),
+            c(
+                ".DIGESTS",
+                CompanionKind::SignedDigests { default: None },
+                true,
+            ),
             c(
                 ".sha256",
                 CompanionKind::SignedDigests {
@@ -80,7 +84,11 @@ pub fn companions(name: &str) -> Vec<Companion> {
             c(".asc", CompanionKind::Signature, false),
             c(".gpgsig", CompanionKind::Signature, false),
             c(".sig", CompanionKind::Signature, false),
-            c(".DIGESTS", CompanionKind::SignedDigests { default: None }, false),
+            c(
+                ".DIGESTS",
+                CompanionKind::SignedDigests { default: None },
+                false,
+            ),
             c(
                 ".sha256",
                 CompanionKind::SignedDigests {
@@ -271,16 +279,7 @@ pub fn check_file(
 }
 
 fn signer(v: &Verified) -> String {
-    let who = v.user_id.as_deref().unwrap_or("no user ID");
-    let key = if v.signing_key == v.primary {
-        format!("{}", v.primary)
-    } else {
-        format!("{} (subkey {})", v.primary, v.signing_key)
-    };
-    format!(
-        "good signature by {key}, {who}, made {}",
-        crate::image::config::rfc3339(v.created)
-    )
+    v.to_string()
 }
 
 /// Ok when every check passed and at least one is a trust anchor; else an error naming the
