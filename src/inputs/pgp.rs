@@ -705,10 +705,10 @@ fn ignorable(e: &PgpError) -> bool {
 /// Binary OpenPGP data from `bytes`: binary input as is, or the decoded ASCII-armour blocks
 /// (all of which must be of type `want`). Returns nothing for empty input.
 fn decode(bytes: &[u8], want: BlockType, what: &str) -> Result<Vec<Vec<u8>>, String> {
-    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+    match bytes.iter().position(|b| !b.is_ascii_whitespace()) {
         None => return Ok(Vec::new()),
         // A binary packet header always has its top bit set; armour is ASCII.
-        Some(b) if b & 0x80 != 0 => return Ok(vec![bytes.to_vec()]),
+        Some(i) if bytes[i] & 0x80 != 0 => return Ok(vec![bytes[i..].to_vec()]),
         Some(_) => {}
     }
     let mut blocks = Vec::new();
@@ -745,9 +745,10 @@ fn decode(bytes: &[u8], want: BlockType, what: &str) -> Result<Vec<Vec<u8>>, Str
         match dearmor.typ {
             Some(t) if t == want => {}
             Some(BlockType::PrivateKey) => {
-                return Err(format!(
+                return Err(
                     "this is a PRIVATE key; give the public key instead (gpg --export --armor)"
-                ));
+                        .to_string(),
+                );
             }
             Some(t) => return Err(format!("expected an OpenPGP {what}, found a {t}")),
             None => return Err("bad ASCII armour".to_string()),
