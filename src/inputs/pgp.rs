@@ -437,7 +437,11 @@ impl Cert {
             .max_by_key(|(s, _)| s.created())
             .or_else(|| bindings.iter().max_by_key(|(s, _)| s.created()));
         let dks = direct.iter().copied().max_by_key(|s| s.created());
-        let in_force: Vec<&Signature> = uid_binding.map(|(s, _)| *s).into_iter().chain(dks).collect();
+        let in_force: Vec<&Signature> = uid_binding
+            .map(|(s, _)| *s)
+            .into_iter()
+            .chain(dks)
+            .collect();
         let created = i64::from(primary.created_at().as_secs());
         let legacy = primary
             .legacy_v3_expiration_days()
@@ -486,8 +490,8 @@ impl Cert {
         }
     }
 
-    /// Everything but the cryptographic check: revocation, capability, expiry, hash strength.
-    fn policy(&self, c: Component, sig: &Signature, signed_at: i64) -> Option<VerifyError> {
+    /// Everything but the cryptographic check: revocation, capability, expiry.
+    fn policy(&self, c: Component, signed_at: i64) -> Option<VerifyError> {
         let sub = match c {
             Component::Primary => None,
             Component::Subkey(i) => Some(&self.subkeys[i]),
@@ -537,15 +541,7 @@ impl Cert {
                 signed_at,
             });
         }
-        match sig.hash_alg() {
-            Some(h @ (HashAlgorithm::Md5 | HashAlgorithm::Sha1 | HashAlgorithm::Ripemd160)) => {
-                Some(VerifyError::WeakHash {
-                    fingerprint,
-                    algorithm: h.to_string(),
-                })
-            }
-            _ => None,
-        }
+        None
     }
 }
 
@@ -574,9 +570,9 @@ impl Subkey {
                 None => "it has no binding signature from its primary key".to_string(),
             }),
             Some(b) => match key_flags(b) {
-                Some(flags) if !flags.sign() => Err(
-                    "its binding signature does not give it the signing capability".to_string(),
-                ),
+                Some(flags) if !flags.sign() => {
+                    Err("its binding signature does not give it the signing capability".to_string())
+                }
                 _ => match b.embedded_signature() {
                     None => Err("its binding signature lacks the back-signature \
                                  (primary key binding) a signing subkey needs"
@@ -607,10 +603,12 @@ fn expiry(sig: &Signature, key_created: i64) -> Option<i64> {
 
 /// Key flags from the hashed area, if the signature has them at all.
 fn key_flags(sig: &Signature) -> Option<KeyFlags> {
-    sig.config()?.hashed_subpackets().find_map(|p| match &p.data {
-        SubpacketData::KeyFlags(f) => Some(f.clone()),
-        _ => None,
-    })
+    sig.config()?
+        .hashed_subpackets()
+        .find_map(|p| match &p.data {
+            SubpacketData::KeyFlags(f) => Some(f.clone()),
+            _ => None,
+        })
 }
 
 /// Does `sig` name `key` as its issuer? (A signature naming no issuer may be from anyone.)
@@ -648,7 +646,10 @@ fn merge(mut a: SignedPublicKey, b: SignedPublicKey) -> SignedPublicKey {
         &mut a.details.revocation_signatures,
         b.details.revocation_signatures,
     );
-    union(&mut a.details.direct_signatures, b.details.direct_signatures);
+    union(
+        &mut a.details.direct_signatures,
+        b.details.direct_signatures,
+    );
     for u in b.details.users {
         match a.details.users.iter_mut().find(|x| x.id == u.id) {
             Some(x) => union(&mut x.signatures, u.signatures),
@@ -656,7 +657,12 @@ fn merge(mut a: SignedPublicKey, b: SignedPublicKey) -> SignedPublicKey {
         }
     }
     for u in b.details.user_attributes {
-        match a.details.user_attributes.iter_mut().find(|x| x.attr == u.attr) {
+        match a
+            .details
+            .user_attributes
+            .iter_mut()
+            .find(|x| x.attr == u.attr)
+        {
             Some(x) => union(&mut x.signatures, u.signatures),
             None => a.details.user_attributes.push(u),
         }
@@ -699,10 +705,10 @@ fn ignorable(e: &PgpError) -> bool {
 /// Binary OpenPGP data from `bytes`: binary input as is, or the decoded ASCII-armour blocks
 /// (all of which must be of type `want`). Returns nothing for empty input.
 fn decode(bytes: &[u8], want: BlockType, what: &str) -> Result<Vec<Vec<u8>>, String> {
-    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+    match bytes.iter().position(|b| !b.is_ascii_whitespace()) {
         None => return Ok(Vec::new()),
         // A binary packet header always has its top bit set; armour is ASCII.
-        Some(b) if b & 0x80 != 0 => return Ok(vec![bytes.to_vec()]),
+        Some(i) if bytes[i] & 0x80 != 0 => return Ok(vec![bytes[i..].to_vec()]),
         Some(_) => {}
     }
     let mut blocks = Vec::new();
@@ -730,17 +736,19 @@ fn decode(bytes: &[u8], want: BlockType, what: &str) -> Result<Vec<Vec<u8>>, Str
     }
     let mut out = Vec::new();
     for block in blocks {
-        let mut dearmor =
-            Dearmor::with_options(block, DearmorOptions::new().enable_crc24_check());
+        // No CRC24 check: RFC 9580 says to ignore it, and rpgp 0.21's check is broken (it
+        // updates a copy of its hasher, so every non-empty block fails).
+        let mut dearmor = Dearmor::with_options(block, DearmorOptions::new());
         dearmor
             .read_header()
             .map_err(|e| format!("bad ASCII armour: {e}"))?;
         match dearmor.typ {
             Some(t) if t == want => {}
             Some(BlockType::PrivateKey) => {
-                return Err(format!(
+                return Err(
                     "this is a PRIVATE key; give the public key instead (gpg --export --armor)"
-                ));
+                        .to_string(),
+                );
             }
             Some(t) => return Err(format!("expected an OpenPGP {what}, found a {t}")),
             None => return Err("bad ASCII armour".to_string()),
@@ -865,6 +873,19 @@ fn decide<'a>(
                 continue;
             }
             let signing_key = cert.component_fingerprint(c).clone();
+            // Never good enough, whatever the key; no need to hash (Ed25519 would refuse anyway).
+            if let Some(h) = sig.hash_alg().filter(|h| {
+                matches!(
+                    h,
+                    HashAlgorithm::Md5 | HashAlgorithm::Sha1 | HashAlgorithm::Ripemd160
+                )
+            }) {
+                failures.push(VerifyError::WeakHash {
+                    fingerprint: signing_key,
+                    algorithm: h.to_string(),
+                });
+                continue;
+            }
             let verified = Verified {
                 primary: cert.fingerprint.clone(),
                 signing_key,
@@ -875,7 +896,7 @@ fn decide<'a>(
                 sig,
                 key: cert.component_key(c),
             });
-            pending.push((verified, cert.policy(c, sig, signed_at)));
+            pending.push((verified, cert.policy(c, signed_at)));
         }
     }
     let results = if jobs.is_empty() {
@@ -973,7 +994,10 @@ fn hash_streaming(
             let chunk: Arc<[u8]> = Arc::from(&buf[..n]);
             for slot in &mut senders {
                 // A worker that gave up early (e.g. unsupported algorithm) drops its receiver.
-                if slot.as_ref().is_some_and(|tx| tx.send(chunk.clone()).is_err()) {
+                if slot
+                    .as_ref()
+                    .is_some_and(|tx| tx.send(chunk.clone()).is_err())
+                {
                     *slot = None;
                 }
             }
@@ -1111,4 +1135,1031 @@ fn fmt_utc(secs: i64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    //! Keys are made with rpgp itself, deterministically from seeds (rpgp's key generator needs a
+    //! `rand` 0.8 RNG, which this crate does not depend on), so that creation times, expiry,
+    //! flags, back-signatures and revocations are all under the test's control.
+
+    use ::pgp::{
+        bytes::Bytes,
+        composed::{
+            ArmorOptions, DetachedSignature, SignedKeyDetails, SignedPublicSubKey, SignedSecretKey,
+        },
+        crypto::{ed25519, public_key::PublicKeyAlgorithm},
+        packet::{
+            PubKeyInner, RevocationCode, SecretKey, SecretSubkey, SignatureConfig, Subpacket,
+            UserId,
+        },
+        ser::Serialize,
+        types::{
+            Duration as PgpDuration, KeyVersion, Password, PlainSecretParams, PublicParams,
+            SecretParams, SignedUser, SigningKey, Timestamp,
+        },
+    };
+
+    use super::*;
+
+    /// 2020-09-13 12:26:40 UTC
+    const T0: u32 = 1_600_000_000;
+    const DAY: u32 = 86_400;
+
+    fn seed(label: &str) -> [u8; 32] {
+        HashAlgorithm::Sha256
+            .digest(label.as_bytes())
+            .unwrap()
+            .try_into()
+            .unwrap()
+    }
+
+    fn ed25519_params(label: &str) -> (PlainSecretParams, PublicParams) {
+        let sk = ed25519::SecretKey::try_from_bytes(seed(label), ed25519::Mode::Ed25519).unwrap();
+        let plain = PlainSecretParams::Ed25519(sk);
+        let public = PublicParams::try_from(&plain).unwrap();
+        (plain, public)
+    }
+
+    fn inner(public: PublicParams, created: u32) -> PubKeyInner {
+        PubKeyInner::new(
+            KeyVersion::V4,
+            PublicKeyAlgorithm::Ed25519,
+            Timestamp::from_secs(created),
+            None,
+            public,
+        )
+        .unwrap()
+    }
+
+    fn primary_key(label: &str, created: u32) -> SecretKey {
+        let (plain, public) = ed25519_params(label);
+        let key = PublicKey::from_inner(inner(public, created)).unwrap();
+        SecretKey::new(key, SecretParams::Plain(plain)).unwrap()
+    }
+
+    fn sub_key(label: &str, created: u32) -> SecretSubkey {
+        let (plain, public) = ed25519_params(label);
+        let key = PublicSubkey::from_inner(inner(public, created)).unwrap();
+        SecretSubkey::new(key, SecretParams::Plain(plain)).unwrap()
+    }
+
+    /// A v4 signature config with creation time and issuer subpackets for `issuer`.
+    fn config(
+        typ: SignatureType,
+        issuer: &impl KeyDetails,
+        hash: HashAlgorithm,
+        created: u32,
+        extra: Vec<SubpacketData>,
+    ) -> SignatureConfig {
+        let mut c = SignatureConfig::v4(typ, issuer.algorithm(), hash);
+        c.hashed_subpackets = [
+            SubpacketData::SignatureCreationTime(Timestamp::from_secs(created)),
+            SubpacketData::IssuerFingerprint(issuer.fingerprint()),
+        ]
+        .into_iter()
+        .chain(extra)
+        .map(|d| Subpacket::regular(d).unwrap())
+        .collect();
+        c.unhashed_subpackets =
+            vec![Subpacket::regular(SubpacketData::IssuerKeyId(issuer.legacy_key_id())).unwrap()];
+        c
+    }
+
+    fn flags(certify: bool, sign: bool) -> KeyFlags {
+        let mut f = KeyFlags::default();
+        f.set_certify(certify);
+        f.set_sign(sign);
+        f
+    }
+
+    fn pw() -> Password {
+        Password::empty()
+    }
+
+    fn uid_binding(
+        primary: &SecretKey,
+        uid: &UserId,
+        created: u32,
+        key_flags: KeyFlags,
+        expires_in: Option<u32>,
+    ) -> Signature {
+        let mut extra = vec![SubpacketData::KeyFlags(key_flags)];
+        extra.extend(
+            expires_in.map(|d| SubpacketData::KeyExpirationTime(PgpDuration::from_secs(d))),
+        );
+        config(
+            SignatureType::CertPositive,
+            primary,
+            HashAlgorithm::Sha256,
+            created,
+            extra,
+        )
+        .sign_certification(primary, primary.public_key(), &pw(), Tag::UserId, uid)
+        .unwrap()
+    }
+
+    fn subkey_binding(
+        primary: &SecretKey,
+        sub: &SecretSubkey,
+        created: u32,
+        key_flags: KeyFlags,
+        backsig: bool,
+        expires_in: Option<u32>,
+    ) -> Signature {
+        let mut extra = vec![SubpacketData::KeyFlags(key_flags)];
+        extra.extend(
+            expires_in.map(|d| SubpacketData::KeyExpirationTime(PgpDuration::from_secs(d))),
+        );
+        if backsig {
+            let back = config(
+                SignatureType::KeyBinding,
+                sub,
+                HashAlgorithm::Sha256,
+                created,
+                vec![],
+            )
+            .sign_primary_key_binding(sub, sub.public_key(), &pw(), primary.public_key())
+            .unwrap();
+            extra.push(SubpacketData::EmbeddedSignature(Box::new(back)));
+        }
+        config(
+            SignatureType::SubkeyBinding,
+            primary,
+            HashAlgorithm::Sha256,
+            created,
+            extra,
+        )
+        .sign_subkey_binding(primary, primary.public_key(), &pw(), sub.public_key())
+        .unwrap()
+    }
+
+    fn reason(text: &'static str) -> SubpacketData {
+        SubpacketData::RevocationReason(
+            RevocationCode::KeyRetired,
+            Bytes::from_static(text.as_bytes()),
+        )
+    }
+
+    fn key_revocation(primary: &SecretKey, created: u32) -> Signature {
+        config(
+            SignatureType::KeyRevocation,
+            primary,
+            HashAlgorithm::Sha256,
+            created,
+            vec![reason("retired")],
+        )
+        .sign_key(primary, &pw(), primary.public_key())
+        .unwrap()
+    }
+
+    fn subkey_revocation(primary: &SecretKey, sub: &SecretSubkey, created: u32) -> Signature {
+        config(
+            SignatureType::SubkeyRevocation,
+            primary,
+            HashAlgorithm::Sha256,
+            created,
+            vec![reason("lost")],
+        )
+        .sign_subkey_binding(primary, primary.public_key(), &pw(), sub.public_key())
+        .unwrap()
+    }
+
+    /// A certificate under construction.
+    struct TestCert {
+        primary: SecretKey,
+        uid: UserId,
+        uid_sigs: Vec<Signature>,
+        revocations: Vec<Signature>,
+        subkeys: Vec<(SecretSubkey, Vec<Signature>)>,
+    }
+
+    impl TestCert {
+        /// Primary key created at T0 that may certify and sign, with one user ID, no expiry.
+        fn new(label: &str) -> TestCert {
+            TestCert::with(label, flags(true, true), None)
+        }
+
+        fn with(label: &str, key_flags: KeyFlags, expires_in: Option<u32>) -> TestCert {
+            let primary = primary_key(label, T0);
+            let uid =
+                UserId::from_str(Default::default(), format!("{label} <{label}@example.org>"))
+                    .unwrap();
+            let sig = uid_binding(&primary, &uid, T0, key_flags, expires_in);
+            TestCert {
+                primary,
+                uid,
+                uid_sigs: vec![sig],
+                revocations: vec![],
+                subkeys: vec![],
+            }
+        }
+
+        /// Add a subkey created at T0 and bound at T0 with `key_flags`.
+        fn add_subkey(&mut self, label: &str, key_flags: KeyFlags, backsig: bool) -> usize {
+            let sub = sub_key(label, T0);
+            let sig = subkey_binding(&self.primary, &sub, T0, key_flags, backsig, None);
+            self.subkeys.push((sub, vec![sig]));
+            self.subkeys.len() - 1
+        }
+
+        fn public(&self) -> SignedPublicKey {
+            SignedPublicKey::new(
+                self.primary.public_key().clone(),
+                SignedKeyDetails::new(
+                    self.revocations.clone(),
+                    vec![],
+                    vec![SignedUser::new(self.uid.clone(), self.uid_sigs.clone())],
+                    vec![],
+                ),
+                self.subkeys
+                    .iter()
+                    .map(|(k, sigs)| SignedPublicSubKey::new(k.public_key().clone(), sigs.clone()))
+                    .collect(),
+            )
+        }
+
+        fn armored(&self) -> String {
+            self.public()
+                .to_armored_string(ArmorOptions::default())
+                .unwrap()
+        }
+
+        fn keyring(&self) -> Keyring {
+            Keyring::parse(self.armored().as_bytes(), "test").unwrap()
+        }
+
+        fn fp(&self) -> Fingerprint {
+            Fingerprint::of(self.primary.public_key())
+        }
+
+        fn sub_fp(&self, i: usize) -> Fingerprint {
+            Fingerprint::of(self.subkeys[i].0.public_key())
+        }
+    }
+
+    /// A binary data signature with SHA-512 (as Gentoo uses) made at `created`.
+    fn sign(key: &impl SigningKey, data: &[u8], created: u32) -> Signature {
+        sign_with(
+            key,
+            data,
+            created,
+            SignatureType::Binary,
+            HashAlgorithm::Sha512,
+        )
+    }
+
+    fn sign_with(
+        key: &impl SigningKey,
+        data: &[u8],
+        created: u32,
+        typ: SignatureType,
+        hash: HashAlgorithm,
+    ) -> Signature {
+        config(typ, key, hash, created, vec![])
+            .sign(key, &pw(), data)
+            .unwrap()
+    }
+
+    fn armored(sig: &Signature) -> Vec<u8> {
+        DetachedSignature::new(sig.clone())
+            .to_armored_bytes(ArmorOptions::default())
+            .unwrap()
+    }
+
+    fn binary(sig: &Signature) -> Vec<u8> {
+        DetachedSignature::new(sig.clone()).to_bytes().unwrap()
+    }
+
+    fn clearsign(key: &impl SigningKey, text: &str, created: u32) -> String {
+        let c = config(
+            SignatureType::Text,
+            key,
+            HashAlgorithm::Sha512,
+            created,
+            vec![],
+        );
+        CleartextSignedMessage::new(text, c, key, &pw())
+            .unwrap()
+            .to_armored_string(ArmorOptions::default())
+            .unwrap()
+    }
+
+    const DATA: &[u8] = b"stage3-amd64-musl-20250101T000000Z.tar.xz\x00\x01\xff binary \r\n bytes";
+
+    #[test]
+    fn fingerprint_parsing() {
+        let fp: Fingerprint = "0x13eb bdbe de7a 1277 5dfd  b1ba bb57 2e0e 2d18 2910"
+            .parse()
+            .unwrap();
+        assert_eq!(fp.to_string(), "13EBBDBEDE7A12775DFDB1BABB572E0E2D182910");
+        assert_eq!(fp.as_str(), "13EBBDBEDE7A12775DFDB1BABB572E0E2D182910");
+        assert_eq!(fp, gentoo_pins()[0]);
+        let v6 = "ab".repeat(32).parse::<Fingerprint>().unwrap();
+        assert_eq!(v6.as_str(), "AB".repeat(32));
+
+        let e = "BB572E0E2D182910".parse::<Fingerprint>().unwrap_err();
+        assert!(e.to_string().contains("key ID"), "{e}");
+        let e = "13EBBDBEDE7A12775DFDB1BABB572E0E2D18291G"
+            .parse::<Fingerprint>()
+            .unwrap_err();
+        assert!(e.to_string().contains("'G'"), "{e}");
+        assert!(
+            "13EBBDBEDE7A12775DFDB1BABB572E0E2D1829"
+                .parse::<Fingerprint>()
+                .is_err()
+        );
+        assert!("".parse::<Fingerprint>().is_err());
+
+        let mut pins = gentoo_pins();
+        assert_eq!(pins.len(), 3);
+        for p in &pins {
+            assert_eq!(&p.as_str().parse::<Fingerprint>().unwrap(), p);
+        }
+        assert!(pins.contains(&"DCD05B71EAB94199527F44ACDB6B8C1F96D8BF6D".parse().unwrap()));
+        assert!(pins.contains(&"D99EAC7379A850BCE47DA5F29E6438C817072058".parse().unwrap()));
+        // The snapshot key's signing subkey is not a pin: it counts through its primary.
+        assert!(!pins.contains(&"E1D6ABB63BFCFB4BA02FDF1CEC590EEAC9189250".parse().unwrap()));
+        pins.sort();
+        assert_eq!(pins[0].as_str(), "13EBBDBEDE7A12775DFDB1BABB572E0E2D182910");
+        assert_eq!(pins[2].as_str(), "DCD05B71EAB94199527F44ACDB6B8C1F96D8BF6D");
+    }
+
+    #[test]
+    fn good_detached_armoured_and_binary() {
+        let a = TestCert::new("alice");
+        let ring = a.keyring();
+        assert_eq!(ring.fingerprints(), vec![a.fp()]);
+        let sig = sign(&a.primary, DATA, T0 + 100);
+        for bytes in [armored(&sig), binary(&sig)] {
+            let v = verify_detached(&ring, &[a.fp()], DATA, &bytes).unwrap();
+            assert_eq!(v.primary, a.fp());
+            assert_eq!(v.signing_key, a.fp());
+            assert_eq!(v.created, i64::from(T0 + 100));
+            assert_eq!(v.user_id.as_deref(), Some("alice <alice@example.org>"));
+            let shown = v.to_string();
+            assert!(shown.contains("2020-09-13 12:28:20 UTC"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn text_mode_detached_signature_ignores_line_endings() {
+        let a = TestCert::new("alice");
+        let sig = sign_with(
+            &a.primary,
+            b"a\nb\n",
+            T0 + 1,
+            SignatureType::Text,
+            HashAlgorithm::Sha256,
+        );
+        let ring = a.keyring();
+        verify_detached(&ring, &[a.fp()], &b"a\r\nb\r\n"[..], &armored(&sig)).unwrap();
+        let e = verify_detached(&ring, &[a.fp()], &b"a\r\nc\r\n"[..], &armored(&sig)).unwrap_err();
+        assert!(matches!(e, VerifyError::Bad { .. }), "{e}");
+    }
+
+    #[test]
+    fn tampered_data_or_signature_is_bad() {
+        let a = TestCert::new("alice");
+        let ring = a.keyring();
+        let sig = sign(&a.primary, DATA, T0 + 100);
+        let mut data = DATA.to_vec();
+        data[7] ^= 1;
+        let e = verify_detached(&ring, &[a.fp()], &data[..], &armored(&sig)).unwrap_err();
+        match &e {
+            VerifyError::Bad { fingerprint } => assert_eq!(fingerprint, &a.fp()),
+            other => panic!("expected Bad, got {other:?}"),
+        }
+        let msg = e.to_string();
+        assert!(
+            msg.contains("BAD signature") && msg.contains(a.fp().as_str()),
+            "{msg}"
+        );
+        // Truncated data.
+        let e = verify_detached(&ring, &[a.fp()], &DATA[1..], &binary(&sig)).unwrap_err();
+        assert!(matches!(e, VerifyError::Bad { .. }), "{e}");
+        // A flipped bit in the signature value itself.
+        let mut bytes = binary(&sig);
+        *bytes.last_mut().unwrap() ^= 0x40;
+        let e = verify_detached(&ring, &[a.fp()], DATA, &bytes).unwrap_err();
+        assert!(matches!(e, VerifyError::Bad { .. }), "{e}");
+    }
+
+    #[test]
+    fn good_clearsigned_returns_exact_payload() {
+        let a = TestCert::new("alice");
+        let text = "# BLAKE2B HASH\n\
+                    0123abcd  stage3-amd64-musl.tar.xz\n\
+                    - dashed\n\
+                    -----BEGIN PGP SIGNATURE-----\n\
+                    --\n\
+                    last line\n";
+        let doc = clearsign(&a.primary, text, T0 + 5);
+        assert!(doc.contains("\n- - dashed\n"), "dash-escaped:\n{doc}");
+        assert!(doc.contains("\n- -----BEGIN PGP SIGNATURE-----\n"), "{doc}");
+        let (payload, v) = verify_cleartext(&a.keyring(), &[a.fp()], &doc).unwrap();
+        assert_eq!(payload, text);
+        assert_eq!(v.primary, a.fp());
+        assert_eq!(v.created, i64::from(T0 + 5));
+        // CRLF transport does not matter for a text signature.
+        let (payload, _) =
+            verify_cleartext(&a.keyring(), &[a.fp()], &doc.replace('\n', "\r\n")).unwrap();
+        assert_eq!(payload, text);
+    }
+
+    #[test]
+    fn tampered_clearsigned_payload_is_bad() {
+        let a = TestCert::new("alice");
+        let doc = clearsign(&a.primary, "0123abcd  stage3.tar.xz\n", T0 + 5);
+        let forged = doc.replace("0123abcd", "0123abce");
+        assert_ne!(forged, doc);
+        let e = verify_cleartext(&a.keyring(), &[a.fp()], &forged).unwrap_err();
+        assert!(matches!(e, VerifyError::Bad { .. }), "{e}");
+        // Lines outside the signed block are refused rather than ignored.
+        let e = verify_cleartext(&a.keyring(), &[a.fp()], &format!("evil  x\n{doc}")).unwrap_err();
+        assert!(matches!(e, VerifyError::Malformed(_)), "{e}");
+        let e = verify_cleartext(&a.keyring(), &[a.fp()], &format!("{doc}evil  x\n")).unwrap_err();
+        assert!(matches!(e, VerifyError::Malformed(_)), "{e}");
+        let e = verify_cleartext(&a.keyring(), &[a.fp()], "0123abcd  stage3.tar.xz\n").unwrap_err();
+        assert!(matches!(e, VerifyError::NoSignature), "{e}");
+    }
+
+    #[test]
+    fn unpinned_and_unknown_keys() {
+        let a = TestCert::new("alice");
+        let b = TestCert::new("bob");
+        let sig = armored(&sign(&a.primary, DATA, T0 + 1));
+
+        let e = verify_detached(&a.keyring(), &[b.fp()], DATA, &sig).unwrap_err();
+        match &e {
+            VerifyError::NotPinned { fingerprint } => assert_eq!(fingerprint, &a.fp()),
+            other => panic!("expected NotPinned, got {other:?}"),
+        }
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "signed by key {}, which is not one of the trusted keys",
+                a.fp()
+            )
+        );
+        let e = verify_detached(&a.keyring(), &gentoo_pins(), DATA, &sig).unwrap_err();
+        assert!(matches!(e, VerifyError::NotPinned { .. }), "{e}");
+
+        let e = verify_detached(&b.keyring(), &[a.fp(), b.fp()], DATA, &sig).unwrap_err();
+        match &e {
+            VerifyError::UnknownKey { issuer } => assert_eq!(issuer, a.fp().as_str()),
+            other => panic!("expected UnknownKey, got {other:?}"),
+        }
+        assert!(e.to_string().contains("not in the keyring"), "{e}");
+
+        let doc = clearsign(&a.primary, "x\n", T0 + 1);
+        let e = verify_cleartext(&a.keyring(), &[b.fp()], &doc).unwrap_err();
+        assert!(matches!(e, VerifyError::NotPinned { .. }), "{e}");
+    }
+
+    #[test]
+    fn expiry_is_judged_at_signing_time() {
+        // Key created at T0, valid for one day.
+        let mut a = TestCert::with("alice", flags(true, true), Some(DAY));
+        let ring = a.keyring();
+        let pins = [a.fp()];
+        // Made while the key was valid: good, although the key has long expired by now.
+        let early = sign(&a.primary, DATA, T0 + 3600);
+        verify_detached(&ring, &pins, DATA, &armored(&early)).unwrap();
+
+        let late = sign(&a.primary, DATA, T0 + 2 * DAY);
+        let e = verify_detached(&ring, &pins, DATA, &armored(&late)).unwrap_err();
+        match &e {
+            VerifyError::Expired {
+                fingerprint,
+                expired_at,
+                signed_at,
+            } => {
+                assert_eq!(fingerprint, &a.fp());
+                assert_eq!(*expired_at, i64::from(T0 + DAY));
+                assert_eq!(*signed_at, i64::from(T0 + 2 * DAY));
+            }
+            other => panic!("expected Expired, got {other:?}"),
+        }
+        let msg = e.to_string();
+        assert!(
+            msg.contains("signed on 2020-09-15 12:26:40 UTC")
+                && msg.contains("expired on 2020-09-14 12:26:40 UTC"),
+            "{msg}"
+        );
+        // Exactly at the expiry instant the key is no longer valid.
+        let edge = sign(&a.primary, DATA, T0 + DAY);
+        let e = verify_detached(&ring, &pins, DATA, &armored(&edge)).unwrap_err();
+        assert!(matches!(e, VerifyError::Expired { .. }), "{e}");
+
+        // A newer self-signature extending the validity applies (as with GnuPG).
+        let uid = a.uid.clone();
+        a.uid_sigs.push(uid_binding(
+            &a.primary,
+            &uid,
+            T0 + 3 * DAY,
+            flags(true, true),
+            Some(10 * DAY),
+        ));
+        verify_detached(&a.keyring(), &pins, DATA, &armored(&late)).unwrap();
+    }
+
+    #[test]
+    fn expired_subkey() {
+        let mut a = TestCert::with("alice", flags(true, false), None);
+        let sub = sub_key("alice-sign", T0);
+        let binding = subkey_binding(&a.primary, &sub, T0, flags(false, true), true, Some(DAY));
+        a.subkeys.push((sub, vec![binding]));
+        let ring = a.keyring();
+        let sig = sign(&a.subkeys[0].0, DATA, T0 + 2 * DAY);
+        let e = verify_detached(&ring, &[a.fp()], DATA, &armored(&sig)).unwrap_err();
+        match e {
+            VerifyError::Expired { fingerprint, .. } => assert_eq!(fingerprint, a.sub_fp(0)),
+            other => panic!("expected Expired, got {other:?}"),
+        }
+        let sig = sign(&a.subkeys[0].0, DATA, T0 + 10);
+        verify_detached(&ring, &[a.fp()], DATA, &armored(&sig)).unwrap();
+    }
+
+    #[test]
+    fn revoked_key_and_subkey() {
+        let mut a = TestCert::new("alice");
+        let s = a.add_subkey("alice-sign", flags(false, true), true);
+        let by_primary = armored(&sign(&a.primary, DATA, T0 + 10));
+        let by_sub = armored(&sign(&a.subkeys[s].0, DATA, T0 + 10));
+        verify_detached(&a.keyring(), &[a.fp()], DATA, &by_sub).unwrap();
+
+        // Subkey revoked: its signatures no longer count, the primary's still do.
+        let rev = subkey_revocation(&a.primary, &a.subkeys[s].0, T0 + 20);
+        a.subkeys[s].1.push(rev);
+        let ring = a.keyring();
+        let e = verify_detached(&ring, &[a.fp()], DATA, &by_sub).unwrap_err();
+        match &e {
+            VerifyError::Revoked {
+                fingerprint,
+                reason,
+            } => {
+                assert_eq!(fingerprint, &a.sub_fp(s));
+                assert_eq!(reason.as_deref(), Some("KeyRetired: lost"));
+            }
+            other => panic!("expected Revoked, got {other:?}"),
+        }
+        assert!(
+            e.to_string()
+                .contains("has been revoked (KeyRetired: lost)"),
+            "{e}"
+        );
+        verify_detached(&ring, &[a.fp()], DATA, &by_primary).unwrap();
+
+        // Primary revoked (even after the signature was made): nothing counts.
+        a.revocations.push(key_revocation(&a.primary, T0 + 30));
+        let ring = a.keyring();
+        for sig in [&by_primary, &by_sub] {
+            let e = verify_detached(&ring, &[a.fp()], DATA, sig).unwrap_err();
+            match e {
+                VerifyError::Revoked { fingerprint, .. } => assert_eq!(fingerprint, a.fp()),
+                other => panic!("expected Revoked, got {other:?}"),
+            }
+        }
+        let doc = clearsign(&a.primary, "x\n", T0 + 10);
+        let e = verify_cleartext(&ring, &[a.fp()], &doc).unwrap_err();
+        assert!(matches!(e, VerifyError::Revoked { .. }), "{e}");
+    }
+
+    #[test]
+    fn signing_subkey_counts_through_its_primary() {
+        let mut a = TestCert::with("alice", flags(true, false), None);
+        let s = a.add_subkey("alice-sign", flags(false, true), true);
+        let ring = a.keyring();
+        let sig = armored(&sign(&a.subkeys[s].0, DATA, T0 + 10));
+        let v = verify_detached(&ring, &[a.fp()], DATA, &sig).unwrap();
+        assert_eq!(v.primary, a.fp());
+        assert_eq!(v.signing_key, a.sub_fp(s));
+        assert_ne!(v.primary, v.signing_key);
+        assert!(v.to_string().contains(&format!("subkey {}", a.sub_fp(s))));
+        // Pinning the subkey itself is not how pins work.
+        let e = verify_detached(&ring, &[a.sub_fp(s)], DATA, &sig).unwrap_err();
+        match e {
+            VerifyError::NotPinned { fingerprint } => assert_eq!(fingerprint, a.fp()),
+            other => panic!("expected NotPinned, got {other:?}"),
+        }
+        // The primary lacks the signing flag: its own signatures do not count.
+        let own = armored(&sign(&a.primary, DATA, T0 + 10));
+        let e = verify_detached(&ring, &[a.fp()], DATA, &own).unwrap_err();
+        match &e {
+            VerifyError::UnusableKey {
+                fingerprint,
+                reason,
+            } => {
+                assert_eq!(fingerprint, &a.fp());
+                assert!(reason.contains("signing capability"), "{reason}");
+            }
+            other => panic!("expected UnusableKey, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unusable_subkeys_are_rejected() {
+        let mut a = TestCert::with("alice", flags(true, false), None);
+        let no_back = a.add_subkey("no-backsig", flags(false, true), false);
+        let no_flag = a.add_subkey("no-sign-flag", flags(false, false), true);
+        // A binding signature claiming to be from the primary, made by another key.
+        let mallory = primary_key("mallory", T0);
+        let forged_sub = sub_key("forged", T0);
+        let forged = config(
+            SignatureType::SubkeyBinding,
+            a.primary.public_key(),
+            HashAlgorithm::Sha256,
+            T0,
+            vec![SubpacketData::KeyFlags(flags(false, true))],
+        )
+        .sign_subkey_binding(
+            &mallory,
+            a.primary.public_key(),
+            &pw(),
+            forged_sub.public_key(),
+        )
+        .unwrap();
+        a.subkeys.push((forged_sub, vec![forged]));
+        let bad_binding = a.subkeys.len() - 1;
+        let ring = a.keyring();
+
+        for (i, expect) in [
+            (no_back, "back-signature"),
+            (no_flag, "signing capability"),
+            (bad_binding, "binding signature does not verify"),
+        ] {
+            let sig = armored(&sign(&a.subkeys[i].0, DATA, T0 + 10));
+            let e = verify_detached(&ring, &[a.fp()], DATA, &sig).unwrap_err();
+            match &e {
+                VerifyError::UnusableKey {
+                    fingerprint,
+                    reason,
+                } => {
+                    assert_eq!(fingerprint, &a.sub_fp(i));
+                    assert!(reason.contains(expect), "{reason}");
+                }
+                other => panic!("expected UnusableKey for {expect}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn signature_older_than_the_key_is_rejected() {
+        let a = TestCert::new("alice");
+        let sig = armored(&sign(&a.primary, DATA, T0 - 100));
+        let e = verify_detached(&a.keyring(), &[a.fp()], DATA, &sig).unwrap_err();
+        assert!(
+            matches!(&e, VerifyError::UnusableKey { reason, .. } if reason.contains("older than the key")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn certificates_with_bad_self_signatures_are_refused() {
+        let mut a = TestCert::new("alice");
+        let mallory = primary_key("mallory", T0);
+        // Claims to be alice's self-signature, made by mallory.
+        let forged = config(
+            SignatureType::CertPositive,
+            a.primary.public_key(),
+            HashAlgorithm::Sha256,
+            T0 + 1,
+            vec![SubpacketData::KeyFlags(flags(true, true))],
+        )
+        .sign_certification(&mallory, a.primary.public_key(), &pw(), Tag::UserId, &a.uid)
+        .unwrap();
+        a.uid_sigs.push(forged);
+        let e = Keyring::parse(a.armored().as_bytes(), "keys.asc").unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.starts_with("keys.asc: key ")
+                && msg.contains(a.fp().as_str())
+                && msg.contains("does not verify"),
+            "{msg}"
+        );
+
+        // A forged key revocation is no better.
+        let mut b = TestCert::new("bob");
+        let forged = config(
+            SignatureType::KeyRevocation,
+            b.primary.public_key(),
+            HashAlgorithm::Sha256,
+            T0 + 1,
+            vec![],
+        )
+        .sign_key(&mallory, &pw(), b.primary.public_key())
+        .unwrap();
+        b.revocations.push(forged);
+        let e = Keyring::parse(b.armored().as_bytes(), "keys.asc").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("revocation signature does not verify"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn third_party_certifications_are_ignored() {
+        let mut a = TestCert::new("alice");
+        let carol = primary_key("carol", T0);
+        let cert = config(
+            SignatureType::CertGeneric,
+            carol.public_key(),
+            HashAlgorithm::Sha256,
+            T0 + 1,
+            vec![],
+        )
+        .sign_certification_third_party(&carol, &pw(), a.primary.public_key(), Tag::UserId, &a.uid)
+        .unwrap();
+        a.uid_sigs.push(cert);
+        // Also one that does not verify (it certifies another user ID): not ours to judge.
+        let other = UserId::from_str(Default::default(), "someone else").unwrap();
+        let broken = config(
+            SignatureType::CertGeneric,
+            carol.public_key(),
+            HashAlgorithm::Sha256,
+            T0 + 1,
+            vec![],
+        )
+        .sign_certification_third_party(&carol, &pw(), a.primary.public_key(), Tag::UserId, &other)
+        .unwrap();
+        a.uid_sigs.push(broken);
+        let ring = a.keyring();
+        let sig = armored(&sign(&a.primary, DATA, T0 + 10));
+        verify_detached(&ring, &[a.fp()], DATA, &sig).unwrap();
+    }
+
+    #[test]
+    fn keyring_parsing_formats_and_merging() {
+        let a = TestCert::new("alice");
+        let b = TestCert::new("bob");
+        let c = TestCert::new("carol");
+        let mut want = vec![a.fp(), b.fp(), c.fp()];
+        want.sort();
+
+        // Several armour blocks with text around them, one block holding two keys.
+        let mut two = Vec::new();
+        let keys = [b.public(), c.public()];
+        ::pgp::armor::write(&&keys[..], BlockType::PublicKey, &mut two, None, true).unwrap();
+        let text = format!(
+            "Gentoo keys\n\n{}\nsome text between\n{}trailing\n",
+            a.armored(),
+            String::from_utf8(two).unwrap()
+        );
+        let ring = Keyring::parse(text.as_bytes(), "keys.asc").unwrap();
+        assert_eq!(ring.fingerprints(), want);
+        assert!(!ring.is_empty());
+
+        // Binary, several keys back to back.
+        let mut bin = a.public().to_bytes().unwrap();
+        bin.extend(b.public().to_bytes().unwrap());
+        bin.extend(c.public().to_bytes().unwrap());
+        assert_eq!(
+            Keyring::parse(&bin, "keys.gpg").unwrap().fingerprints(),
+            want
+        );
+
+        let mut pinned = ring.clone();
+        pinned.retain_pinned(&[b.fp(), gentoo_pins()[0].clone()]);
+        assert_eq!(pinned.fingerprints(), vec![b.fp()]);
+        pinned.retain_pinned(&gentoo_pins());
+        assert!(pinned.is_empty());
+
+        // Copies of one certificate merge: a revocation on either copy applies.
+        let mut revoked = TestCert::new("alice");
+        revoked
+            .revocations
+            .push(key_revocation(&revoked.primary, T0 + 50));
+        let sig = armored(&sign(&a.primary, DATA, T0 + 10));
+        let mut ring = a.keyring();
+        verify_detached(&ring, &[a.fp()], DATA, &sig).unwrap();
+        ring.extend(revoked.keyring());
+        assert_eq!(ring.fingerprints(), vec![a.fp()]);
+        let e = verify_detached(&ring, &[a.fp()], DATA, &sig).unwrap_err();
+        assert!(matches!(e, VerifyError::Revoked { .. }), "{e}");
+        let both = format!("{}{}", a.armored(), revoked.armored());
+        let ring = Keyring::parse(both.as_bytes(), "both").unwrap();
+        assert_eq!(ring.fingerprints(), vec![a.fp()]);
+        let e = verify_detached(&ring, &[a.fp()], DATA, &sig).unwrap_err();
+        assert!(matches!(e, VerifyError::Revoked { .. }), "{e}");
+    }
+
+    #[test]
+    fn keyring_errors() {
+        for (input, expect) in [
+            (&b""[..], "no OpenPGP public key"),
+            (b"hello world\n", "neither ASCII-armoured nor binary"),
+            (
+                b"-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nmQ==\n",
+                "truncated",
+            ),
+        ] {
+            let e = Keyring::parse(input, "k.asc").unwrap_err();
+            let msg = format!("{e:#}");
+            assert!(msg.starts_with("k.asc: ") && msg.contains(expect), "{msg}");
+        }
+        let a = TestCert::new("alice");
+        let secret = SignedSecretKey::new(a.primary.clone(), a.public().details, vec![], vec![]);
+        let e = Keyring::parse(
+            secret
+                .to_armored_string(ArmorOptions::default())
+                .unwrap()
+                .as_bytes(),
+            "k.asc",
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("PRIVATE key"), "{e:#}");
+        let sig = armored(&sign(&a.primary, DATA, T0));
+        let e = Keyring::parse(&sig, "k.asc").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("expected an OpenPGP public key"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn malformed_and_missing_signatures() {
+        let a = TestCert::new("alice");
+        let ring = a.keyring();
+        let pins = [a.fp()];
+        for input in [&b""[..], b"  \n"] {
+            let e = verify_detached(&ring, &pins, DATA, input).unwrap_err();
+            assert!(matches!(e, VerifyError::NoSignature), "{e}");
+        }
+        for input in [
+            &b"not a signature\n"[..],
+            a.armored().as_bytes(),
+            &[0xff, 0x00, 0x12],
+        ] {
+            let e = verify_detached(&ring, &pins, DATA, input).unwrap_err();
+            assert!(matches!(e, VerifyError::Malformed(_)), "{e}");
+        }
+        // A binary public key is not a signature either.
+        let e = verify_detached(&ring, &pins, DATA, &a.public().to_bytes().unwrap()).unwrap_err();
+        assert!(matches!(e, VerifyError::Malformed(_)), "{e}");
+    }
+
+    #[test]
+    fn several_signatures_one_good_is_enough() {
+        let a = TestCert::new("alice");
+        let b = TestCert::new("bob");
+        let mut ring = a.keyring();
+        ring.extend(b.keyring());
+        let pins = [a.fp(), b.fp()];
+        let good_a = sign(&a.primary, DATA, T0 + 1);
+        let bad_a = sign(&a.primary, b"other data", T0 + 1);
+        let good_b = sign(&b.primary, DATA, T0 + 1);
+        let bad_b = sign(&b.primary, b"other data", T0 + 1);
+        let stranger = sign(&primary_key("stranger", T0), DATA, T0 + 1);
+
+        let cat = |sigs: &[&Signature], armour: bool| -> Vec<u8> {
+            sigs.iter()
+                .flat_map(|s| if armour { armored(s) } else { binary(s) })
+                .collect()
+        };
+        for armour in [true, false] {
+            // Two pinned candidates hashed in one pass: the bad one does not spoil the good one.
+            let v = verify_detached(&ring, &pins, DATA, &cat(&[&bad_a, &good_b], armour)).unwrap();
+            assert_eq!(v.primary, b.fp());
+            let v =
+                verify_detached(&ring, &pins, DATA, &cat(&[&stranger, &good_a], armour)).unwrap();
+            assert_eq!(v.primary, a.fp());
+            // Most informative failure: Bad beats UnknownKey and NotPinned.
+            let e = verify_detached(&ring, &pins, DATA, &cat(&[&stranger, &bad_a], armour))
+                .unwrap_err();
+            assert!(matches!(e, VerifyError::Bad { .. }), "{e}");
+            let e = verify_detached(&ring, &[b.fp()], DATA, &cat(&[&good_a, &bad_b], armour))
+                .unwrap_err();
+            assert!(
+                matches!(&e, VerifyError::Bad { fingerprint } if *fingerprint == b.fp()),
+                "{e}"
+            );
+            let e = verify_detached(&ring, &[b.fp()], DATA, &cat(&[&stranger, &good_a], armour))
+                .unwrap_err();
+            assert!(matches!(e, VerifyError::NotPinned { .. }), "{e}");
+        }
+    }
+
+    /// Produces `len` bytes of a position-dependent pattern without holding them.
+    struct Pattern {
+        pos: u64,
+        len: u64,
+        block: Vec<u8>,
+    }
+
+    impl Pattern {
+        fn new(len: u64) -> Pattern {
+            let block = (0..4093u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect();
+            Pattern { pos: 0, len, block }
+        }
+    }
+
+    impl Read for Pattern {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let off = (self.pos % self.block.len() as u64) as usize;
+            let n = buf
+                .len()
+                .min(self.block.len() - off)
+                .min((self.len - self.pos) as usize);
+            buf[..n].copy_from_slice(&self.block[off..off + n]);
+            self.pos += n as u64;
+            Ok(n)
+        }
+    }
+
+    fn peak_rss_kib() -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    #[test]
+    fn detached_verification_streams_large_data() {
+        const LEN: u64 = 256 << 20;
+        let a = TestCert::new("alice");
+        let ring = a.keyring();
+        // rpgp's signing hashes its reader incrementally too.
+        let sig = config(
+            SignatureType::Binary,
+            &a.primary,
+            HashAlgorithm::Sha512,
+            T0 + 1,
+            vec![],
+        )
+        .sign(&a.primary, &pw(), Pattern::new(LEN))
+        .unwrap();
+        let sig = armored(&sig);
+        let before = peak_rss_kib();
+        verify_detached(&ring, &[a.fp()], Pattern::new(LEN), &sig).unwrap();
+        if let (Some(before), Some(after)) = (before, peak_rss_kib()) {
+            // Holding the data would add 256 MiB to the peak.
+            assert!(
+                after.saturating_sub(before) < 64 << 10,
+                "peak RSS grew from {before} KiB to {after} KiB"
+            );
+        }
+        let e = verify_detached(&ring, &[a.fp()], Pattern::new(LEN - 1), &sig).unwrap_err();
+        assert!(matches!(e, VerifyError::Bad { .. }), "{e}");
+    }
+
+    #[test]
+    fn read_errors_are_not_bad_signatures() {
+        struct Failing(usize);
+        impl Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::other("disk on fire"));
+                }
+                let n = buf.len().min(self.0);
+                buf[..n].fill(b'x');
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        let a = TestCert::new("alice");
+        let sig = armored(&sign(&a.primary, DATA, T0 + 1));
+        let e = verify_detached(&a.keyring(), &[a.fp()], Failing(200_000), &sig).unwrap_err();
+        assert!(matches!(e, VerifyError::Io(_)), "{e}");
+        assert!(e.to_string().contains("disk on fire"), "{e}");
+    }
+
+    #[test]
+    fn wkd_urls_follow_the_draft() {
+        // Test vector from draft-koch-openpgp-webkey-service.
+        let [advanced, direct] = wkd_urls("Joe.Doe@Example.ORG").unwrap();
+        assert_eq!(
+            advanced,
+            "https://openpgpkey.example.org/.well-known/openpgpkey/example.org/hu/iy9q119eutrkn8s1mk4r39qejnbu3n5q?l=Joe.Doe"
+        );
+        assert_eq!(
+            direct,
+            "https://example.org/.well-known/openpgpkey/hu/iy9q119eutrkn8s1mk4r39qejnbu3n5q?l=Joe.Doe"
+        );
+        let [advanced, _] = wkd_urls("releng+x@gentoo.org").unwrap();
+        assert!(advanced.ends_with("?l=releng%2Bx"), "{advanced}");
+        for bad in [
+            "joe",
+            "@example.org",
+            "joe@",
+            "jo e@example.org",
+            "joe@exa mple.org",
+            "joe@-x.org",
+            "joe@x..org",
+        ] {
+            assert!(wkd_urls(bad).is_err(), "{bad}");
+        }
+        assert_eq!(zbase32(&[]), "");
+        assert_eq!(zbase32(&[0xff]), "9h");
+    }
+
+    #[test]
+    fn utc_formatting() {
+        assert_eq!(fmt_utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(fmt_utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(fmt_utc(i64::from(T0)), "2020-09-13 12:26:40 UTC");
+        assert_eq!(fmt_utc(4_102_444_799), "2099-12-31 23:59:59 UTC");
+        assert_eq!(fmt_utc(-1), "1969-12-31 23:59:59 UTC");
+    }
 }
