@@ -4,7 +4,6 @@
 //! fixtures: the tool verifies in-process.
 
 mod common;
-#[allow(dead_code)]
 mod support;
 
 use std::fs;
@@ -180,7 +179,7 @@ impl Fixture {
         self.gpg.detach_sign(fpr, &stage, &asc, faked_time);
     }
 
-    fn mkimg(&self, mirror: &Mirror) -> Command {
+    fn mkimg(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gentoo-mkimg"));
         cmd.arg("--work-dir")
             .arg(&self.work)
@@ -207,7 +206,7 @@ impl Fixture {
     }
 
     fn fetch(&self, mirror: &Mirror, sources: &[&str]) -> Output {
-        self.mkimg(mirror)
+        self.mkimg()
             .arg("fetch")
             .args(sources)
             .args(self.input_args(mirror))
@@ -477,6 +476,7 @@ fn tampered_or_untrusted_inputs_are_refused() {
         breaker(&fx);
         let mirror = Mirror::start(&fx.root);
         let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+        eprintln!("{case}: {}", stderr(&out).trim());
         assert_fails(&out, needles, case);
         assert_eq!(
             fx.cached_artifacts(),
@@ -496,7 +496,7 @@ fn build_builds_nothing_from_an_unverified_stage() {
     fs::write(fx.stage(), data).unwrap();
     let mirror = Mirror::start(&fx.root);
     let out = fx
-        .mkimg(&mirror)
+        .mkimg()
         .arg("build")
         .args(fx.input_args(&mirror))
         .output()
@@ -519,7 +519,7 @@ fn an_interrupted_download_resumes_on_the_next_run() {
     let half = size / 2;
     mirror.stall_after(&path, half, std::time::Duration::from_secs(20));
     let mut child = fx
-        .mkimg(&mirror)
+        .mkimg()
         .arg("fetch")
         .arg("stage3:amd64-musl-openrc")
         .args(fx.input_args(&mirror))
@@ -623,7 +623,7 @@ fn bare_build_uses_the_newest_musl_stage_and_the_latest_snapshot() {
     let fx = fixture();
     let mirror = Mirror::start(&fx.root);
     let build = || {
-        fx.mkimg(&mirror)
+        fx.mkimg()
             .arg("build")
             .args(fx.input_args(&mirror))
             .arg("--rt-packages")

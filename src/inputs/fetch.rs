@@ -306,7 +306,10 @@ impl Fetcher {
             .sync_all()
             .with_context(|| format!("cannot write {}", part_path.display()))?;
         if let Err(err) = verify(&part_path) {
-            return Err(discard(err));
+            // The verifier's message names the file and the failed check; say no more.
+            let _ = fs::remove_file(&part_path);
+            tracing::info!("{url}: rejected, {} deleted", part_path.display());
+            return Err(err);
         }
         fs::rename(&part_path, &dest).with_context(|| {
             format!(
