@@ -653,3 +653,102 @@ fn bare_build_uses_the_newest_musl_stage_and_the_latest_snapshot() {
         .collect();
     assert!(transferred.is_empty(), "downloaded again: {transferred:?}");
 }
+
+/// Local files: verified when their companions sit beside them, required with `--verify`,
+/// skipped (loudly) with `--no-verify`.
+#[test]
+fn local_files_are_verified_by_their_companions() {
+    let fx = fixture();
+    let mirror = Mirror::start(&fx.root);
+    let stage = fx.stage().display().to_string();
+    let out = fx.fetch(&mirror, &[&stage]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), stage);
+
+    // The same bytes elsewhere, without companions: used as they are, refused with --verify.
+    let lone = fx.work.join(stage_name());
+    fs::copy(fx.stage(), &lone).unwrap();
+    let lone = lone.display().to_string();
+    let out = fx.fetch(&mirror, &[&lone]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = fx.fetch(&mirror, &[&lone, "--verify"]);
+    assert_fails(
+        &out,
+        &[".asc failed: missing"],
+        "--verify without companions",
+    );
+
+    // A tampered local stage with its companions: refused, unless --no-verify.
+    let mut data = fs::read(fx.stage()).unwrap();
+    data[1000] ^= 0x10;
+    fs::write(fx.stage(), data).unwrap();
+    let out = fx.fetch(&mirror, &[&stage]);
+    assert_fails(
+        &out,
+        &[&stage_name(), ".asc) failed"],
+        "tampered local stage",
+    );
+    let out = fx.fetch(&mirror, &[&stage, "--no-verify"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("NOT verified"), "{}", stderr(&out));
+}
+
+/// `snapshot:sqfs:latest`: gentoo-current.xz.sqfs, checked against the clearsigned
+/// sha512sum.txt beside it.
+#[test]
+fn squashfs_snapshots_are_checked_against_the_signed_sha512sum() {
+    let fx = fixture();
+    let dir = fx.root.join("snapshots/squashfs");
+    fs::create_dir_all(&dir).unwrap();
+    let sqfs = dir.join("gentoo-current.xz.sqfs");
+    let made = Command::new("mksquashfs")
+        .arg(common::repo())
+        .arg(&sqfs)
+        .args(["-comp", "xz", "-noappend", "-quiet", "-no-progress"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let sums = |sha: &str| {
+        format!(
+            "{sha}  gentoo-20260101.xz.sqfs\n{sha}  gentoo-current.xz.sqfs\n{}  gentoo-20251231.xz.sqfs\n",
+            "1".repeat(128)
+        )
+    };
+    fx.gpg.clearsign(
+        &fx.releng,
+        &sums(&hash("sha512sum", &sqfs)),
+        &dir.join("sha512sum.txt"),
+    );
+    let mirror = Mirror::start(&fx.root);
+    let out = fx.fetch(&mirror, &["snapshot:sqfs:latest", "-v"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .lines()
+            .any(|l| l.contains("ok") && l.contains("SHA512 (sha512sum.txt)")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        fs::read(String::from_utf8_lossy(&out.stdout).trim()).unwrap(),
+        fs::read(&sqfs).unwrap()
+    );
+
+    // A sha512sum.txt that lists another digest for it: refused, nothing kept.
+    let fx2 = fixture();
+    let dir2 = fx2.root.join("snapshots/squashfs");
+    fs::create_dir_all(&dir2).unwrap();
+    fs::copy(&sqfs, dir2.join("gentoo-current.xz.sqfs")).unwrap();
+    fx2.gpg.clearsign(
+        &fx2.releng,
+        &sums(&"2".repeat(128)),
+        &dir2.join("sha512sum.txt"),
+    );
+    let mirror2 = Mirror::start(&fx2.root);
+    let out = fx2.fetch(&mirror2, &["snapshot:sqfs:latest"]);
+    assert_fails(
+        &out,
+        &["gentoo-current.xz.sqfs", "SHA512 (sha512sum.txt) failed"],
+        "wrong sha512",
+    );
+}

@@ -399,6 +399,7 @@ impl Inputs {
             fs::write(&record, &fingerprint)
                 .with_context(|| format!("{}: cannot record the verification", record.display()))
         })?;
+        self.report(&remote.name, &checks);
         Ok(Input {
             path: got.path,
             checks,
@@ -430,10 +431,21 @@ impl Inputs {
             );
             return Ok(plain);
         }
-        let name = file_name(path)?;
-        verify::ensure_trusted(&format!("{}", path.display()), &checks)
-            .with_context(|| format!("verifying {name}"))?;
+        verify::ensure_trusted(&path.display().to_string(), &checks)?;
+        self.report(&file_name(path)?, &checks);
         Ok(Input { checks, ..plain })
+    }
+
+    /// One line on stderr saying what made a file trusted (or that it was verified before).
+    fn report(&self, name: &str, checks: &[Check]) {
+        if self.opts.verbosity == Verbosity::Quiet {
+            return;
+        }
+        if checks.is_empty() {
+            eprintln!("{name}: verified when it was downloaded");
+            return;
+        }
+        eprintln!("{name}: verified: {}", verify::summary(checks));
     }
 
     /// The checks for a local file (for `verify` and local inputs); empty when there is

@@ -297,3 +297,27 @@ pub fn ensure_trusted(file_name: &str, checks: &[Check]) -> Result<()> {
     }
     Ok(())
 }
+
+/// A short account of passed checks: the signatures' signers and the digests that matched.
+pub fn summary(checks: &[Check]) -> String {
+    let mut signers: Vec<&str> = Vec::new();
+    let mut digests: Vec<String> = Vec::new();
+    for check in checks {
+        let Ok(detail) = &check.outcome else { continue };
+        if check.what.starts_with("signature") {
+            if !signers.contains(&detail.as_str()) {
+                signers.push(detail);
+            }
+        } else if let Some((alg, _)) = check.what.split_once(' ') {
+            let alg = alg.to_string();
+            if !digests.contains(&alg) {
+                digests.push(alg);
+            }
+        }
+    }
+    let mut parts: Vec<String> = signers.iter().map(|s| s.to_string()).collect();
+    if !digests.is_empty() {
+        parts.push(format!("{} match", digests.join(", ")));
+    }
+    parts.join("; ")
+}
