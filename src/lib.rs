@@ -1,6 +1,8 @@
 //! gentoo-mkimg: Gentoo stage3 + Portage snapshot → container images, without a daemon.
 //!
-//! The modules follow the pipeline: [`archive`] reads inputs, [`image`] makes layers,
+//! The modules follow the pipeline: [`inputs`] fetches and verifies stages and snapshots,
+//! [`archive`] reads them, [`engine`] runs sessions in a stage, [`build`] is the job,
+//! [`image`] makes layers,
 //! configs and manifests in the [`image::store`], [`publish`] gets images out of the store.
 //! [`import`] and [`images`] are the commands built on them; [`cli`] only parses arguments.
 
@@ -13,6 +15,7 @@ pub mod image;
 pub mod images;
 pub mod import;
 pub mod inputs;
+pub mod net;
 pub mod portage;
 pub mod progress;
 pub mod publish;

@@ -28,6 +28,7 @@ use reqwest::header::{self, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 
+use crate::net::{describe, is_tls_refusal};
 use crate::progress::{self, Verbosity};
 
 /// Largest small file [`Fetcher::fetch_small`] accepts by default.
@@ -186,7 +187,7 @@ impl Fetcher {
             .enable_all()
             .build()
             .context("cannot start the async runtime")?;
-        let tls = crate::publish::registry::tls_config(&[])?;
+        let tls = crate::net::tls_config(&[])?;
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .connect_timeout(opts.connect_timeout)
@@ -824,49 +825,6 @@ fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
 /// The delay after the `n`th failure (1-based): `base`, doubled each time.
 fn backoff(base: Duration, n: u32) -> Duration {
     base.saturating_mul(1u32 << n.saturating_sub(1).min(16))
-}
-
-/// A reqwest error with its causes, on one line.
-fn describe(err: &reqwest::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-/// Whether TLS refused the server (its certificate, its protocol versions): no use trying
-/// again.
-fn is_tls_refusal(err: &reqwest::Error) -> bool {
-    // io::Error hides the error it wraps from `source()`: look inside it too.
-    fn is_rustls(e: &(dyn std::error::Error + 'static)) -> bool {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return matches!(
-                tls,
-                rustls::Error::InvalidCertificate(_)
-                    | rustls::Error::NoCertificatesPresented
-                    | rustls::Error::PeerIncompatible(_)
-            );
-        }
-        match e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            Some(inner) => is_rustls(inner),
-            None => false,
-        }
-    }
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        if is_rustls(s) {
-            return true;
-        }
-        source = s.source();
-    }
-    false
 }
 
 #[cfg(test)]
