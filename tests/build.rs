@@ -24,25 +24,7 @@ fn work() -> Work {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let snapshot = dir.join("gentoo-20260101.tar.xz");
-    let staging = dir.join("snap");
-    std::fs::create_dir_all(&staging).unwrap();
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(common::repo())
-        .arg(staging.join("gentoo-20260101"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let status = Command::new("tar")
-        .arg("-cJf")
-        .arg(&snapshot)
-        .arg("-C")
-        .arg(&staging)
-        .arg("gentoo-20260101")
-        .status()
-        .unwrap();
-    assert!(status.success());
-    std::fs::remove_dir_all(&staging).unwrap();
+    common::snapshot_tarball(&snapshot, "gentoo-20260101");
     Work {
         store: dir.join("images"),
         cache: dir.join("cache"),

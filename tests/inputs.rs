@@ -279,26 +279,8 @@ fn fixture() -> Fixture {
 
     // The snapshot: the test repository under gentoo-20260101/.
     let snapshots = fx.root.join("snapshots");
-    let staging = fx.work.join("staging");
     fs::create_dir_all(&snapshots).unwrap();
-    fs::create_dir_all(&staging).unwrap();
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(common::repo())
-        .arg(staging.join("gentoo-20260101"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let status = Command::new("tar")
-        .arg("-cJf")
-        .arg(fx.snapshot())
-        .arg("-C")
-        .arg(&staging)
-        .arg("gentoo-20260101")
-        .status()
-        .unwrap();
-    assert!(status.success());
-    fs::remove_dir_all(&staging).unwrap();
+    common::snapshot_tarball(&fx.snapshot(), "gentoo-20260101");
     let snap = fx.snapshot();
     fx.gpg.detach_sign(
         &releng,
@@ -701,13 +683,7 @@ fn squashfs_snapshots_are_checked_against_the_signed_sha512sum() {
     let dir = fx.root.join("snapshots/squashfs");
     fs::create_dir_all(&dir).unwrap();
     let sqfs = dir.join("gentoo-current.xz.sqfs");
-    let made = Command::new("mksquashfs")
-        .arg(common::repo())
-        .arg(&sqfs)
-        .args(["-comp", "xz", "-noappend", "-quiet", "-no-progress"])
-        .status()
-        .unwrap();
-    assert!(made.success());
+    common::snapshot_squashfs(&sqfs);
     let sums = |sha: &str| {
         format!(
             "{sha}  gentoo-20260101.xz.sqfs\n{sha}  gentoo-current.xz.sqfs\n{}  gentoo-20251231.xz.sqfs\n",

@@ -369,13 +369,7 @@ fn squashfs_snapshot_is_unpacked_once_and_used_by_portage() {
     let stage = common::stage();
     let ws = workspace();
     let sqfs = ws.work.join("gentoo-20260101.xz.sqfs");
-    let made = Command::new("mksquashfs")
-        .arg(common::repo())
-        .arg(&sqfs)
-        .args(["-comp", "xz", "-noappend", "-quiet", "-no-progress"])
-        .status()
-        .unwrap();
-    assert!(made.success(), "mksquashfs failed");
+    common::snapshot_squashfs(&sqfs);
     let emerge_info = || {
         Command::new(env!("CARGO_BIN_EXE_gentoo-mkimg"))
             .arg("--work-dir")

@@ -112,6 +112,40 @@ pub fn repo() -> PathBuf {
     fixtures_dir().join("repo")
 }
 
+/// The test repository packed as Gentoo packs snapshots: `out` (a `.tar.xz`) holding one
+/// top-level directory `top` (e.g. `gentoo-20260101`).
+pub fn snapshot_tarball(out: &Path, top: &str) {
+    let staging = tempfile::tempdir().unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(repo())
+        .arg(staging.path().join(top))
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp of the test repository failed");
+    let status = Command::new("tar")
+        .arg("-cJf")
+        .arg(out)
+        .arg("-C")
+        .arg(staging.path())
+        .arg(top)
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar of the test repository failed");
+}
+
+/// The test repository as a squashfs image (what `snapshots/squashfs/` holds), made by
+/// squashfs-tools.
+pub fn snapshot_squashfs(out: &Path) {
+    let status = Command::new("mksquashfs")
+        .arg(repo())
+        .arg(out)
+        .args(["-comp", "xz", "-noappend", "-quiet", "-no-progress"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "mksquashfs failed");
+}
+
 /// The test repository's profile; the stand-in stage's `/etc/portage/make.profile` is a
 /// symlink to `../../var/db/repos/gentoo/profiles/` + this, and `emerge --info` names it.
 pub const REPO_PROFILE: &str = "default/linux/amd64/23.0";
