@@ -728,3 +728,62 @@ fn squashfs_snapshots_are_checked_against_the_signed_sha512sum() {
         "wrong sha512",
     );
 }
+
+/// A stage from before 2022: no `.asc`, a DIGESTS that is not clearsigned but has a detached
+/// `.DIGESTS.asc`, with MD5/SHA1/SHA512/WHIRLPOOL blocks and catalyst build paths.
+#[test]
+fn pre_2022_stages_verify_through_their_detached_digests_signature() {
+    let fx = fixture();
+    let dir = fx.work.join("old");
+    fs::create_dir_all(&dir).unwrap();
+    let name = "stage3-amd64-20180204.tar.bz2";
+    let stage = dir.join(name);
+    fs::copy(common::stage().bz2(), &stage).unwrap();
+    let built = format!("/var/tmp/catalyst/builds/default/{name}");
+    let digests = dir.join(format!("{name}.DIGESTS"));
+    fs::write(
+        &digests,
+        format!(
+            "# MD5 HASH\n{}  {built}\n# SHA1 HASH\n{}  {built}\n\
+             # SHA512 HASH\n{}  {built}\n# WHIRLPOOL HASH\n{}  {built}\n",
+            hash("md5sum", &stage),
+            "a".repeat(40),
+            hash("sha512sum", &stage),
+            "b".repeat(128),
+        ),
+    )
+    .unwrap();
+    let asc = dir.join(format!("{name}.DIGESTS.asc"));
+    fx.gpg.detach_sign(&fx.releng, &digests, &asc, None);
+    let verify = || {
+        Command::new(env!("CARGO_BIN_EXE_gentoo-mkimg"))
+            .arg("verify")
+            .arg(&stage)
+            .arg("--keyring")
+            .arg(&fx.keyring)
+            .args(["--trusted-key", &fx.releng])
+            .output()
+            .unwrap()
+    };
+    let out = verify();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", stderr(&out));
+    for check in [".DIGESTS.asc", "MD5", "SHA512"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.trim_start().starts_with("ok") && l.contains(check)),
+            "no passed {check} check: {stdout}"
+        );
+    }
+    // The WHIRLPOOL line is not checked, but it is signed: changing it breaks the signature.
+    let text = fs::read_to_string(&digests).unwrap();
+    fs::write(&digests, text.replace(&"b".repeat(128), &"c".repeat(128))).unwrap();
+    let out = verify();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("FAILED  signature (stage3-amd64-20180204.tar.bz2.DIGESTS.asc)"),
+        "{stdout}"
+    );
+}

@@ -697,8 +697,9 @@ mod tests {
         assert_eq!(
             names(stage),
             vec![
-                (format!("{stage}.asc"), true),
+                (format!("{stage}.asc"), false),
                 (format!("{stage}.DIGESTS"), true),
+                (format!("{stage}.DIGESTS.asc"), false),
                 (format!("{stage}.sha256"), false)
             ]
         );

@@ -3,7 +3,7 @@
 //!
 //! | file | companions | trust anchor |
 //! |---|---|---|
-//! | `stage3-*.tar.*` | `.asc` (detached), `.DIGESTS` (clearsigned), `.sha256` (clearsigned, optional) | signature and signed digests |
+//! | `stage3-*.tar.*` | `.asc` (detached; none before 2022), `.DIGESTS` (clearsigned; before 2022 plain with a detached `.DIGESTS.asc`), `.sha256` (clearsigned, optional) | signature and signed digests |
 //! | `gentoo-*.tar.*`, `portage-*.tar.*` | `.gpgsig` (detached), `.md5sum` (optional, transfer check only) | signature |
 //! | `gentoo-*.sqfs` | `sha512sum.txt` in the same directory (clearsigned) | signed digests |
 //!
@@ -32,6 +32,9 @@ pub enum CompanionKind {
     SignedDigests { default: Option<Algorithm> },
     /// An unsigned digest file (`.md5sum`): catches transfer errors, trusts nothing.
     TransferDigest,
+    /// A detached signature over another companion (`.DIGESTS.asc`, the layout before 2022,
+    /// when `.DIGESTS` was not clearsigned): used by that companion's check.
+    SignatureOfCompanion,
 }
 
 /// One companion of a file: its name (in the same directory), kind, and whether it must exist.
@@ -53,13 +56,16 @@ pub fn companions(name: &str) -> Vec<Companion> {
         default: Some(Algorithm::Sha512),
     };
     if digests::parse_stage_name(name).is_some() {
+        // Since 2022: `.asc` and a clearsigned `.DIGESTS`. Before: only `.DIGESTS` with a
+        // detached `.DIGESTS.asc`. Either way the signed DIGESTS anchors the file.
         return vec![
-            c(".asc", CompanionKind::Signature, true),
+            c(".asc", CompanionKind::Signature, false),
             c(
                 ".DIGESTS",
                 CompanionKind::SignedDigests { default: None },
                 true,
             ),
+            c(".DIGESTS.asc", CompanionKind::SignatureOfCompanion, false),
             c(
                 ".sha256",
                 CompanionKind::SignedDigests {
@@ -179,10 +185,26 @@ pub fn check_file(
                     anchor: true,
                 });
             }
+            CompanionKind::SignatureOfCompanion => {}
             CompanionKind::SignedDigests { default } => {
                 let text = String::from_utf8_lossy(content);
-                let what = format!("signature ({})", companion.name);
-                match pgp::verify_cleartext(trust.keyring, trust.pins, &text) {
+                let detached = format!("{}.asc", companion.name);
+                let detached = companions
+                    .iter()
+                    .find(|(c, content)| c.name == detached && content.is_some());
+                let clearsigned = text.contains("-----BEGIN PGP SIGNED MESSAGE-----");
+                let (what, verified) = match detached {
+                    Some((sig, Some(sig_bytes))) if !clearsigned => (
+                        format!("signature ({})", sig.name),
+                        pgp::verify_detached(trust.keyring, trust.pins, &content[..], sig_bytes)
+                            .map(|v| (text.to_string(), v)),
+                    ),
+                    _ => (
+                        format!("signature ({})", companion.name),
+                        pgp::verify_cleartext(trust.keyring, trust.pins, &text),
+                    ),
+                };
+                match verified {
                     Ok((payload, v)) => {
                         checks.push(Check {
                             what,
