@@ -182,6 +182,8 @@ impl Store {
         if !index.exists() {
             write_atomic(&index, &to_json(&Index::default())?)?;
         }
+        sweep_stale_tmp(&blobs, STALE_TMP_AGE);
+        sweep_stale_tmp(&self.root, STALE_TMP_AGE);
         Ok(())
     }
 
@@ -300,6 +302,33 @@ fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).context("cannot encode JSON")
 }
 
+/// A temporary blob untouched for this long belongs to a run that was killed (a live writer
+/// touches its file all the time; even a slow push of a big layer writes nothing here).
+const STALE_TMP_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Remove `.tmp-*` files in `dir` not modified for `max_age`: what a killed run left.
+/// Best effort: a file that cannot be removed stays for the next sweep.
+fn sweep_stale_tmp(dir: &Path, max_age: std::time::Duration) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().as_encoded_bytes().starts_with(b".tmp-") {
+            continue;
+        }
+        let stale = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > max_age);
+        if stale && fs::remove_file(entry.path()).is_ok() {
+            tracing::info!("removed {}, left by a killed run", entry.path().display());
+        }
+    }
+}
+
 /// Write `bytes` to `path` through a temporary file in the same directory and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -318,6 +347,42 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stale_temporary_blobs_are_swept_and_fresh_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("store"));
+        store.ensure_layout().unwrap();
+        let blobs = store.blobs_dir();
+        let old = blobs.join(".tmp-killed");
+        let fresh = blobs.join(".tmp-writing");
+        let real = blobs.join("0".repeat(64));
+        for p in [&old, &fresh, &real] {
+            fs::write(p, b"x").unwrap();
+        }
+        let two_days_ago = nix::sys::time::TimeSpec::new(
+            (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                - 2 * 86_400) as i64,
+            0,
+        );
+        for p in [&old, &real] {
+            nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                p.as_path(),
+                &two_days_ago,
+                &two_days_ago,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap();
+        }
+        store.ensure_layout().unwrap();
+        assert!(!old.exists(), "a stale temporary blob was kept");
+        assert!(fresh.exists(), "a temporary blob being written was removed");
+        assert!(real.exists(), "a stored blob was removed");
+    }
+
     use super::*;
 
     #[test]
