@@ -120,6 +120,9 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
     let store = Store::new(&cli.store);
     match &cli.command {
         Command::Shell(args) => {
+            if args.engine == engine::EngineKind::Sandbox {
+                engine::sandbox::check_usable()?; // before anything is downloaded
+            }
             let inputs = inputs(&cli, settings(&args.inputs), verbosity)?;
             let opts = shell::ShellOptions {
                 stage: local(&inputs, &args.stage3, "stage3")?,
@@ -164,6 +167,14 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 keep_going: args.keep_going,
                 compression: args.compression,
             };
+            // Refuse an unusable engine before anything is downloaded.
+            let engine = args
+                .engine
+                .or(file.as_ref().and_then(|(_, f)| f.engine))
+                .unwrap_or(engine::EngineKind::Sandbox);
+            if engine == engine::EngineKind::Sandbox {
+                engine::sandbox::check_usable()?;
+            }
             let merged = settings(&args.inputs).merge_file(file.as_ref().map(|(p, f)| (*p, f)));
             let inputs = inputs(&cli, merged, verbosity)?;
             let plan =

@@ -787,3 +787,34 @@ fn pre_2022_stages_verify_through_their_detached_digests_signature() {
         "{stdout}"
     );
 }
+
+/// A non-root user asking the sandbox engine for a build is told so before anything is
+/// fetched.
+#[test]
+fn an_unusable_engine_is_refused_before_any_download() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = fixture();
+    let mirror = Mirror::start(&fx.root);
+    let home = tempfile::tempdir().unwrap();
+    fs::set_permissions(home.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    fs::set_permissions(&fx.keyring, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_gentoo-mkimg"))
+        .arg("--work-dir")
+        .arg(home.path())
+        .arg("--cache-dir")
+        .arg(home.path().join("cache"))
+        .args(["build", "--engine", "sandbox"])
+        .args(fx.input_args(&mirror))
+        .env("HOME", home.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_fails(
+        &out,
+        &["needs root", "--engine docker"],
+        "non-root sandbox build",
+    );
+    assert_eq!(mirror.requests(), Vec::new(), "something was fetched");
+}
