@@ -656,7 +656,7 @@ fn local_files_are_verified_by_their_companions() {
     let out = fx.fetch(&mirror, &[&lone, "--verify"]);
     assert_fails(
         &out,
-        &[".asc failed: missing"],
+        &[".DIGESTS failed: missing"],
         "--verify without companions",
     );
 
