@@ -17,17 +17,8 @@ stage=$fixture/stage.tar.xz
 work=$(mktemp -d)
 trap 'rm -rf "$work"; podman --runtime runc rmi -f gentoo-mkimg-bench:import >/dev/null 2>&1 || true' EXIT
 
-now() { date +%s.%N; }
-# best wall time of `runs` runs of "$@"
-best() {
-  local best=
-  for _ in $(seq "$runs"); do
-    local t0 t1
-    t0=$(now); "$@" >/dev/null 2>&1; t1=$(now)
-    best=$(python3 -c "t=$t1-$t0; b='$best'; print(min(t, float(b)) if b else t)")
-  done
-  printf '%.3f' "$best"
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 echo "stage: $stage ($(du -h "$stage" | cut -f1) xz, $(du -h "$fixture/stage.tar" | cut -f1) tar), $(nproc) cores"
 floor=$(best xz -dc "$stage")

@@ -83,7 +83,8 @@ PY
 )
 echo "image: $(basename "$stage") imported, $((bytes / 1048576)) MiB of blobs, $(nproc) cores, $runs runs"
 
-now() { date +%s.%N; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 ours_best=
 skopeo_best=
 for i in $(seq "$runs"); do

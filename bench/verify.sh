@@ -36,16 +36,8 @@ gpg -u "$fpr" --clearsign -o "$stage.DIGESTS" "$work/d" 2>/dev/null
 printf '# SHA256 HASH\n%s  %s\n' "$(sha256sum "$stage" | cut -d' ' -f1)" "$name" >"$work/s"
 gpg -u "$fpr" --clearsign -o "$stage.sha256" "$work/s" 2>/dev/null
 
-now() { date +%s.%N; }
-best() {
-  local best=
-  for _ in $(seq "$runs"); do
-    local t0 t1
-    t0=$(now); "$@" >/dev/null 2>&1; t1=$(now)
-    best=$(python3 -c "t=$t1-$t0; b='$best'; print(min(t, float(b)) if b else t)")
-  done
-  printf '%.3f' "$best"
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 usual() {
   gpg --verify "$stage.asc" "$stage" && gpg --verify "$stage.DIGESTS" &&
     b2sum "$stage" && sha512sum "$stage" && gpg --verify "$stage.sha256" && sha256sum "$stage"
