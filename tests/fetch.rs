@@ -197,6 +197,40 @@ fn without_retries_a_cut_transfer_leaves_the_part_and_the_next_call_resumes() {
     );
 }
 
+/// A `.part` of an older version of the file (a moving name like gentoo-latest) is not
+/// spliced onto the new one: the resume asks `If-Range` and gets the new file whole.
+#[test]
+fn a_part_of_a_file_that_changed_since_is_not_resumed() {
+    let env = Env::new();
+    let old = noise(5, 1_000_000);
+    let url = env.put(ART, &old);
+    env.mirror.cut_after(ART, 400_000);
+    let size = Some(old.len() as u64);
+    env.fetcher(1)
+        .fetch_verified(&url, Path::new(ART_NAME), size, ok)
+        .unwrap_err();
+    assert_eq!(std::fs::read(env.part(ART_NAME)).unwrap(), &old[..400_000]);
+
+    std::thread::sleep(std::time::Duration::from_millis(20)); // a new mtime, a new ETag
+    let new = noise(6, 1_000_000);
+    env.put(ART, &new);
+    env.mirror.clear_log();
+    let got = env
+        .fetcher(1)
+        .fetch_verified(&url, Path::new(ART_NAME), size, ok)
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&got.path).unwrap(),
+        new,
+        "old and new bytes spliced"
+    );
+    assert_eq!(got.resumed_from, None);
+    let log = env.mirror.requests();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert!(log[0].if_range.is_some(), "no If-Range sent: {log:?}");
+    assert_eq!(log[0].status, 200);
+}
+
 #[test]
 fn a_failed_verification_keeps_nothing_and_is_returned() {
     let env = Env::new();

@@ -31,6 +31,24 @@ use serde::{Deserialize, Serialize};
 use crate::net::{describe, is_tls_refusal};
 use crate::progress::{self, Verbosity};
 
+/// Extended attribute on a `.part` holding the version it is a prefix of (a strong ETag or
+/// Last-Modified), sent as `If-Range` when resuming. It goes with the file, so it needs no
+/// cleanup; where the filesystem has no user xattrs, resuming just goes without it.
+const IF_RANGE_XATTR: &str = "user.gentoo-mkimg.if-range";
+
+/// Record which version of the file a fresh download (a `200`) is.
+fn remember_version(part: &Path, resp: &reqwest::Response) {
+    let headers = resp.headers();
+    let validator = headers
+        .get(header::ETAG)
+        .filter(|v| !v.as_bytes().starts_with(b"W/")) // If-Range needs a strong ETag
+        .or_else(|| headers.get(header::LAST_MODIFIED));
+    let _ = match validator {
+        Some(v) => xattr::set(part, IF_RANGE_XATTR, v.as_bytes()),
+        None => xattr::remove(part, IF_RANGE_XATTR),
+    };
+}
+
 /// Largest small file [`Fetcher::fetch_small`] accepts by default.
 pub const SMALL_LIMIT: u64 = 16 << 20;
 
@@ -83,8 +101,8 @@ pub struct Fetched {
     pub path: PathBuf,
     /// Body bytes received by this call (0 when `dest` was there already).
     pub downloaded: u64,
-    /// The `.part` size the transfer that completed the file continued from (a `206`
-    /// answer), or None when it was downloaded from the start or not at all.
+    /// Where this call first resumed the `.part` (a `206` answer), or None when it was
+    /// downloaded from the start (or restarted after a `200`) or not at all.
     pub resumed_from: Option<u64>,
 }
 
@@ -303,15 +321,16 @@ impl Fetcher {
         {
             return Err(discard(anyhow!("{size} bytes instead of {expected}")));
         }
-        dl.file
-            .sync_all()
-            .with_context(|| format!("cannot write {}", part_path.display()))?;
         if let Err(err) = verify(&part_path) {
             // The verifier's message names the file and the failed check; say no more.
             let _ = fs::remove_file(&part_path);
             tracing::info!("{url}: rejected, {} deleted", part_path.display());
             return Err(err);
         }
+        // Durable before it is renamed into place (and not paid for a rejected download).
+        dl.file
+            .sync_all()
+            .with_context(|| format!("cannot write {}", part_path.display()))?;
         fs::rename(&part_path, &dest).with_context(|| {
             format!(
                 "cannot rename {} to {}",
@@ -490,6 +509,12 @@ impl Fetcher {
             let mut req = self.client.get(dl.url.clone());
             if offset > 0 {
                 req = req.header(header::RANGE, format!("bytes={offset}-"));
+                // Only the rest of the same version: a changed file comes whole (200).
+                if let Some(v) = xattr::get(&dl.part_path, IF_RANGE_XATTR).ok().flatten()
+                    && let Ok(v) = HeaderValue::from_bytes(&v)
+                {
+                    req = req.header(header::IF_RANGE, v);
+                }
             }
             let resp = self.send(req).await?;
             match resp.status() {
@@ -529,6 +554,7 @@ impl Fetcher {
                     truncate(&dl.file).map_err(|e| io_fail(e, "truncate"))?;
                     offset = 0;
                     dl.resumed_from = None;
+                    remember_version(&dl.part_path, &resp);
                     let total = resp.content_length();
                     break (resp, total);
                 }
@@ -587,12 +613,14 @@ impl Fetcher {
                 Ok(Some(Ok(chunk))) => chunk,
             };
             let len = chunk.len() as u64;
-            if total.is_some_and(|t| pos + len > t) {
-                // The .part holds what the server said; more than that is nonsense.
+            // The .part holds what the server announced (or, without a length, what the
+            // caller expects); more than that is nonsense and must not fill the disk.
+            let cap = total.or(dl.expected);
+            if cap.is_some_and(|t| pos + len > t) {
                 break Some(Failure::discard(anyhow!(
-                    "{}: more data than the announced {} bytes",
+                    "{}: more data than the expected {} bytes",
                     dl.url,
-                    total.unwrap_or(0)
+                    cap.unwrap_or(0)
                 )));
             }
             if let Err(e) = out.write_all(&chunk) {

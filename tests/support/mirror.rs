@@ -23,6 +23,8 @@ pub struct Request {
     pub range: Option<String>,
     pub if_none_match: Option<String>,
     pub if_modified_since: Option<String>,
+    /// The `If-Range` header as sent.
+    pub if_range: Option<String>,
     pub user_agent: Option<String>,
     /// 0 until answered.
     pub status: u16,
@@ -285,6 +287,7 @@ fn serve(conn: TcpStream, st: &State) -> io::Result<()> {
         path: head.path.clone(),
         range: head.header("Range"),
         if_none_match: head.header("If-None-Match"),
+        if_range: head.header("If-Range"),
         if_modified_since: head.header("If-Modified-Since"),
         user_agent: head.header("User-Agent"),
         status: 0,
@@ -358,10 +361,15 @@ fn answer(head: &Head, st: &State, out: &mut TcpStream, entry: &mut Request) -> 
         return simple(out, entry, 304, &validators);
     }
 
+    // If-Range (RFC 9110 13.1.5): the range only if the file is still that version.
+    let same_version = entry
+        .if_range
+        .as_deref()
+        .is_none_or(|v| v == etag || v == last_modified);
     let range = entry
         .range
         .as_deref()
-        .filter(|_| !st.ignore_range.load(Ordering::SeqCst))
+        .filter(|_| same_version && !st.ignore_range.load(Ordering::SeqCst))
         .and_then(parse_range);
     let (code, start, len, content_range) = match range {
         Some((first, _)) if first >= size => {
