@@ -219,9 +219,8 @@ fn a_part_of_a_file_that_changed_since_is_not_resumed() {
         .fetcher(1)
         .fetch_verified(&url, Path::new(ART_NAME), size, ok)
         .unwrap();
-    assert_eq!(
-        std::fs::read(&got.path).unwrap(),
-        new,
+    assert!(
+        std::fs::read(&got.path).unwrap() == new,
         "old and new bytes spliced"
     );
     assert_eq!(got.resumed_from, None);

@@ -510,7 +510,7 @@ impl Fetcher {
             if offset > 0 {
                 req = req.header(header::RANGE, format!("bytes={offset}-"));
                 // Only the rest of the same version: a changed file comes whole (200).
-                if let Some(v) = xattr::get(&dl.part_path, IF_RANGE_XATTR).ok().flatten()
+                if let Some(v) = xattr::get(dl.part_path, IF_RANGE_XATTR).ok().flatten()
                     && let Ok(v) = HeaderValue::from_bytes(&v)
                 {
                     req = req.header(header::IF_RANGE, v);
@@ -554,7 +554,7 @@ impl Fetcher {
                     truncate(&dl.file).map_err(|e| io_fail(e, "truncate"))?;
                     offset = 0;
                     dl.resumed_from = None;
-                    remember_version(&dl.part_path, &resp);
+                    remember_version(dl.part_path, &resp);
                     let total = resp.content_length();
                     break (resp, total);
                 }
