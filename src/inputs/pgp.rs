@@ -169,6 +169,8 @@ pub enum VerifyError {
         expired_at: i64,
         signed_at: i64,
     },
+    #[error("the signature itself expired on {}", fmt_utc(*.expired_at))]
+    SignatureExpired { expired_at: i64 },
     #[error(
         "signed by key {fingerprint}, which has been revoked{}",
         .reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
@@ -200,7 +202,7 @@ impl VerifyError {
             VerifyError::UnknownKey { .. } => 2,
             VerifyError::NotPinned { .. } => 3,
             VerifyError::WeakHash { .. } | VerifyError::UnusableKey { .. } => 4,
-            VerifyError::Expired { .. } => 5,
+            VerifyError::Expired { .. } | VerifyError::SignatureExpired { .. } => 5,
             VerifyError::Revoked { .. } => 6,
             VerifyError::Bad { .. } => 7,
             VerifyError::Io(_) => 8,
@@ -831,6 +833,17 @@ fn decide<'a>(
     sigs: &'a [Signature],
     crypto: impl FnOnce(&[Job<'a>]) -> Result<Vec<Result<(), String>>, VerifyError>,
 ) -> Result<Verified, VerifyError> {
+    // Each candidate is hashed on its own thread: a crafted file with thousands of signature
+    // packets naming a pinned key must not become thousands of threads.
+    if sigs.len() > MAX_SIGNATURES {
+        return Err(VerifyError::Malformed(format!(
+            "{} signatures in one file; at most {MAX_SIGNATURES} are accepted",
+            sigs.len()
+        )));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
     let mut failures = Vec::new();
     let mut jobs = Vec::new();
     let mut pending = Vec::new();
@@ -852,6 +865,17 @@ fn decide<'a>(
             continue;
         };
         let signed_at = i64::from(created.as_secs());
+        // The signature's own lifetime (RFC 9580 5.2.3.18), as gpg honours it.
+        if let Some(expired_at) = sig
+            .signature_expiration_time()
+            .map(|d| d.as_secs())
+            .filter(|s| *s > 0)
+            .map(|s| signed_at + i64::from(s))
+            .filter(|at| *at <= now)
+        {
+            failures.push(VerifyError::SignatureExpired { expired_at });
+            continue;
+        }
         if let Some(h) = sig.hash_alg().filter(|h| h.new_hasher().is_err()) {
             failures.push(VerifyError::Malformed(format!(
                 "unsupported hash algorithm {h}"
@@ -962,6 +986,9 @@ pub fn verify_cleartext(
     Ok((signed.replace("\r\n", "\n"), verified))
 }
 
+/// Signature packets accepted in one file (Gentoo's carry one).
+const MAX_SIGNATURES: usize = 16;
+
 /// Size of the chunks `data` is read in.
 const CHUNK: usize = 64 * 1024;
 /// Chunks in flight per hashing thread.
@@ -981,7 +1008,10 @@ fn hash_streaming(
         for job in jobs {
             let (tx, rx) = mpsc::sync_channel::<Arc<[u8]>>(IN_FLIGHT);
             senders.push(Some(tx));
-            workers.push(scope.spawn(move || job.key.check(job.sig, ChunkReader::new(rx))));
+            let worker = std::thread::Builder::new()
+                .name("pgp-hash".into())
+                .spawn_scoped(scope, move || job.key.check(job.sig, ChunkReader::new(rx)))?;
+            workers.push(worker);
         }
         let mut buf = vec![0u8; CHUNK];
         let read = loop {
@@ -1468,6 +1498,48 @@ mod tests {
         pins.sort();
         assert_eq!(pins[0].as_str(), "13EBBDBEDE7A12775DFDB1BABB572E0E2D182910");
         assert_eq!(pins[2].as_str(), "DCD05B71EAB94199527F44ACDB6B8C1F96D8BF6D");
+    }
+
+    #[test]
+    fn expired_signatures_and_floods_of_signatures_are_refused() {
+        let a = TestCert::new("alice");
+        let ring = a.keyring();
+        let with_life = |secs: u32| {
+            let life = pgp::types::Duration::try_from(std::time::Duration::from_secs(secs.into()))
+                .unwrap();
+            config(
+                SignatureType::Binary,
+                &a.primary,
+                HashAlgorithm::Sha512,
+                T0 + 100,
+                vec![SubpacketData::SignatureExpirationTime(life)],
+            )
+            .sign(&a.primary, &pw(), DATA)
+            .unwrap()
+        };
+        // Lived one day in 2020: expired now.
+        let err =
+            verify_detached(&ring, &[a.fp()], DATA, &armored(&with_life(86_400))).unwrap_err();
+        assert!(matches!(err, VerifyError::SignatureExpired { .. }), "{err}");
+        assert!(err.to_string().contains("2020-09-14"), "{err}");
+        // Valid for 100 years: still counts.
+        verify_detached(
+            &ring,
+            &[a.fp()],
+            DATA,
+            &armored(&with_life(100 * 365 * 86_400)),
+        )
+        .unwrap();
+
+        let sig = sign(&a.primary, DATA, T0 + 100);
+        let mut many = Vec::new();
+        for _ in 0..=MAX_SIGNATURES {
+            many.extend(binary(&sig));
+        }
+        let err = verify_detached(&ring, &[a.fp()], DATA, &many).unwrap_err();
+        assert!(matches!(err, VerifyError::Malformed(_)), "{err}");
+        let few: Vec<u8> = (0..MAX_SIGNATURES).flat_map(|_| binary(&sig)).collect();
+        verify_detached(&ring, &[a.fp()], DATA, &few).unwrap();
     }
 
     #[test]
