@@ -115,3 +115,16 @@ pub fn is_tls_refusal(err: &reqwest::Error) -> bool {
     }
     false
 }
+
+/// The server's `Retry-After`, in seconds (the HTTP-date form is not honoured).
+pub fn retry_after(resp: &reqwest::Response) -> Option<std::time::Duration> {
+    let v = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?;
+    v.trim()
+        .parse::<u64>()
+        .ok()
+        .map(std::time::Duration::from_secs)
+}

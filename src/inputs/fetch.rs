@@ -28,7 +28,7 @@ use reqwest::header::{self, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 
-use crate::net::{describe, is_tls_refusal};
+use crate::net::{describe, is_tls_refusal, retry_after};
 use crate::progress::{self, Verbosity};
 
 /// Extended attribute on a `.part` holding the version it is a prefix of (a strong ETag or
@@ -843,11 +843,6 @@ fn parse_unsatisfied_range(v: &str) -> Option<u64> {
         .trim()
         .parse()
         .ok()
-}
-
-fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
-    let v = resp.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// The delay after the `n`th failure (1-based): `base`, doubled each time.

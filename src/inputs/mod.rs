@@ -417,10 +417,11 @@ impl Inputs {
             checks: Vec::new(),
             downloaded: 0,
         };
-        if meta.is_dir() || self.opts.verify == VerifyMode::Never {
-            if self.opts.verify == VerifyMode::Never && !meta.is_dir() {
-                warn_unverified(&path.display().to_string());
-            }
+        if meta.is_dir() {
+            return Ok(plain); // a tree has no companions to check
+        }
+        if self.opts.verify == VerifyMode::Never {
+            warn_unverified(&path.display().to_string());
             return Ok(plain);
         }
         let checks = self.check_local(path)?;

@@ -27,7 +27,7 @@ use std::{
 };
 
 use ::pgp::{
-    armor::{BlockType, Dearmor, DearmorOptions},
+    armor::{BlockType, Dearmor},
     composed::{CleartextSignedMessage, Deserializable, SignedPublicKey},
     crypto::hash::HashAlgorithm,
     errors::Error as PgpError,
@@ -738,9 +738,9 @@ fn decode(bytes: &[u8], want: BlockType, what: &str) -> Result<Vec<Vec<u8>>, Str
     }
     let mut out = Vec::new();
     for block in blocks {
-        // No CRC24 check: RFC 9580 says to ignore it, and rpgp 0.21's check is broken (it
-        // updates a copy of its hasher, so every non-empty block fails).
-        let mut dearmor = Dearmor::with_options(block, DearmorOptions::new());
+        // rpgp's default reads no CRC24: RFC 9580 says to ignore it (and rpgp 0.21's opt-in
+        // check is broken: it updates a copy of its hasher, so every non-empty block fails).
+        let mut dearmor = Dearmor::new(block);
         dearmor
             .read_header()
             .map_err(|e| format!("bad ASCII armour: {e}"))?;

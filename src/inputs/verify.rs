@@ -244,13 +244,11 @@ pub fn check_file(
         return checks;
     }
     // One pass over the file for every algorithm any digest file lists for it.
-    let mut algs: Vec<Algorithm> = wanted
+    let listed: Vec<&digests::DigestLine> = wanted
         .iter()
         .flat_map(|(_, _, lines)| digests::for_file(lines, name))
-        .map(|l| l.algorithm)
         .collect();
-    algs.sort();
-    algs.dedup();
+    let algs = digests::algorithms(&listed);
     let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
     let bar = progress::Bytes::new(trust.verbosity, &format!("hashing {name}"), size);
     let hashes = match digests::hash_file(file, &algs, |done| bar.set(done)) {
@@ -266,21 +264,18 @@ pub fn check_file(
     };
     bar.finish();
     for (source, signed, lines) in &wanted {
-        let listed = digests::for_file(lines, name);
-        if listed.is_empty() {
+        let Ok(results) = digests::check(&digests::for_file(lines, name), &hashes) else {
             checks.push(Check {
                 what: format!("digests ({source})"),
                 outcome: Err(format!("{name} is not listed")),
                 anchor: false,
             });
             continue;
-        }
-        for line in listed {
-            let actual = hashes.get(line.algorithm);
-            let ok = actual == Some(line.hex.as_str());
+        };
+        for r in results {
             checks.push(Check {
-                what: format!("{} ({source})", line.algorithm),
-                outcome: if ok {
+                what: format!("{} ({source})", r.algorithm),
+                outcome: if r.ok {
                     Ok(if *signed {
                         "matches the signed digest".into()
                     } else {
@@ -289,11 +284,11 @@ pub fn check_file(
                 } else {
                     Err(format!(
                         "mismatch: expected {}, got {}",
-                        line.hex,
-                        actual.unwrap_or("nothing")
+                        r.expected,
+                        r.actual.as_deref().unwrap_or("nothing")
                     ))
                 },
-                anchor: *signed && line.algorithm.trust_anchor(),
+                anchor: *signed && r.algorithm.trust_anchor(),
             });
         }
     }

@@ -38,7 +38,7 @@ use super::auth::{self, Credential};
 use crate::image::reference::Reference;
 use crate::image::store::{Descriptor, Digest, Store};
 use crate::image::{StoredImage, open_image};
-use crate::net::{describe, is_tls_refusal, tls_config};
+use crate::net::{describe, is_tls_refusal, retry_after, tls_config};
 use crate::progress::Verbosity;
 
 /// How often and how patiently a request is tried.
@@ -462,11 +462,6 @@ async fn body_text(resp: reqwest::Response, stall: Duration) -> String {
     } else {
         format!("HTTP {status}: {text}")
     }
-}
-
-fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
-    let v = resp.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 fn is_retryable(status: StatusCode) -> bool {
