@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -279,26 +280,36 @@ fn spawn_pipe_reader(
                     .with_context(|| format!("{}: cannot open", path.display()))?;
                 let started = Instant::now();
                 let clamp = read_clamp(&logs.join("clamp"))?;
-                let mut layer = LayerWriter::new(&store, compression)?;
-                let opts = import::TarOptions {
-                    clamp_mtime: Some(clamp),
-                };
-                let scan =
-                    import::append_tar(std::io::BufReader::new(file), &mut layer, opts, || {})
-                        .with_context(|| format!("the {name} root"))?;
-                let info = layer.finish(&store)?;
-                out.push((
-                    name,
-                    RootLayer {
-                        layer: info,
-                        packages: scan.packages,
-                    },
-                    started.elapsed(),
-                ));
+                let root = read_piped_root(file, &store, compression, clamp)
+                    .with_context(|| format!("the {name} root"))?;
+                out.push((name, root, started.elapsed()));
             }
             Ok(out)
         })
         .context("cannot start the root reader")
+}
+
+/// One root, as tar from a pipe, into a layer. Tar pads its archive past the end-of-archive
+/// marker (to a whole record); that padding is read too, so the writer never finds the pipe
+/// closed under it (SIGPIPE would fail the build after all its work was done).
+fn read_piped_root(
+    pipe: impl Read,
+    store: &Store,
+    compression: crate::image::layer::LayerCompression,
+    clamp: u64,
+) -> Result<RootLayer> {
+    let mut input = std::io::BufReader::new(pipe);
+    let mut layer = LayerWriter::new(store, compression)?;
+    let opts = import::TarOptions {
+        clamp_mtime: Some(clamp),
+    };
+    let scan = import::append_tar(&mut input, &mut layer, opts, || {})?;
+    std::io::copy(&mut input, &mut std::io::sink()).context("cannot read the end of the stream")?;
+    let info = layer.finish(store)?;
+    Ok(RootLayer {
+        layer: info,
+        packages: scan.packages,
+    })
 }
 
 /// Wait for the reader; when the session ended without writing a pipe, open its write end
@@ -581,5 +592,65 @@ impl BuildSummary {
         row(&mut s, &self.dev.image, Some(self.dev.packages.len()));
         row(&mut s, &self.rt.image, Some(self.rt.packages.len()));
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A writer that pads its tar stream past a pipe's capacity (as tar's record padding
+    /// can outlast what the pipe holds) must see every byte taken, not EPIPE.
+    #[test]
+    fn a_piped_root_is_read_to_the_end_of_the_pipe() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut dir = tar::Header::new_gnu();
+        dir.set_entry_type(tar::EntryType::Directory);
+        dir.set_size(0);
+        dir.set_mode(0o755);
+        dir.set_uid(0);
+        dir.set_gid(0);
+        dir.set_mtime(2_000_000_000);
+        dir.set_cksum();
+        tar.append_data(&mut dir, "var/db/pkg/app-misc/hello-1.0/", std::io::empty())
+            .unwrap();
+        for (path, data) in [
+            ("var/db/pkg/app-misc/hello-1.0/SLOT", &b"0\n"[..]),
+            ("etc/motd", b"hi\n"),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(2_000_000_000);
+            h.set_cksum();
+            tar.append_data(&mut h, path, data).unwrap();
+        }
+        let mut stream = tar.into_inner().unwrap();
+        stream.extend(std::iter::repeat_n(0u8, 256 * 1024));
+
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let feeder = std::thread::spawn(move || {
+            let r = writer.write_all(&stream);
+            drop(writer);
+            r
+        });
+        let root = read_piped_root(
+            reader,
+            &store,
+            crate::image::layer::LayerCompression::default(),
+            1_000,
+        )
+        .unwrap();
+        feeder
+            .join()
+            .unwrap()
+            .expect("the writer must not find the pipe closed");
+        assert_eq!(root.packages, vec!["app-misc/hello-1.0".to_string()]);
+        assert!(root.layer.tar_size > 0);
     }
 }
