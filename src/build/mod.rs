@@ -272,17 +272,37 @@ fn spawn_pipe_reader(
     std::thread::Builder::new()
         .name("root-reader".into())
         .spawn(move || {
+            let names = ["dev", "rt"];
             let mut out = Vec::new();
-            for name in ["dev", "rt"] {
+            for (i, name) in names.into_iter().enumerate() {
                 let path = dir.join(format!("{name}.fifo"));
                 // Blocks until the driver starts writing (or we unblock it after a failure).
                 let file = fs::File::open(&path)
                     .with_context(|| format!("{}: cannot open", path.display()))?;
+                let mut input = std::io::BufReader::new(file);
+                match std::io::BufRead::fill_buf(&mut input) {
+                    // Nothing written: the session ended before this root.
+                    Ok([]) => break,
+                    Ok(_) => {}
+                    Err(e) => return Err(anyhow!("{}: cannot read: {e}", path.display())),
+                }
                 let started = Instant::now();
-                let clamp = read_clamp(&logs.join("clamp"))?;
-                let root = read_piped_root(file, &store, compression, clamp)
-                    .with_context(|| format!("the {name} root"))?;
-                out.push((name, root, started.elapsed()));
+                let read = read_clamp(&logs.join("clamp"))
+                    .and_then(|clamp| read_piped_root(input, &store, compression, clamp))
+                    .with_context(|| format!("the {name} root"));
+                match read {
+                    Ok(root) => out.push((name, root, started.elapsed())),
+                    Err(e) => {
+                        // The driver would wait for ever to write the roots not read yet:
+                        // take them and throw them away, so the session ends.
+                        for rest in &names[i + 1..] {
+                            if let Ok(mut f) = fs::File::open(dir.join(format!("{rest}.fifo"))) {
+                                let _ = std::io::copy(&mut f, &mut std::io::sink());
+                            }
+                        }
+                        return Err(e);
+                    }
+                }
             }
             Ok(out)
         })
@@ -496,10 +516,20 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         let status = engine::run_exporting(plan.engine, &session, &[], &mut on_export);
         let piped_roots = finish_pipe_reader(reader, &export_dir);
         let status = status?;
-        if status == 0 {
-            for (name, root, took) in piped_roots? {
-                roots.insert(name.to_string(), root);
-                layer_times.push((format!("{name} layer"), took));
+        match piped_roots {
+            Ok(piped) => {
+                for (name, root, took) in piped {
+                    roots.insert(name.to_string(), root);
+                    layer_times.push((format!("{name} layer"), took));
+                }
+            }
+            // Reading a root failed: that is the cause, whatever the session did after.
+            Err(e) => {
+                return Err(e.context(format!(
+                    "cannot take the roots the build wrote (the stage's exit status: {status}; \
+                     full log: {})",
+                    logs.join("build.log").display()
+                )));
             }
         }
         status
@@ -652,5 +682,51 @@ mod tests {
             .expect("the writer must not find the pipe closed");
         assert_eq!(root.packages, vec!["app-misc/hello-1.0".to_string()]);
         assert!(root.layer.tar_size > 0);
+    }
+
+    /// When the dev root cannot be read, the reader still takes the rt root off the driver
+    /// (which would otherwise block for ever on opening its pipe) and reports the dev error.
+    #[test]
+    fn a_root_that_cannot_be_read_does_not_block_the_driver() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let pipes = tmp.path().join("export");
+        make_pipes(&pipes).unwrap();
+        fs::write(tmp.path().join("clamp"), "1000\n").unwrap();
+        let reader = spawn_pipe_reader(
+            &pipes,
+            &store,
+            crate::image::layer::LayerCompression::default(),
+            tmp.path(),
+        )
+        .unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let driver = {
+            let pipes = pipes.clone();
+            std::thread::spawn(move || {
+                // Not a tar stream: the reader gives up on it and may close the pipe.
+                if let Ok(mut dev) = fs::OpenOptions::new()
+                    .write(true)
+                    .open(pipes.join("dev.fifo"))
+                {
+                    let _ = dev.write_all(&[b'x'; 4096]);
+                }
+                let rt = fs::OpenOptions::new()
+                    .write(true)
+                    .open(pipes.join("rt.fifo"))
+                    .and_then(|mut rt| rt.write_all(&[0u8; 100 * 1024]));
+                let _ = done.send(rt.is_ok());
+            })
+        };
+        let wrote_rt = finished
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the driver is still blocked on the rt pipe");
+        assert!(wrote_rt, "the rt pipe was closed under the driver");
+        driver.join().unwrap();
+        let Err(err) = reader.join().unwrap() else {
+            panic!("the reader made roots of garbage");
+        };
+        let err = format!("{err:#}");
+        assert!(err.contains("the dev root"), "{err}");
     }
 }
