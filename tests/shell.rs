@@ -50,6 +50,13 @@ fn shell(ws: &Workspace, stage: &Path, extra: &[&str], command: &[&str]) -> Comm
     cmd
 }
 
+/// The engine is shared by the tests of this file, which run in parallel: a test that checks
+/// that no session container is left holds this while it uses the engine.
+fn engine_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn run(ws: &Workspace, stage: &Path, command: &[&str]) -> Output {
     shell(ws, stage, &[], command).output().unwrap()
 }
@@ -188,6 +195,27 @@ fn exit_status_is_the_commands_and_failures_leave_nothing() {
     assert_nothing_left(&ws, "/no/such/program");
 }
 
+/// The command starts with no signal ignored: `yes | head` ends `yes` by SIGPIPE, as on any
+/// shell, instead of making it report write errors (the tool itself ignores SIGPIPE).
+#[test]
+fn commands_start_with_default_signal_handling() {
+    let stage = common::stage();
+    let ws = workspace();
+    let script = "grep '^SigIgn:' /proc/self/status; \
+                  (yes; echo \"yes ended with $?\" >&2) | head -n 1 >/dev/null";
+    let out = run(&ws, &stage.xz(), &["sh", "-c", script]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        "SigIgn:\t0000000000000000",
+        "ignored signals"
+    );
+    assert!(stderr.contains("yes ended with 141"), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+}
+
 #[test]
 fn sigterm_from_outside_leaves_no_mount_and_no_process() {
     let stage = common::stage();
@@ -283,6 +311,7 @@ fn docker_engine_runs_the_same_session() {
     let stage = common::stage();
     let ws = workspace();
     let engine = common::engine::engine();
+    let _engine = engine_lock();
     let store = ws.work.join("images");
     let run_docker = |command: &[&str]| {
         shell(&ws, &stage.xz(), &["--engine", "docker"], command)
@@ -330,6 +359,7 @@ fn docker_engine_runs_the_same_session() {
 fn emerge_info_sees_the_snapshot_profile_with_each_engine() {
     let stage = common::stage();
     let engine = common::engine::engine();
+    let _engine = engine_lock();
     for kind in ["sandbox", "docker"] {
         let ws = workspace();
         let out = Command::new(env!("CARGO_BIN_EXE_gentoo-mkimg"))

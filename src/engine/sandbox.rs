@@ -475,6 +475,20 @@ fn pid1(spec: &Spec, error_file: &File) -> i32 {
     // SAFETY: single-threaded.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => {
+            // Every signal at its default, as a command expects: ignored dispositions survive
+            // execve, and this binary ignores SIGPIPE (Rust's runtime does), so without this
+            // `yes | head` would see EPIPE errors instead of ending quietly.
+            for sig in Signal::iterator() {
+                if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
+                    // SAFETY: a plain default disposition, in the single-threaded child.
+                    let _ = unsafe {
+                        sigaction(
+                            sig,
+                            &SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty()),
+                        )
+                    };
+                }
+            }
             let err = nix::unistd::execve(&program, &argv, &envp).unwrap_err();
             let _ = writeln!(
                 &*error_file,
