@@ -142,10 +142,12 @@ settle() {
 	find "$1" -newermt "@$CLAMP" -exec touch -h -d "@$CLAMP" {} +
 }
 
-# Where the tool reads a root from a named pipe (docker engine), write it there as tar.
+# Where the tool reads a root from a named pipe (docker engine), write it there as tar,
+# in name order so that the layer does not depend on the order of directory listings.
 export_root() {
 	[ -p "$OUT/export/$1.fifo" ] || return 0
-	tar --xattrs --xattrs-include='*' --numeric-owner -cf "$OUT/export/$1.fifo" -C "$OUT/$1" .
+	tar --sort=name --xattrs --xattrs-include='*' --numeric-owner -cf "$OUT/export/$1.fifo" \
+		-C "$OUT/$1" .
 }
 
 # --- the dev root: everything ---------------------------------------------------------------
