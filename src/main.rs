@@ -177,8 +177,10 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
             }
             let merged = settings(&args.inputs).merge_file(file.as_ref().map(|(p, f)| (*p, f)));
             let inputs = inputs(&cli, merged, verbosity)?;
+            let resolving = std::time::Instant::now();
             let plan =
                 config::BuildPlan::resolve(file, overrides, |source| Ok(inputs.get(source)?.path))?;
+            let inputs_took = resolving.elapsed();
             let opts = build::BuildOptions {
                 plan,
                 work_dir: cli.work_dir.clone(),
@@ -187,7 +189,10 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 verbosity,
                 source_date_epoch: import::source_date_epoch()?,
             };
-            let summary = build::build(&opts)?;
+            let mut summary = build::build(&opts)?;
+            summary
+                .phases
+                .insert(0, ("inputs (fetch, verify)".to_string(), inputs_took));
             if verbosity != Verbosity::Quiet {
                 print!("{}", summary.render());
             }

@@ -621,6 +621,11 @@ fn bare_build_uses_the_newest_musl_stage_and_the_latest_snapshot() {
         assert!(index.contains(&name), "{name} not in the store: {index}");
     }
     assert_eq!(downloads(&mirror, &stage_name()), 1);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("inputs (fetch, verify)"),
+        "the summary lacks the inputs phase: {summary}"
+    );
     mirror.clear_log();
     let out = build();
     assert!(
