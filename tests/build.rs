@@ -1,9 +1,11 @@
 //! `gentoo-mkimg build` end to end on the stand-in stage and the test ebuild repository:
 //! raw, dev and rt images with the right contents, a rebuild that compiles nothing and gives
 //! the same digests, the old README's container usage, failures that keep the binary packages
-//! and tag nothing, and inputs refused before any build starts.
+//! and tag nothing, publishing straight from `build` (docker archive and registry), and inputs
+//! refused before any build starts.
 
 mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -229,6 +231,7 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
     let second = tags(&w.store);
     assert_eq!(first, second, "digests changed on an unchanged rebuild");
 
+    build_publishes_to_an_archive_and_a_registry(&w, &stage.xz());
     usage_as_in_the_old_readme(&w);
     failing_package_keeps_packages_and_tags_nothing(&w, &stage.xz());
     docker_engine_as_an_ordinary_user_gives_the_same_images(&w, &stage.xz());
@@ -328,6 +331,88 @@ fn count_binpkgs(dir: &Path) -> usize {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// `build --archive FILE --push` under a registry's name: the archive holds raw, dev and rt
+/// with the store's layers, and the registry serves dev and rt with the store's digests (the
+/// binary packages of the builds before are reused, so this compiles nothing).
+fn build_publishes_to_an_archive_and_a_registry(w: &Work, stage: &Path) {
+    let reg = support::Registry::start(&w.dir.join("registry"), support::RegistryAuth::None);
+    let host = reg.host();
+    let repo = format!("{host}/mk");
+    let archive = w.dir.join("images.tar");
+    let out = mkimg(w)
+        .arg("build")
+        .arg(stage)
+        .arg(&w.snapshot)
+        .args([repo.as_str(), "fixture", "t1", "--rt-packages"])
+        .arg(common::RT_PACKAGES.join(" "))
+        .arg("--archive")
+        .arg(&archive)
+        .args(["--push", "--insecure-registry", host.as_str()])
+        .env("HOME", &w.dir)
+        .env_remove("DOCKER_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = ok(&out, "build --archive --push");
+    assert_eq!(
+        compiled(&w.dir),
+        Vec::<String>::new(),
+        "publishing build compiled packages"
+    );
+    let stored = tags(&w.store);
+    let pushed: BTreeMap<&str, &str> = stdout
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(r, _)| r.starts_with(&repo))
+        .collect();
+    for kind in ["dev", "rt"] {
+        let reference = format!("{repo}/fixture-{kind}:t1");
+        let digest = stored
+            .get(&reference)
+            .unwrap_or_else(|| panic!("{reference} not in the store: {stored:?}"));
+        assert_eq!(
+            pushed.get(reference.as_str()).copied(),
+            Some(digest.as_str()),
+            "push report: {stdout}"
+        );
+        assert_eq!(
+            support::skopeo_digest(&reference, None, &w.dir).as_deref(),
+            Some(digest.as_str()),
+            "the registry's {reference}"
+        );
+    }
+    let raw = format!("{repo}/fixture-raw:t1");
+    assert!(
+        !pushed.contains_key(raw.as_str()),
+        "the throw-away raw image was pushed: {stdout}"
+    );
+    assert_eq!(
+        support::skopeo_digest(&raw, None, &w.dir),
+        None,
+        "the registry has the raw image"
+    );
+    for kind in ["raw", "dev", "rt"] {
+        let reference = format!("{repo}/fixture-{kind}:t1");
+        let manifest = json(&blob(&w.store, &stored[&reference]));
+        let config = json(&blob(
+            &w.store,
+            manifest["config"]["digest"].as_str().unwrap(),
+        ));
+        let out = Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("docker-archive:{}:{reference}", archive.display()))
+            .env("HOME", &w.dir)
+            .output()
+            .unwrap();
+        let inspected: Value =
+            serde_json::from_slice(&ok(&out, "skopeo inspect docker-archive").into_bytes())
+                .unwrap();
+        assert_eq!(
+            inspected["Layers"], config["rootfs"]["diff_ids"],
+            "{reference}: the archive's layers are not the store's"
+        );
+    }
 }
 
 /// The old README's container usage, in containers made from our images: a package built in
