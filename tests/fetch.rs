@@ -410,11 +410,10 @@ fn a_stalled_transfer_times_out_and_resumes() {
     let env = Env::new();
     let data = noise(11, 400_000);
     let url = env.put(ART, &data);
-    env.mirror
-        .stall_after(ART, 150_000, Duration::from_millis(2500));
+    env.mirror.stall_after(ART, 150_000, Duration::from_secs(5));
     let f = env.fetcher_with(FetchOptions {
         tries: 2,
-        idle_timeout: Duration::from_millis(400),
+        idle_timeout: Duration::from_millis(1500),
         ..quick()
     });
     let got = f

@@ -553,7 +553,7 @@ fn impatient() -> PushOptions {
             base_delay: Duration::from_millis(50),
             max_delay: Duration::from_secs(2),
         },
-        stall_timeout: Duration::from_secs(1),
+        stall_timeout: Duration::from_secs(4),
         ..Default::default()
     }
 }
@@ -616,7 +616,7 @@ fn push_survives_errors_drops_and_stalls() {
     proxy.rule(
         "PUT",
         "/manifests/",
-        Fault::Delay(Duration::from_secs(3)),
+        Fault::Delay(Duration::from_secs(10)),
         Some(1),
     );
     let started = Instant::now();

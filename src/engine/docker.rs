@@ -45,7 +45,7 @@ use crate::publish::docker_archive;
 pub const SESSION_LABEL: &str = "org.gentoo-mkimg.session";
 
 /// How long the engine has to answer `GET /_ping` (and the version query).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The client's timeout for a response's headers. Long: loading a big image or waiting for a
 /// build answers only at the end; the quick calls have their own shorter timeouts.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -54,7 +54,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Seconds the container has to end after SIGTERM before it is killed, on our signal.
 const STOP_GRACE_SECS: i32 = 3;
 /// How long the output may trail behind the container's exit.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs the command with a clean environment; every stage3 has it (coreutils, or busybox).
 const ENV_PROGRAM: &str = "/usr/bin/env";
 /// Chunks of archive in flight between the writer thread and the request body.

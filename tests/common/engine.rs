@@ -2,8 +2,9 @@
 //! with the docker CLI.
 //!
 //! If `DOCKER_HOST` is set and answers, that engine is used. Otherwise one
-//! `podman system service` is started per test process on a socket in a temp dir; it is
-//! started with an idle timeout so that it ends by itself after the tests.
+//! `podman system service` is started per test process on a socket in a temp dir. It has no
+//! idle timeout (a test may leave it alone for minutes, e.g. during a sandbox build); a small
+//! shell watchdog stops it when the test process is gone.
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -67,17 +68,14 @@ pub fn engine() -> &'static Engine {
         let socket = dir.join("podman.sock");
         let host = format!("unix://{}", socket.display());
         let log = std::fs::File::create(dir.join("service.log")).expect("create service log");
-        // Not waited for: the service outlives the tests briefly and ends on its idle timeout.
+        // Not waited for: the watchdog ends the service after this process ends.
+        let watchdog = r#"podman --runtime runc system service --time=0 "$1" & svc=$!
+            trap 'kill $svc 2>/dev/null' EXIT
+            while kill -0 "$2" 2>/dev/null && kill -0 $svc 2>/dev/null; do sleep 1; done"#;
         #[allow(clippy::zombie_processes)]
-        Command::new("podman")
-            .args([
-                "--runtime",
-                "runc",
-                "system",
-                "service",
-                "--time=120",
-                &host,
-            ])
+        Command::new("sh")
+            .args(["-c", watchdog, "sh", &host])
+            .arg(std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

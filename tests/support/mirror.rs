@@ -42,9 +42,17 @@ struct Faults {
     status: HashMap<String, Vec<u16>>,
 }
 
+/// The request log. `clear_log` starts a new generation: an answer that was still in flight
+/// (a stalled one, say) completes its entry only in the generation it was logged in.
+#[derive(Default)]
+struct Log {
+    generation: u64,
+    entries: Vec<Request>,
+}
+
 struct State {
     root: PathBuf,
-    log: Mutex<Vec<Request>>,
+    log: Mutex<Log>,
     faults: Mutex<Faults>,
     ignore_range: AtomicBool,
     /// Connections being served.
@@ -65,7 +73,7 @@ impl Mirror {
         let addr = listener.local_addr().expect("mirror address");
         let state = Arc::new(State {
             root: root.to_path_buf(),
-            log: Mutex::new(Vec::new()),
+            log: Mutex::new(Log::default()),
             faults: Mutex::new(Faults::default()),
             ignore_range: AtomicBool::new(false),
             active: AtomicUsize::new(0),
@@ -110,12 +118,15 @@ impl Mirror {
         while self.state.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        lock(&self.state.log).clone()
+        lock(&self.state.log).entries.clone()
     }
 
     pub fn clear_log(&self) {
-        let _ = self.requests(); // so no answer still in flight lands in the new log
-        lock(&self.state.log).clear();
+        // Let answers in flight finish; one that takes longer (a stall) is not logged anew.
+        let _ = self.requests();
+        let mut log = lock(&self.state.log);
+        log.generation += 1;
+        log.entries.clear();
     }
 
     /// The next GET of `path` announces the whole length but closes after `n` body bytes.
@@ -294,15 +305,19 @@ fn serve(conn: TcpStream, st: &State) -> io::Result<()> {
         body_bytes: 0,
     };
     // Logged in the order requests arrive, completed when answered.
-    let at = {
+    let (generation, at) = {
         let mut log = lock(&st.log);
-        log.push(entry.clone());
-        log.len() - 1
+        log.entries.push(entry.clone());
+        (log.generation, log.entries.len() - 1)
     };
     let result = answer(&head, st, &mut out, &mut entry);
-    if let Some(e) = lock(&st.log).get_mut(at) {
+    let mut log = lock(&st.log);
+    if log.generation == generation
+        && let Some(e) = log.entries.get_mut(at)
+    {
         *e = entry;
     }
+    drop(log);
     let _ = out.shutdown(Shutdown::Both);
     result
 }

@@ -108,7 +108,11 @@ impl Registry {
                 if let Ok(Some(_)) = registry.child.try_wait() {
                     break; // exited: port taken, or a bad config
                 }
-                if http(addr, "GET", "/v2/", &[]).is_some() {
+                // Ours answers (not another test's server that took the port first): it
+                // logs that it listens, and then something answers there.
+                if registry.log().contains(&format!("listening on {addr}"))
+                    && http(addr, "GET", "/v2/", &[]).is_some()
+                {
                     return registry;
                 }
                 std::thread::sleep(Duration::from_millis(50));
