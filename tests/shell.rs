@@ -207,11 +207,13 @@ fn commands_start_with_default_signal_handling() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert_eq!(
-        stdout.trim(),
-        "SigIgn:\t0000000000000000",
-        "ignored signals"
-    );
+    let ignored = stdout
+        .trim()
+        .strip_prefix("SigIgn:")
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no SigIgn line: {stdout}"));
+    // Signals 32 and 33 (bits 31 and 32) belong to the C library, which keeps them from us.
+    assert_eq!(ignored & !(0b11 << 31), 0, "ignored signals: {ignored:#x}");
     assert!(stderr.contains("yes ended with 141"), "{stderr}");
     assert!(!stderr.contains("Broken pipe"), "{stderr}");
 }

@@ -478,16 +478,11 @@ fn pid1(spec: &Spec, error_file: &File) -> i32 {
             // Every signal at its default, as a command expects: ignored dispositions survive
             // execve, and this binary ignores SIGPIPE (Rust's runtime does), so without this
             // `yes | head` would see EPIPE errors instead of ending quietly.
-            for sig in Signal::iterator() {
-                if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
-                    // SAFETY: a plain default disposition, in the single-threaded child.
-                    let _ = unsafe {
-                        sigaction(
-                            sig,
-                            &SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty()),
-                        )
-                    };
-                }
+            // Real-time signals too; the ones the C library keeps for itself, SIGKILL and
+            // SIGSTOP refuse the change, which is fine.
+            for sig in 1..=libc::SIGRTMAX() {
+                // SAFETY: signal(2) is async-signal-safe; a plain default disposition.
+                unsafe { libc::signal(sig, libc::SIG_DFL) };
             }
             let err = nix::unistd::execve(&program, &argv, &envp).unwrap_err();
             let _ = writeln!(
