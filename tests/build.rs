@@ -361,10 +361,13 @@ fn build_publishes_to_an_archive_and_a_registry(w: &Work, stage: &Path) {
         "publishing build compiled packages"
     );
     let stored = tags(&w.store);
+    // The push report: "REFERENCE DIGEST" lines (the summary's image rows have more fields).
     let pushed: BTreeMap<&str, &str> = stdout
         .lines()
-        .filter_map(|l| l.split_once(' '))
-        .filter(|(r, _)| r.starts_with(&repo))
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [r, d] if r.starts_with(&repo) && d.starts_with("sha256:") => Some((r, d)),
+            _ => None,
+        })
         .collect();
     for kind in ["dev", "rt"] {
         let reference = format!("{repo}/fixture-{kind}:t1");
