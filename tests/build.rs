@@ -333,10 +333,12 @@ fn count_binpkgs(dir: &Path) -> usize {
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
-/// `build --archive FILE --push` under a registry's name: the archive holds raw, dev and rt
-/// with the store's layers, and the registry serves dev and rt with the store's digests (the
-/// binary packages of the builds before are reused, so this compiles nothing).
+/// `build --archive FILE --push --load` under a registry's name: the archive holds raw, dev
+/// and rt with the store's layers, the registry serves dev and rt with the store's digests,
+/// and the engine has dev and rt with the store's configs (the binary packages of the builds
+/// before are reused, so this compiles nothing).
 fn build_publishes_to_an_archive_and_a_registry(w: &Work, stage: &Path) {
+    let engine = common::engine::engine();
     let reg = support::Registry::start(&w.dir.join("registry"), support::RegistryAuth::None);
     let host = reg.host();
     let repo = format!("{host}/mk");
@@ -349,12 +351,13 @@ fn build_publishes_to_an_archive_and_a_registry(w: &Work, stage: &Path) {
         .arg(common::RT_PACKAGES.join(" "))
         .arg("--archive")
         .arg(&archive)
-        .args(["--push", "--insecure-registry", host.as_str()])
+        .args(["--push", "--insecure-registry", host.as_str(), "--load"])
         .env("HOME", &w.dir)
+        .env("DOCKER_HOST", &engine.host)
         .env_remove("DOCKER_CONFIG")
         .output()
         .unwrap();
-    let stdout = ok(&out, "build --archive --push");
+    let stdout = ok(&out, "build --archive --push --load");
     assert_eq!(
         compiled(&w.dir),
         Vec::<String>::new(),
@@ -384,6 +387,14 @@ fn build_publishes_to_an_archive_and_a_registry(w: &Work, stage: &Path) {
             Some(digest.as_str()),
             "the registry's {reference}"
         );
+        let config = json(&blob(&w.store, digest))["config"]["digest"].clone();
+        let loaded = engine.docker_ok(&["image", "inspect", "--format", "{{.Id}}", &reference]);
+        assert_eq!(
+            Some(loaded.trim()),
+            config.as_str(),
+            "the engine's {reference}"
+        );
+        let _ = engine.docker(&["rmi", "-f", &reference]);
     }
     let raw = format!("{repo}/fixture-raw:t1");
     assert!(
