@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
-use std::io::Read;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -279,8 +279,8 @@ fn spawn_pipe_reader(
                 // Blocks until the driver starts writing (or we unblock it after a failure).
                 let file = fs::File::open(&path)
                     .with_context(|| format!("{}: cannot open", path.display()))?;
-                let mut input = std::io::BufReader::new(file);
-                match std::io::BufRead::fill_buf(&mut input) {
+                let mut input = BufReader::new(file);
+                match input.fill_buf() {
                     // Nothing written: the session ended before this root.
                     Ok([]) => break,
                     Ok(_) => {}
@@ -313,12 +313,11 @@ fn spawn_pipe_reader(
 /// marker (to a whole record); that padding is read too, so the writer never finds the pipe
 /// closed under it (SIGPIPE would fail the build after all its work was done).
 fn read_piped_root(
-    pipe: impl Read,
+    mut input: impl BufRead,
     store: &Store,
     compression: crate::image::layer::LayerCompression,
     clamp: u64,
 ) -> Result<RootLayer> {
-    let mut input = std::io::BufReader::new(pipe);
     let mut layer = LayerWriter::new(store, compression)?;
     let opts = import::TarOptions {
         clamp_mtime: Some(clamp),
@@ -636,30 +635,13 @@ mod tests {
     fn a_piped_root_is_read_to_the_end_of_the_pipe() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::new(tmp.path().join("store"));
+        let tree = tmp.path().join("root");
+        fs::create_dir_all(tree.join("var/db/pkg/app-misc/hello-1.0")).unwrap();
+        fs::create_dir_all(tree.join("etc")).unwrap();
+        fs::write(tree.join("var/db/pkg/app-misc/hello-1.0/SLOT"), "0\n").unwrap();
+        fs::write(tree.join("etc/motd"), "hi\n").unwrap();
         let mut tar = tar::Builder::new(Vec::new());
-        let mut dir = tar::Header::new_gnu();
-        dir.set_entry_type(tar::EntryType::Directory);
-        dir.set_size(0);
-        dir.set_mode(0o755);
-        dir.set_uid(0);
-        dir.set_gid(0);
-        dir.set_mtime(2_000_000_000);
-        dir.set_cksum();
-        tar.append_data(&mut dir, "var/db/pkg/app-misc/hello-1.0/", std::io::empty())
-            .unwrap();
-        for (path, data) in [
-            ("var/db/pkg/app-misc/hello-1.0/SLOT", &b"0\n"[..]),
-            ("etc/motd", b"hi\n"),
-        ] {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(2_000_000_000);
-            h.set_cksum();
-            tar.append_data(&mut h, path, data).unwrap();
-        }
+        tar.append_dir_all(".", &tree).unwrap();
         let mut stream = tar.into_inner().unwrap();
         stream.extend(std::iter::repeat_n(0u8, 256 * 1024));
 
@@ -670,7 +652,7 @@ mod tests {
             r
         });
         let root = read_piped_root(
-            reader,
+            BufReader::new(reader),
             &store,
             crate::image::layer::LayerCompression::default(),
             1_000,
