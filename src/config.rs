@@ -193,6 +193,12 @@ pub struct BuildPlan {
     pub repos: Vec<ExtraRepo>,
 }
 
+/// The engine a build runs in: the command line's, else the config file's, else the sandbox.
+pub fn engine(cli: Option<EngineKind>, file: Option<&FileConfig>) -> EngineKind {
+    cli.or(file.and_then(|f| f.engine))
+        .unwrap_or(EngineKind::Sandbox)
+}
+
 impl BuildPlan {
     /// Merge the file (if any) and the command line. Relative paths in the file are taken
     /// relative to the file's directory.
@@ -210,6 +216,7 @@ impl BuildPlan {
             Some((path, f)) => (path.parent().map(Path::to_path_buf), f),
             None => (None, FileConfig::default()),
         };
+        let engine = engine(cli.engine, Some(&f));
         let rel = |p: String| -> PathBuf {
             let p = PathBuf::from(p);
             match (&base, p.is_relative()) {
@@ -272,7 +279,7 @@ impl BuildPlan {
                 .or(f.basename)
                 .unwrap_or_else(|| if defaulted { "gentoo-musl" } else { "gentoo" }.to_string()),
             tag,
-            engine: cli.engine.or(f.engine).unwrap_or(EngineKind::Sandbox),
+            engine,
             jobs,
             use_flags: cli.use_flags.or(f.use_flags).unwrap_or_default(),
             dev_packages: cli.dev_packages.or(f.dev_packages).unwrap_or_default(),

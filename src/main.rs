@@ -168,10 +168,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 compression: args.compression,
             };
             // Refuse an unusable engine before anything is downloaded.
-            let engine = args
-                .engine
-                .or(file.as_ref().and_then(|(_, f)| f.engine))
-                .unwrap_or(engine::EngineKind::Sandbox);
+            let engine = config::engine(args.engine, file.as_ref().map(|(_, f)| f));
             if engine == engine::EngineKind::Sandbox {
                 engine::sandbox::check_usable()?;
             }
