@@ -347,6 +347,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn stale_temporary_blobs_are_swept_and_fresh_ones_kept() {
         let dir = tempfile::tempdir().unwrap();
@@ -359,31 +361,20 @@ mod tests {
         for p in [&old, &fresh, &real] {
             fs::write(p, b"x").unwrap();
         }
-        let two_days_ago = nix::sys::time::TimeSpec::new(
-            (std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-                - 2 * 86_400) as i64,
-            0,
-        );
+        let two_days_ago =
+            std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
         for p in [&old, &real] {
-            nix::sys::stat::utimensat(
-                nix::fcntl::AT_FDCWD,
-                p.as_path(),
-                &two_days_ago,
-                &two_days_ago,
-                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-            )
-            .unwrap();
+            fs::File::options()
+                .write(true)
+                .open(p)
+                .and_then(|f| f.set_modified(two_days_ago))
+                .unwrap();
         }
         store.ensure_layout().unwrap();
         assert!(!old.exists(), "a stale temporary blob was kept");
         assert!(fresh.exists(), "a temporary blob being written was removed");
         assert!(real.exists(), "a stored blob was removed");
     }
-
-    use super::*;
 
     #[test]
     fn retagging_replaces_only_that_entry_and_blobs_are_stored_once() {
