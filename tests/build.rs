@@ -254,9 +254,7 @@ fn docker_engine_as_an_ordinary_user_gives_the_same_images(sandbox: &Work, stage
         .unwrap();
     assert!(status.success());
     std::fs::set_permissions(&w.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(env!("CARGO_BIN_EXE_gentoo-mkimg"))
+    let out = common::mkimg_as_nobody()
         .arg("--store")
         .arg(&w.store)
         .arg("--work-dir")

@@ -803,9 +803,7 @@ fn an_unusable_engine_is_refused_before_any_download() {
     let home = tempfile::tempdir().unwrap();
     fs::set_permissions(home.path(), fs::Permissions::from_mode(0o777)).unwrap();
     fs::set_permissions(&fx.keyring, fs::Permissions::from_mode(0o644)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(env!("CARGO_BIN_EXE_gentoo-mkimg"))
+    let out = common::mkimg_as_nobody()
         .arg("--work-dir")
         .arg(home.path())
         .arg("--cache-dir")

@@ -283,9 +283,7 @@ fn non_root_users_get_one_line_pointing_at_the_docker_engine() {
     let stage = tmp.path().join("stage3.tar.xz");
     std::fs::write(&stage, b"not read before the check").unwrap();
     std::fs::set_permissions(&stage, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(env!("CARGO_BIN_EXE_gentoo-mkimg"))
+    let out = common::mkimg_as_nobody()
         .arg("--work-dir")
         .arg(tmp.path())
         .arg("--cache-dir")
