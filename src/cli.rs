@@ -124,6 +124,13 @@ pub struct VerifyArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Images in the store.
+    #[arg(required = true, value_name = "REF")]
+    pub references: Vec<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct LoadArgs {
     /// Images in the store.
     #[arg(required = true, value_name = "REF")]
@@ -177,12 +184,27 @@ pub struct BuildArgs {
     /// USE flags added for the build, e.g. "-X ipv6".
     #[arg(long = "use", value_name = "FLAGS")]
     pub use_flags: Option<String>,
-    /// The runtime package set installed into rt (space-separated atoms).
+    /// The runtime package set installed into rt (space-separated atoms) [default:
+    /// sys-apps/baselayout app-alternatives/sh app-alternatives/awk app-arch/bzip2
+    /// app-arch/gzip app-arch/tar app-arch/xz-utils app-shells/bash net-misc/iputils
+    /// net-misc/rsync net-misc/wget sys-apps/coreutils sys-apps/file sys-apps/findutils
+    /// sys-apps/gawk sys-apps/grep sys-apps/kbd sys-apps/less sys-apps/openrc
+    /// sys-process/procps sys-process/psmisc sys-apps/sed sys-apps/shadow sys-apps/which
+    /// sys-apps/util-linux sys-devel/gcc (its runtime libraries: the compiler is masked)
+    /// virtual/libc virtual/package-manager virtual/service-manager].
     #[arg(long, value_name = "ATOMS")]
     pub rt_packages: Option<String>,
     /// Extra packages built and installed into dev (space-separated atoms).
     #[arg(long, value_name = "ATOMS")]
     pub dev_packages: Option<String>,
+    /// The Portage profile to build with, as under the snapshot's profiles/ (e.g.
+    /// default/linux/amd64/23.0/split-usr/musl) [default: the stage's].
+    #[arg(long, value_name = "PROFILE")]
+    pub profile: Option<String>,
+    /// Do not check rt after the build (every ELF's interpreter and libraries, every #!
+    /// interpreter, /bin/sh); a warning says so.
+    #[arg(long)]
+    pub no_check: bool,
     /// Go on building other packages when one fails (emerge --keep-going).
     #[arg(long)]
     pub keep_going: bool,

@@ -11,9 +11,15 @@ use crate::engine::EngineKind;
 use crate::image::layer::LayerCompression;
 use crate::inputs::{self, Source};
 
-/// The runtime set the old tool installed into rt (everything is in ::gentoo now).
+/// The runtime set installed into rt: the old tool's set, updated for today's ::gentoo. Since
+/// 2022 `/bin/sh` and `awk` are symlinks owned by app-alternatives packages that nothing
+/// depends on; `useradd`/`groupadd` (sys-apps/shadow) are needed by every acct-* package a
+/// later `emerge -K` brings; and libstdc++/libgcc_s come only from sys-devel/gcc, whose
+/// compiler parts INSTALL_MASK leaves out.
 pub const DEFAULT_RT_PACKAGES: &[&str] = &[
     "sys-apps/baselayout",
+    "app-alternatives/sh",
+    "app-alternatives/awk",
     "app-arch/bzip2",
     "app-arch/gzip",
     "app-arch/tar",
@@ -33,14 +39,18 @@ pub const DEFAULT_RT_PACKAGES: &[&str] = &[
     "sys-process/procps",
     "sys-process/psmisc",
     "sys-apps/sed",
+    "sys-apps/shadow",
     "sys-apps/which",
     "sys-apps/util-linux",
+    "sys-devel/gcc",
     "virtual/libc",
     "virtual/package-manager",
     "virtual/service-manager",
 ];
 
-/// What rt leaves out: docs, headers, static libraries and compiler leftovers.
+/// What rt leaves out: docs, headers, static libraries, and of gcc everything but its runtime
+/// libraries (the compiler programs live in libexec on Gentoo, in lib where a gcc is built
+/// with libexecdir=/usr/lib; the drivers in gcc-bin).
 pub const DEFAULT_INSTALL_MASK: &[&str] = &[
     "/usr/share/man",
     "/usr/share/info",
@@ -53,6 +63,13 @@ pub const DEFAULT_INSTALL_MASK: &[&str] = &[
     "/usr/share/gcc-data/*/info",
     "/usr/*-linux-*/gcc-bin",
     "/usr/lib/gcc/*/*/plugin",
+    "/usr/lib/gcc/*/*/include",
+    "/usr/lib/gcc/*/*/include-fixed",
+    "/usr/lib/gcc/*/*/cc1*",
+    "/usr/lib/gcc/*/*/lto1",
+    "/usr/lib/gcc/*/*/lto-wrapper",
+    "/usr/lib/gcc/*/*/collect2",
+    "/usr/libexec/gcc",
     "*.a",
     "*.la",
     "*.h",
@@ -87,6 +104,8 @@ pub struct FileConfig {
     pub dev_packages: Option<Vec<String>>,
     pub rt_packages: Option<Vec<String>>,
     pub install_mask: Option<Vec<String>>,
+    pub profile: Option<String>,
+    pub check: Option<bool>,
     pub keep_going: Option<bool>,
     pub compression: Option<LayerCompression>,
     pub make_conf: Option<Vec<String>>,
@@ -165,6 +184,9 @@ pub struct Overrides {
     pub use_flags: Option<String>,
     pub dev_packages: Option<Vec<String>>,
     pub rt_packages: Option<Vec<String>>,
+    pub profile: Option<String>,
+    /// `--no-check`: skip the runtime audit of rt.
+    pub no_check: bool,
     pub keep_going: bool,
     pub compression: Option<LayerCompression>,
 }
@@ -183,6 +205,10 @@ pub struct BuildPlan {
     pub dev_packages: Vec<String>,
     pub rt_packages: Vec<String>,
     pub install_mask: Vec<String>,
+    /// The profile to build with, relative to the snapshot's profiles/ (`None`: the stage's).
+    pub profile: Option<String>,
+    /// Audit rt before tagging it (see [`crate::audit`]).
+    pub check: bool,
     pub keep_going: bool,
     pub compression: LayerCompression,
     pub make_conf: Vec<String>,
@@ -191,6 +217,25 @@ pub struct BuildPlan {
     pub package_mask: Vec<String>,
     pub package_unmask: Vec<String>,
     pub repos: Vec<ExtraRepo>,
+}
+
+/// A profile name as under a repository's profiles/, e.g. `default/linux/amd64/23.0/musl`:
+/// relative, without `..`, so it cannot point outside the snapshot.
+fn check_profile(name: &str) -> Result<String> {
+    let name = name.trim().trim_end_matches('/');
+    if name.is_empty()
+        || name.starts_with('/')
+        || name
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        || name.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        bail!(
+            "profile {name:?}: expected a path under the snapshot's profiles/, \
+             e.g. default/linux/amd64/23.0/musl"
+        );
+    }
+    Ok(name.to_string())
 }
 
 /// The engine a build runs in: the command line's, else the config file's, else the sandbox.
@@ -248,6 +293,11 @@ impl BuildPlan {
         if jobs_given == Some(0) {
             bail!("jobs must be at least 1");
         }
+        let profile = cli
+            .profile
+            .or(f.profile)
+            .map(|p| check_profile(&p))
+            .transpose()?;
         let stage3 = get(&stage3).context("the stage3")?;
         let snapshot = get(&snapshot).context("the snapshot")?;
         let tag = match cli.tag.or(f.tag) {
@@ -290,6 +340,8 @@ impl BuildPlan {
             install_mask: f
                 .install_mask
                 .unwrap_or_else(|| DEFAULT_INSTALL_MASK.iter().map(|s| s.to_string()).collect()),
+            profile,
+            check: !cli.no_check && f.check.unwrap_or(true),
             keep_going: cli.keep_going || f.keep_going.unwrap_or(false),
             compression: cli.compression.or(f.compression).unwrap_or_default(),
             make_conf: f.make_conf.unwrap_or_default(),
@@ -364,6 +416,32 @@ mod tests {
             Source::Path(p) => Ok(p.clone()),
             other => bail!("not local: {other:?}"),
         }
+    }
+
+    #[test]
+    fn profiles_stay_inside_the_snapshot_and_the_check_is_on_by_default() {
+        let cli = |profile: &str| Overrides {
+            stage3: Some("stage3-amd64-musl-openrc-20260101T000000Z.tar.xz".into()),
+            snapshot: Some("snap".into()),
+            profile: Some(profile.into()),
+            ..Default::default()
+        };
+        let plan =
+            BuildPlan::resolve(None, cli("default/linux/amd64/23.0/split-usr/"), local).unwrap();
+        assert_eq!(
+            plan.profile.as_deref(),
+            Some("default/linux/amd64/23.0/split-usr")
+        );
+        assert!(plan.check);
+        for bad in ["/etc", "../x", "a/../../b", "", "a b"] {
+            let err = BuildPlan::resolve(None, cli(bad), local).unwrap_err();
+            assert!(err.to_string().contains("profile"), "{bad}: {err}");
+        }
+        let no_check = Overrides {
+            no_check: true,
+            ..cli("default/linux/amd64/23.0")
+        };
+        assert!(!BuildPlan::resolve(None, no_check, local).unwrap().check);
     }
 
     #[test]

@@ -164,6 +164,8 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 use_flags: args.use_flags.clone(),
                 dev_packages: atoms(&args.dev_packages),
                 rt_packages: atoms(&args.rt_packages),
+                profile: args.profile.clone(),
+                no_check: args.no_check,
                 keep_going: args.keep_going,
                 compression: args.compression,
             };

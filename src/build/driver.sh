@@ -15,8 +15,18 @@
 # the tool turns into images after this script succeeds.
 #
 # settings: MKIMG_JOBS MKIMG_USE MKIMG_DEV_PACKAGES MKIMG_RT_PACKAGES MKIMG_INSTALL_MASK
-#           MKIMG_KEEP_GOING (0/1) MKIMG_VERBOSE (0/1) MKIMG_OWNER (uid:gid or empty)
+#           MKIMG_PROFILE (empty: the stage's own) MKIMG_KEEP_GOING (0/1) MKIMG_VERBOSE (0/1)
+#           MKIMG_OWNER (uid:gid or empty)
 #           MKIMG_SOURCE_DATE_EPOCH (empty: the newest binary package's mtime)
+#
+# How a root is made (for both, nothing is merged into the stage's own / any more):
+#   1. sys-apps/baselayout with USE=build, alone: its pkg_preinst makes the profile's layout
+#      (merged-usr: bin -> usr/bin, sbin -> usr/bin, usr/sbin -> bin, lib -> usr/lib; split-usr:
+#      real directories), /root and /home, and its pkg_postinst the account files with root.
+#      Before anything else, so no package makes a real /bin or /lib where the profile wants
+#      a link, and no acct-* package writes an /etc/passwd without root.
+#   2. the packages, from binary packages only, without --emptytree: the root is empty, and
+#      --emptytree would merge the build dependencies into / again.
 #
 # Output: with MKIMG_VERBOSE=1 everything emerge prints; otherwise only the phases and
 # emerge's ">>> Emerging ..." lines. Everything goes to $LOG as well.
@@ -27,6 +37,7 @@ OUT=/var/tmp/gentoo-mkimg
 LOGDIR=/var/log/gentoo-mkimg
 LOG=$LOGDIR/build.log
 PHASES=$LOGDIR/phases
+REPO=/var/db/repos/gentoo
 
 # shellcheck source=/dev/null # written by the tool for each build
 . "$IN/settings"
@@ -60,6 +71,14 @@ logged() {
 keep_going=
 [ "$MKIMG_KEEP_GOING" = 1 ] && keep_going=--keep-going
 
+# The user who runs the tool (docker engine, not root) gets the binary packages, distfiles and
+# logs back, also when the build fails: the next run must be able to use them.
+hand_back() {
+	[ -z "$MKIMG_OWNER" ] && return 0
+	chown -R "$MKIMG_OWNER" /var/cache/binpkgs /var/cache/distfiles /var/log/gentoo-mkimg || true
+}
+trap hand_back EXIT
+
 # --- configure Portage ------------------------------------------------------------------
 # make.conf gets what the images should keep (they carry /etc/portage): buildpkg, accepting
 # our own unsigned binary packages (Portage verifies binary-package signatures by default),
@@ -67,6 +86,14 @@ keep_going=
 # where logs go) is passed in the environment.
 phase configure
 mkdir -p /etc/portage
+if [ -n "$MKIMG_PROFILE" ]; then
+	if [ ! -d "$REPO/profiles/$MKIMG_PROFILE" ]; then
+		echo "gentoo-mkimg: profile $MKIMG_PROFILE: no $REPO/profiles/$MKIMG_PROFILE in the snapshot" | tee -a "$LOG" >&2
+		exit 1
+	fi
+	rm -rf /etc/portage/make.profile
+	ln -s "../..$REPO/profiles/$MKIMG_PROFILE" /etc/portage/make.profile
+fi
 conf=/etc/portage/make.conf
 [ -d "$conf" ] && conf=/etc/portage/make.conf/zz-gentoo-mkimg
 {
@@ -95,6 +122,18 @@ PORTAGE_LOGDIR=$LOGDIR/portage
 PORTAGE_ELOG_SYSTEM=save
 export PKGDIR DISTDIR PORTAGE_LOGDIR PORTAGE_ELOG_SYSTEM
 mkdir -p "$PORTAGE_LOGDIR"
+# Owned as Portage wants them: distfiles are fetched as the portage user (userfetch) into a
+# setgid portage directory; binary packages are written by root and read by the portage group.
+if getent group portage >/dev/null 2>&1; then
+	if getent passwd portage >/dev/null 2>&1; then
+		chown portage:portage "$DISTDIR"
+	else
+		chgrp portage "$DISTDIR"
+	fi
+	chmod 2775 "$DISTDIR"
+	chown root:portage "$PKGDIR"
+	chmod 0755 "$PKGDIR"
+fi
 
 for f in package.use package.accept_keywords package.mask package.unmask; do
 	[ -s "$IN/$f" ] || continue
@@ -115,6 +154,13 @@ phase build
 # shellcheck disable=SC2086 # word splitting of package lists is intended
 logged emerge --emptytree --usepkg --buildpkg --color=n --nospinner $keep_going \
 	@system @world $MKIMG_DEV_PACKAGES
+# baselayout once more with USE=build, as a binary package of its own (binpkg-multi-instance
+# keeps both; the USE flags pick one): the first package of every root. Only when missing.
+if ! USE=build emerge --pretend --usepkgonly --oneshot --nodeps sys-apps/baselayout \
+	>/dev/null 2>&1; then
+	logged env USE=build emerge --oneshot --nodeps --buildpkgonly --color=n --nospinner \
+		sys-apps/baselayout
+fi
 
 # --- one time for everything the roots carry ------------------------------------------------
 # Merging stamps files with the time of the merge. So that an unchanged rebuild gives the same
@@ -150,31 +196,50 @@ export_root() {
 		-C "$OUT/$1" .
 }
 
+# A fresh root with the stage's /etc/portage, and baselayout merged first with USE=build.
+# One job in every root merge: merges in a fixed order give the same package COUNTERs.
+new_root() {
+	rm -rf "${OUT:?}/$1"
+	mkdir -p "$OUT/$1/etc"
+	cp -a /etc/portage "$OUT/$1/etc/"
+	logged env ROOT="$OUT/$1" USE=build INSTALL_MASK="${2:-}" emerge --usepkgonly --oneshot \
+		--nodeps --jobs=1 --color=n --nospinner sys-apps/baselayout
+}
+
 # --- the dev root: everything ---------------------------------------------------------------
 phase dev
-rm -rf "${OUT:?}/dev"
-mkdir -p "$OUT/dev/etc"
-cp -a /etc/portage "$OUT/dev/etc/"
+new_root dev
 if [ -f /var/lib/portage/world ]; then
 	mkdir -p "$OUT/dev/var/lib/portage"
 	cp /var/lib/portage/world "$OUT/dev/var/lib/portage/world"
 fi
 # shellcheck disable=SC2086
-# One job: merges in a fixed order give the same package COUNTERs every time.
-logged env ROOT="$OUT/dev" emerge --emptytree --usepkgonly --color=n --nospinner --jobs=1 \
+logged env ROOT="$OUT/dev" emerge --usepkgonly --color=n --nospinner --jobs=1 \
 	--root-deps --with-bdeps=y \
 	@system @world $MKIMG_DEV_PACKAGES
 settle "$OUT/dev"
 export_root dev
 
 # --- the rt root: the runtime closure of the base set, without docs and headers -----------
+# Its make.conf keeps the mask (a later `emerge -K` in the image must not bring headers and
+# docs back), builds no binary packages and installs binary packages only; its world file
+# lists the rt set.
 phase rt
-rm -rf "${OUT:?}/rt"
-mkdir -p "$OUT/rt/etc"
-cp -a /etc/portage "$OUT/rt/etc/"
+new_root rt "$MKIMG_INSTALL_MASK"
+rtconf=$OUT/rt/etc/portage/make.conf
+[ -d "$rtconf" ] && rtconf=$rtconf/zz-gentoo-mkimg-rt
+{
+	echo
+	echo "# --- gentoo-mkimg: a runtime image ---"
+	echo "INSTALL_MASK=\"\${INSTALL_MASK} $MKIMG_INSTALL_MASK\""
+	# shellcheck disable=SC2016 # expanded by Portage, not here
+	echo 'FEATURES="${FEATURES} -buildpkg"'
+	# shellcheck disable=SC2016
+	echo 'EMERGE_DEFAULT_OPTS="${EMERGE_DEFAULT_OPTS} --usepkgonly"'
+} >> "$rtconf"
 # shellcheck disable=SC2086
-logged env INSTALL_MASK="$MKIMG_INSTALL_MASK" ROOT="$OUT/rt" emerge --emptytree --usepkgonly \
-	--jobs=1 --oneshot --root-deps=rdeps --with-bdeps=n --color=n --nospinner $MKIMG_RT_PACKAGES
+logged env INSTALL_MASK="$MKIMG_INSTALL_MASK" ROOT="$OUT/rt" emerge --usepkgonly \
+	--jobs=1 --root-deps=rdeps --with-bdeps=n --color=n --nospinner $MKIMG_RT_PACKAGES
 
 # What Portage leaves despite INSTALL_MASK (directories it created, files of packages
 # installed before the mask took effect): remove it, but never the package database.
@@ -199,9 +264,6 @@ set +f
 settle "$OUT/rt"
 export_root rt
 
-# --- hand the results to the user who runs the tool ----------------------------------------
+# --- the results go back to the user who runs the tool (hand_back, on exit) -----------------
 phase finish
-if [ -n "$MKIMG_OWNER" ]; then
-	chown -R "$MKIMG_OWNER" /var/cache/binpkgs /var/log/gentoo-mkimg
-fi
 phase "done"

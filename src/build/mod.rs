@@ -117,6 +117,7 @@ fn write_inputs(
         ("MKIMG_DEV_PACKAGES", plan.dev_packages.join(" ")),
         ("MKIMG_RT_PACKAGES", plan.rt_packages.join(" ")),
         ("MKIMG_INSTALL_MASK", plan.install_mask.join(" ")),
+        ("MKIMG_PROFILE", plan.profile.clone().unwrap_or_default()),
         ("MKIMG_KEEP_GOING", u8::from(plan.keep_going).to_string()),
         (
             "MKIMG_VERBOSE",
