@@ -1,3 +1,4 @@
 //! Portage's own data, read from a root filesystem.
 
+pub mod contents;
 pub mod vdb;
