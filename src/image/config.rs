@@ -49,51 +49,38 @@ impl std::str::FromStr for Platform {
     }
 }
 
-const EM_386: u16 = 3;
-const EM_PPC: u16 = 20;
-const EM_PPC64: u16 = 21;
-const EM_S390: u16 = 22;
-const EM_ARM: u16 = 40;
-const EM_X86_64: u16 = 62;
-const EM_AARCH64: u16 = 183;
-const EM_RISCV: u16 = 243;
-const EM_LOONGARCH: u16 = 258;
 const SHT_ARM_ATTRIBUTES: u32 = 0x7000_0003;
 
 /// Read the platform from the start of an ELF file (for ARM, the whole file: the CPU
 /// architecture is in the `.ARM.attributes` section). `None` when `data` is not an ELF
 /// executable or shared object of a known machine.
 pub fn platform_from_elf(data: &[u8]) -> Option<Platform> {
-    if data.len() < 52 || &data[..4] != b"\x7fELF" {
+    use goblin::elf::header::{
+        EI_CLASS, EI_DATA, ELFCLASS32, ELFCLASS64, ELFDATA2LSB, ELFDATA2MSB, EM_386, EM_AARCH64,
+        EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV, EM_S390, EM_X86_64, ET_DYN, ET_EXEC,
+    };
+    if !data.starts_with(b"\x7fELF") {
         return None;
     }
-    let is64 = match data[4] {
-        1 => false,
-        2 => true,
+    let header = goblin::elf::Elf::parse_header(data).ok()?;
+    let is64 = match header.e_ident[EI_CLASS] {
+        ELFCLASS32 => false,
+        ELFCLASS64 => true,
         _ => return None,
     };
-    let le = match data[5] {
-        1 => true,
-        2 => false,
+    let le = match header.e_ident[EI_DATA] {
+        ELFDATA2LSB => true,
+        ELFDATA2MSB => false,
         _ => return None,
     };
-    let u16_at = |o: usize| -> Option<u16> {
-        let b: [u8; 2] = data.get(o..o + 2)?.try_into().ok()?;
-        Some(if le {
-            u16::from_le_bytes(b)
-        } else {
-            u16::from_be_bytes(b)
-        })
-    };
-    let e_type = u16_at(16)?;
-    if e_type != 2 && e_type != 3 {
-        return None; // not ET_EXEC or ET_DYN
+    if header.e_type != ET_EXEC && header.e_type != ET_DYN {
+        return None;
     }
-    let (arch, variant) = match (u16_at(18)?, is64, le) {
+    let (arch, variant) = match (header.e_machine, is64, le) {
         (EM_X86_64, true, true) => ("amd64", None),
         (EM_386, false, true) => ("386", None),
         (EM_AARCH64, true, true) => ("arm64", Some("v8".to_string())),
-        (EM_ARM, false, true) => ("arm", arm_variant(data)),
+        (EM_ARM, false, true) => ("arm", arm_variant(data, &header)),
         (EM_PPC64, true, true) => ("ppc64le", None),
         (EM_PPC64, true, false) => ("ppc64", None),
         (EM_PPC, false, false) => ("ppc", None),
@@ -109,22 +96,20 @@ pub fn platform_from_elf(data: &[u8]) -> Option<Platform> {
 }
 
 /// `v5`, `v6`, `v7` or `v8` from Tag_CPU_arch in a 32-bit little-endian ARM ELF's
-/// `.ARM.attributes` section.
-fn arm_variant(data: &[u8]) -> Option<String> {
-    let u16_at = |o: usize| -> Option<usize> {
-        Some(u16::from_le_bytes(data.get(o..o + 2)?.try_into().ok()?) as usize)
-    };
-    let u32_at = |o: usize| -> Option<usize> {
-        Some(u32::from_le_bytes(data.get(o..o + 4)?.try_into().ok()?) as usize)
-    };
-    let shoff = u32_at(32)?;
-    let shentsize = u16_at(46)?;
-    let shnum = u16_at(48)?;
-    let section = (0..shnum).find_map(|i| {
-        let sh = shoff.checked_add(i.checked_mul(shentsize)?)?;
-        (u32_at(sh + 4)? as u32 == SHT_ARM_ATTRIBUTES).then_some(())?;
-        let off = u32_at(sh + 16)?;
-        let size = u32_at(sh + 20)?;
+/// `.ARM.attributes` section, found through goblin's section headers.
+fn arm_variant(data: &[u8], header: &goblin::elf::Header) -> Option<String> {
+    let ctx = goblin::container::Ctx::new(header.container().ok()?, header.endianness().ok()?);
+    let sections = goblin::elf::SectionHeader::parse(
+        data,
+        usize::try_from(header.e_shoff).ok()?,
+        usize::from(header.e_shnum),
+        ctx,
+    )
+    .ok()?;
+    let section = sections.iter().find_map(|sh| {
+        (sh.sh_type == SHT_ARM_ATTRIBUTES).then_some(())?;
+        let off = usize::try_from(sh.sh_offset).ok()?;
+        let size = usize::try_from(sh.sh_size).ok()?;
         data.get(off..off.checked_add(size)?)
     })?;
     let arch = tag_cpu_arch(section)?;
@@ -355,6 +340,7 @@ pub fn rfc3339(secs: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use goblin::elf::header::{EM_386, EM_AARCH64, EM_ARM, EM_PPC64, EM_RISCV, EM_S390, EM_X86_64};
 
     fn elf(class: u8, data: u8, machine: u16) -> Vec<u8> {
         let mut h = vec![0u8; 64];
@@ -439,6 +425,18 @@ mod tests {
             platform_from_elf(&no_sections).unwrap().to_string(),
             "linux/arm"
         );
+    }
+
+    /// A real executable of the host, as goblin reads it.
+    #[test]
+    fn the_host_binaries_give_the_host_platform() {
+        let data = std::fs::read("/bin/true").unwrap();
+        let want = match std::env::consts::ARCH {
+            "x86_64" => "linux/amd64",
+            "aarch64" => "linux/arm64/v8",
+            other => return eprintln!("no expectation for {other}"),
+        };
+        assert_eq!(platform_from_elf(&data).unwrap().to_string(), want);
     }
 
     #[test]
