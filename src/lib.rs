@@ -5,8 +5,10 @@
 //! [`image`] makes layers,
 //! configs and manifests in the [`image::store`], [`publish`] gets images out of the store.
 //! [`import`] and [`images`] are the commands built on them; [`cli`] only parses arguments.
+//! [`audit`] checks that everything in an image can load (interpreters, libraries, `#!`).
 
 pub mod archive;
+pub mod audit;
 pub mod build;
 pub mod cli;
 pub mod config;
