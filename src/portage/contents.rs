@@ -87,6 +87,8 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
+    type Parsed<'a> = (Kind, &'a [u8], Option<&'a [u8]>);
+
     #[test]
     fn parses_every_kind_with_spaces_in_paths() {
         let text = b"dir /usr\n\
@@ -101,9 +103,8 @@ mod tests {
             garbage line\n\
             obj /no/mtime d41d8cd98f00b204e9800998ecf8427e\n\
             sym /no/arrow 12\n";
-        let got: Vec<(Kind, &[u8], Option<&[u8]>)> =
-            entries(text).map(|e| (e.kind, e.path, e.target)).collect();
-        let want: Vec<(Kind, &[u8], Option<&[u8]>)> = vec![
+        let got: Vec<Parsed> = entries(text).map(|e| (e.kind, e.path, e.target)).collect();
+        let want: Vec<Parsed> = vec![
             (Kind::Dir, b"/usr", None),
             (Kind::Dir, b"/usr/share/My Docs", None),
             (Kind::Obj, b"/usr/bin/hello", None),
