@@ -1,6 +1,7 @@
 //! Making images: layers, config, manifest, and the image store that holds them.
 
 pub mod config;
+pub mod gc;
 pub mod layer;
 pub mod reference;
 pub mod store;
