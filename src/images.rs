@@ -32,9 +32,11 @@ pub fn list(store: &Store) -> Result<Vec<ImageRow>> {
         let manifest = store
             .read_manifest(&desc)
             .with_context(|| format!("image {reference}"))?;
-        let config: CreatedOnly =
-            serde_json::from_slice(&store.read_blob(&manifest.config.digest)?)
-                .with_context(|| format!("image {reference}: config is not valid JSON"))?;
+        let config = store
+            .read_descriptor(&manifest.config)
+            .with_context(|| format!("image {reference}"))?;
+        let config: CreatedOnly = serde_json::from_slice(&config)
+            .with_context(|| format!("image {reference}: config is not valid JSON"))?;
         rows.push(ImageRow {
             reference,
             digest: desc.digest,

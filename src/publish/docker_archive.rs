@@ -4,9 +4,10 @@
 //! `index.json`, `blobs/sha256/...`) plus the legacy `manifest.json` that older Docker
 //! releases and Podman's docker-archive transport read. Layers are copied from the store as
 //! they are (compressed); both engines decompress them on load. Blobs are streamed from the
-//! store, and the file appears under its name only when complete.
+//! store and checked against their descriptors on the way ([`Store::open_blob`]): a corrupt
+//! blob fails the archive before its last bytes are written. The file appears under its name
+//! only when complete; a failure removes the partial file.
 
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
@@ -14,7 +15,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::image::StoredImage;
-use crate::image::store::{INDEX_MEDIA_TYPE, Store};
+use crate::image::store::{INDEX_MEDIA_TYPE, Store, blob_error};
 
 /// Write `images` (all from `store`) to `dest` as one docker-archive.
 pub fn write(store: &Store, images: &[StoredImage], dest: &Path) -> Result<()> {
@@ -24,6 +25,7 @@ pub fn write(store: &Store, images: &[StoredImage], dest: &Path) -> Result<()> {
     };
     let tmp = tempfile::Builder::new()
         .prefix(".tmp-archive-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(dir)
         .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
     let (file, tmp_path) = tmp.into_parts();
@@ -79,22 +81,19 @@ fn write_entries<W: Write>(
     let mut index_entries = Vec::new();
     let mut legacy = Vec::new();
     for image in images {
-        let digests = image
-            .layers
-            .iter()
-            .map(|l| &l.digest)
-            .chain([&image.config.digest, &image.manifest.digest]);
-        for digest in digests {
-            if !written.insert(digest.clone()) {
+        let blobs = image.layers.iter().chain([&image.config, &image.manifest]);
+        for desc in blobs {
+            if !written.insert(desc.digest.clone()) {
                 continue;
             }
-            let path = store.blob_path(digest);
-            let mut file = File::open(&path)
-                .with_context(|| format!("{}: cannot open blob", path.display()))?;
-            let size = file.metadata()?.len();
-            let mut h = header(size);
-            tar.append_data(&mut h, format!("blobs/sha256/{}", digest.hex()), &mut file)
-                .with_context(|| format!("{}: cannot copy blob", path.display()))?;
+            let mut blob = store.open_blob(desc)?;
+            let mut h = header(desc.size);
+            tar.append_data(
+                &mut h,
+                format!("blobs/sha256/{}", desc.digest.hex()),
+                &mut blob,
+            )
+            .map_err(|e| blob_error(e, blob.path(), "cannot copy blob"))?;
         }
         let tag = image
             .reference

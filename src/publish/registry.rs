@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::{IsTerminal, Read, Seek, SeekFrom};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,10 +33,11 @@ use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use reqwest::header::{self, HeaderValue};
 use reqwest::{StatusCode, Url};
+use sha2::{Digest as _, Sha256};
 
 use super::auth::{self, Credential};
 use crate::image::reference::Reference;
-use crate::image::store::{Descriptor, Digest, Store};
+use crate::image::store::{CorruptBlob, Descriptor, Digest, Found, Store};
 use crate::image::{StoredImage, open_image};
 use crate::net::{describe, is_tls_refusal, retry_after, tls_config};
 use crate::progress::Verbosity;
@@ -1067,10 +1068,109 @@ struct ImagePush<'a> {
     sent: Arc<AtomicU64>,
 }
 
+/// The check of one blob's upload: its bytes hashed in order, once, however often retries
+/// and resumed chunks read them again. The reader that reaches the blob's end gets the
+/// verdict before it sends the last bytes, so a wrong blob never completes an upload.
+struct UploadCheck {
+    path: PathBuf,
+    digest: Digest,
+    size: u64,
+    state: Mutex<CheckState>,
+}
+
+struct CheckState {
+    hasher: Sha256,
+    /// Bytes hashed so far (from the start of the blob).
+    hashed: u64,
+    /// Set once the blob turned out wrong.
+    corrupt: Option<CorruptBlob>,
+}
+
+impl UploadCheck {
+    fn new(path: PathBuf, desc: &Descriptor) -> Self {
+        UploadCheck {
+            path,
+            digest: desc.digest.clone(),
+            size: desc.size,
+            state: Mutex::new(CheckState {
+                hasher: Sha256::new(),
+                hashed: 0,
+                corrupt: None,
+            }),
+        }
+    }
+
+    fn corrupt(&self, found: Found) -> CorruptBlob {
+        CorruptBlob {
+            path: self.path.clone(),
+            digest: self.digest.clone(),
+            size: Some(self.size),
+            found,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, CheckState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What was found wrong with the blob, if anything yet.
+    fn failure(&self) -> Option<CorruptBlob> {
+        self.state().corrupt.clone()
+    }
+
+    fn fail(&self, found: Found) -> CorruptBlob {
+        let mut state = self.state();
+        state
+            .corrupt
+            .get_or_insert_with(|| self.corrupt(found))
+            .clone()
+    }
+
+    /// Take `data`, read from `file` at `at`: hash what is new, and once the whole blob is
+    /// hashed, judge it (a blob longer than its descriptor says is wrong too).
+    fn feed(&self, file: &std::fs::File, at: u64, data: &[u8]) -> Result<(), CorruptBlob> {
+        use std::os::unix::fs::FileExt;
+        let mut state = self.state();
+        if let Some(c) = &state.corrupt {
+            return Err(c.clone());
+        }
+        if at > state.hashed {
+            // A resumed upload skipped bytes no reader of ours read: hash them from the file.
+            let mut gap = vec![0u8; (at - state.hashed) as usize];
+            if file.read_exact_at(&mut gap, state.hashed).is_err() {
+                let found = Found::Size(file.metadata().map(|m| m.len()).unwrap_or(0));
+                return Err(state.corrupt.insert(self.corrupt(found)).clone());
+            }
+            state.hasher.update(&gap);
+            state.hashed = at;
+        }
+        let end = at + data.len() as u64;
+        if end > state.hashed {
+            let new = &data[(state.hashed - at) as usize..];
+            state.hasher.update(new);
+            state.hashed = end;
+            if end == self.size {
+                let mut probe = [0u8; 1];
+                let found = if file.read_at(&mut probe, self.size).is_ok_and(|n| n > 0) {
+                    Some(Found::Longer)
+                } else {
+                    let got = Digest::from_sha256(state.hasher.clone().finalize().as_slice());
+                    (got != self.digest).then_some(Found::Content(self.size, got))
+                };
+                if let Some(found) = found {
+                    return Err(state.corrupt.insert(self.corrupt(found)).clone());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Read `len` bytes of `path` from `offset` on a blocking thread, a few chunks ahead of the
-/// network, as a request body.
+/// network, as a request body; `check` sees every byte, and a blob that is not what it
+/// should be ends the body with an error instead of its last bytes.
 fn file_body(
-    path: &Path,
+    check: &Arc<UploadCheck>,
     offset: u64,
     len: u64,
     activity: Activity,
@@ -1078,30 +1178,41 @@ fn file_body(
     bar: Option<ProgressBar>,
 ) -> Result<reqwest::Body> {
     const CHUNK: u64 = 1 << 20;
+    let path = &check.path;
     let mut file = std::fs::File::open(path)
         .with_context(|| format!("{}: cannot open blob", path.display()))?;
     file.seek(SeekFrom::Start(offset))
         .with_context(|| format!("{}: cannot seek", path.display()))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     let shown = path.display().to_string();
+    let check = check.clone();
     std::thread::Builder::new()
         .name("blob-reader".into())
         .spawn(move || {
-            let mut left = len;
-            while left > 0 {
-                let n = left.min(CHUNK) as usize;
+            let mut at = offset;
+            let end = offset + len;
+            while at < end {
+                let n = (end - at).min(CHUNK) as usize;
                 let mut buf = vec![0u8; n];
-                let item = file
-                    .read_exact(&mut buf)
-                    .map(|_| Bytes::from(buf))
-                    .map_err(|e| {
-                        std::io::Error::new(e.kind(), format!("{shown}: cannot read: {e}"))
-                    });
+                let item = match file.read_exact(&mut buf) {
+                    Ok(()) => check
+                        .feed(&file, at, &buf)
+                        .map(|()| Bytes::from(buf))
+                        .map_err(std::io::Error::other),
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        let on_disk = file.metadata().map(|m| m.len()).unwrap_or(0);
+                        Err(std::io::Error::other(check.fail(Found::Size(on_disk))))
+                    }
+                    Err(e) => Err(std::io::Error::new(
+                        e.kind(),
+                        format!("{shown}: cannot read: {e}"),
+                    )),
+                };
                 let failed = item.is_err();
                 if tx.blocking_send(item).is_err() || failed {
                     return; // the request is gone, or we told it why
                 }
-                left -= n as u64;
+                at += n as u64;
             }
         })
         .context("cannot start a reader thread")?;
@@ -1166,13 +1277,7 @@ impl ImagePush<'_> {
                 );
             }
         }
-        let bytes = self.store.read_blob(&self.image.manifest.digest)?;
-        if Digest::of(&bytes) != self.image.manifest.digest {
-            bail!(
-                "the store's manifest {} does not match its digest (corrupt store?)",
-                self.image.manifest.digest
-            );
-        }
+        let bytes = self.store.read_descriptor(&self.image.manifest)?;
         let reported = registry
             .put_manifest(
                 repo,
@@ -1255,12 +1360,9 @@ impl ImagePush<'_> {
         let on_disk = std::fs::metadata(&path)
             .with_context(|| format!("{}: cannot read blob {digest}", path.display()))?
             .len();
+        let check = Arc::new(UploadCheck::new(path, desc));
         if on_disk != desc.size {
-            bail!(
-                "{}: blob {digest} is {on_disk} bytes, the manifest says {} (corrupt store?)",
-                path.display(),
-                desc.size
-            );
+            return Err(check.fail(Found::Size(on_disk)).into());
         }
         let bar = self.bar(desc);
         let chunked = desc.size >= self.opts.chunk_threshold && self.opts.chunk_size > 0;
@@ -1299,11 +1401,19 @@ impl ImagePush<'_> {
                 bar.set_position(offset);
             }
             let result = if chunked {
-                self.send_chunks(desc, &path, &mut location, &mut offset, bar.clone())
+                self.send_chunks(desc, &check, &mut location, &mut offset, bar.clone())
                     .await
             } else {
-                self.send_whole(desc, &path, &location, bar.clone()).await
+                self.send_whole(desc, &check, &location, bar.clone()).await
             };
+            // A corrupt blob is what failed the request (or would fail every retry).
+            if let Some(corrupt) = check.failure() {
+                if let Some(bar) = &bar {
+                    bar.abandon();
+                }
+                registry.cancel_upload(repo, location).await;
+                return Err(corrupt.into());
+            }
             match result {
                 Ok(()) => {
                     if let Some(bar) = &bar {
@@ -1357,7 +1467,7 @@ impl ImagePush<'_> {
     async fn send_whole(
         &self,
         desc: &Descriptor,
-        path: &Path,
+        check: &Arc<UploadCheck>,
         location: &Url,
         bar: Option<ProgressBar>,
     ) -> std::result::Result<(), UploadError> {
@@ -1366,8 +1476,15 @@ impl ImagePush<'_> {
         url.query_pairs_mut()
             .append_pair("digest", desc.digest.as_str());
         let activity = Activity::new();
-        let body = file_body(path, 0, desc.size, activity.clone(), self.sent.clone(), bar)
-            .map_err(UploadError::Fatal)?;
+        let body = file_body(
+            check,
+            0,
+            desc.size,
+            activity.clone(),
+            self.sent.clone(),
+            bar,
+        )
+        .map_err(UploadError::Fatal)?;
         let req = registry
             .client
             .put(url)
@@ -1387,7 +1504,7 @@ impl ImagePush<'_> {
     async fn send_chunks(
         &self,
         desc: &Descriptor,
-        path: &Path,
+        check: &Arc<UploadCheck>,
         location: &mut Url,
         offset: &mut u64,
         bar: Option<ProgressBar>,
@@ -1397,7 +1514,7 @@ impl ImagePush<'_> {
             let len = (desc.size - *offset).min(self.opts.chunk_size);
             let activity = Activity::new();
             let body = file_body(
-                path,
+                check,
                 *offset,
                 len,
                 activity.clone(),
