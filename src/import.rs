@@ -145,6 +145,7 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<StoredImage> {
 
 /// [`import`], also returning what the pass learned about the stage.
 pub fn import_scanned(store: &Store, opts: &ImportOptions) -> Result<(StoredImage, Scan)> {
+    let blobs = store.session(); // a failure below removes the blobs written here
     let file = opts.stage.display().to_string();
     let input = decompress::open(&opts.stage)?;
     tracing::info!(
@@ -194,6 +195,7 @@ pub fn import_scanned(store: &Store, opts: &ImportOptions) -> Result<(StoredImag
         info.size,
         info.tar_size
     );
+    blobs.commit();
     Ok((image, scan))
 }
 

@@ -357,6 +357,7 @@ fn finish_pipe_reader(
 
 /// Run the whole build.
 pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
+    let blobs = opts.store.session(); // a failed build leaves no untagged blob
     let plan = &opts.plan;
     let mut phases: Vec<(String, Duration)> = Vec::new();
     let refs: BTreeMap<&str, Reference> = ["raw", "dev", "rt"]
@@ -582,6 +583,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     phases.push(("tag dev and rt".to_string(), t.elapsed()));
     let dev = built.remove("dev").ok_or_else(|| anyhow!("no dev image"))?;
     let rt = built.remove("rt").ok_or_else(|| anyhow!("no rt image"))?;
+    blobs.commit();
     Ok(BuildSummary {
         phases,
         raw,
