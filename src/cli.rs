@@ -75,6 +75,9 @@ pub enum Command {
     /// Check local stage3s and snapshots against the companion files beside them
     /// (signatures by Gentoo's pinned keys, DIGESTS, .sha256, .md5sum, sha512sum.txt).
     Verify(VerifyArgs),
+    /// Remove from the store every blob no image uses (and temporary files of killed runs),
+    /// printing what went and the bytes freed.
+    Gc(GcArgs),
 }
 
 /// Where inputs come from and how they are verified (build, shell, import, fetch, verify).
@@ -121,6 +124,13 @@ pub struct VerifyArgs {
     /// Trust signatures by this key (as for build).
     #[arg(long = "trusted-key", value_name = "FINGERPRINT")]
     pub trusted_keys: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Only print what would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -276,6 +276,9 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Gc(args) => {
+            print!("{}", gentoo_mkimg::image::gc::gc(&store, args.dry_run)?);
+        }
         Command::Load(args) => {
             publish::daemon::load(&store, &args.references)?;
         }
