@@ -58,7 +58,7 @@ pub enum Command {
     /// The whole job: the raw, dev and rt images from a stage3 and a Portage snapshot
     /// (`emerge -e @system @world` in the stage, then dev = everything, rt = the runtime
     /// closure of a base package set without headers and docs).
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// List the images in the store.
     Images,
     /// Run a command (default: a login shell) inside a stage, with the snapshot at
@@ -70,6 +70,10 @@ pub enum Command {
     /// Load images from the store into Docker or Podman (Docker Engine API: DOCKER_HOST or
     /// the default socket), named as in the store.
     Load(LoadArgs),
+    /// Check that everything in an image can run: every ELF's interpreter and libraries,
+    /// every script's #! interpreter, and /bin/sh are in the image (what `build` checks on
+    /// rt). One line per problem, with the package that owns the file; exit status 1 if any.
+    Check(CheckArgs),
     /// Download stage3s and snapshots into the cache and verify them, without building.
     Fetch(FetchArgs),
     /// Check local stage3s and snapshots against the companion files beside them

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 
 use gentoo_mkimg::cli::{Cli, Command, InputArgs};
@@ -11,7 +11,7 @@ use gentoo_mkimg::config::InputSettings;
 use gentoo_mkimg::image::store::Store;
 use gentoo_mkimg::inputs::{self, InputOptions, Inputs, Source, VerifyMode};
 use gentoo_mkimg::progress::Verbosity;
-use gentoo_mkimg::{build, config, engine, images, import, publish, shell};
+use gentoo_mkimg::{audit, build, config, engine, images, import, publish, shell};
 
 fn main() -> ExitCode {
     // The sandbox engine re-executes this binary as its helper inside new namespaces.
@@ -281,6 +281,23 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
         }
         Command::Load(args) => {
             publish::daemon::load(&store, &args.references)?;
+        }
+        Command::Check(args) => {
+            let mut failed = false;
+            for reference in &args.references {
+                let report = audit::audit_image(&store, reference)
+                    .with_context(|| format!("cannot check {reference}"))?;
+                for problem in &report.problems {
+                    println!("{reference}: {problem}");
+                }
+                failed |= !report.problems.is_empty();
+                if verbosity != Verbosity::Quiet {
+                    eprintln!("{reference}: {}", report.summary());
+                }
+            }
+            if failed {
+                return Ok(ExitCode::from(1));
+            }
         }
         Command::Push(args) => {
             let opts = publish::registry::PushOptions {

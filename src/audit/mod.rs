@@ -25,7 +25,6 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 
 use anyhow::{Context, Result};
@@ -109,8 +108,14 @@ impl fmt::Display for Report {
         for p in &self.problems {
             writeln!(f, "{p}")?;
         }
-        write!(
-            f,
+        f.write_str(&self.summary())
+    }
+}
+
+impl Report {
+    /// `N files, N ELF files, N scripts checked: N problems`.
+    pub fn summary(&self) -> String {
+        format!(
             "{} files, {} ELF files, {} scripts checked: {} problem{}",
             self.files,
             self.elf_files,
@@ -145,7 +150,8 @@ pub fn audit_layers(store: &Store, layers: &[Descriptor]) -> Result<Report> {
 /// sniffed from the data when the media type does not say.
 fn open_layer(store: &Store, layer: &Descriptor) -> Result<Box<dyn Read + Send>> {
     let path = store.blob_path(&layer.digest);
-    let file = File::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
+    // Checked while streaming: a corrupt blob fails with its size and digest.
+    let file = store.open_blob(layer)?;
     let mut input = BufReader::with_capacity(1 << 20, file);
     let media = layer.media_type.as_str();
     let compression = if media.ends_with("gzip") {

@@ -6,6 +6,8 @@
 //!    fills the dev and rt roots;
 //! 4. images: the two roots become `REPO/BASENAME-dev:TAG` and `-rt:TAG` by the same layer
 //!    code as import, straight from the directories (or the engine's tar stream);
+//!    rt is audited first ([`crate::audit`]: interpreters, libraries, `#!`, /bin/sh) and
+//!    nothing is tagged when it would not run;
 //! 5. a summary: time per phase, package counts, image sizes and digests.
 //!
 //! Nothing is tagged for dev or rt unless the whole build succeeded; binary packages built
@@ -355,6 +357,25 @@ fn finish_pipe_reader(
     result
 }
 
+/// The runtime audit of the rt layer: every problem on its own line, and an error that says
+/// nothing was tagged.
+fn check_rt(store: &Store, layer: &LayerInfo, reference: &Reference) -> Result<()> {
+    let report = crate::audit::audit_layers(store, &[layer.descriptor()])
+        .with_context(|| format!("cannot check {reference}"))?;
+    if report.problems.is_empty() {
+        return Ok(());
+    }
+    for problem in &report.problems {
+        eprintln!("{reference}: {problem}");
+    }
+    bail!(
+        "{reference} would not work: {} problem(s), listed above; nothing was tagged \
+         (add the missing packages to the rt set or to the RDEPEND of the packages named; \
+         --no-check skips this check)",
+        report.problems.len()
+    )
+}
+
 /// Run the whole build.
 pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     let blobs = opts.store.session(); // a failed build leaves no untagged blob
@@ -550,7 +571,22 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         phases.push(("build in stage".into(), build_time));
     }
 
-    // 3. images
+    // 3. the runtime audit of rt, before anything is tagged
+    if let Some(rt) = roots.get("rt") {
+        if plan.check {
+            let t = Instant::now();
+            check_rt(&opts.store, &rt.layer, &refs["rt"])?;
+            phases.push(("check rt".to_string(), t.elapsed()));
+        } else {
+            eprintln!(
+                "gentoo-mkimg: warning: --no-check: {} is not checked for missing \
+                 interpreters and libraries",
+                refs["rt"]
+            );
+        }
+    }
+
+    // 4. images
     let t = Instant::now();
     let created = opts
         .source_date_epoch
