@@ -357,14 +357,40 @@ fn stage_fixture_is_complete_and_faithful() {
         group.lines().any(|l| l.starts_with("portage:x:250:")),
         "{group}"
     );
-    for line in [
-        r#"FEATURES="-sandbox -usersandbox -network-sandbox -ipc-sandbox -pid-sandbox""#,
-        r#"BINPKG_COMPRESS="zstd""#,
-        r#"ACCEPT_LICENSE="*""#,
-    ] {
+    for line in [r#"BINPKG_COMPRESS="zstd""#, r#"ACCEPT_LICENSE="*""#] {
         assert!(
             make_conf.lines().any(|l| l == line),
             "{line} missing:\n{make_conf}"
         );
+    }
+    // Portage's sandboxes stay on, as in a real stage3.
+    assert!(
+        !make_conf.lines().any(|l| l.trim_start().starts_with("FEATURES=")),
+        "{make_conf}"
+    );
+
+    // Gentoo's merged /usr (profile 23.0), not Debian's: sbin -> usr/bin, usr/sbin -> bin,
+    // Debian's sbin tools in /usr/bin.
+    for (link, target) in [
+        ("./bin", "usr/bin"),
+        ("./sbin", "usr/bin"),
+        ("./lib", "usr/lib"),
+        ("./lib64", "usr/lib64"),
+        ("./usr/sbin", "bin"),
+    ] {
+        let e = entry(link.as_bytes());
+        assert_eq!(
+            (e.kind(), e.link.as_deref()),
+            ('l', Some(target.as_bytes())),
+            "{link}: {e:?}"
+        );
+    }
+    for tool in ["./usr/bin/useradd", "./usr/bin/groupadd", "./usr/bin/ldconfig"] {
+        assert_eq!(entry(tool.as_bytes()).kind(), '-', "{tool}");
+    }
+    // Gentoo's names for the toolchain: C and C++.
+    for tool in ["gcc", "cc", "cpp", "g++", "c++", "ld", "as", "ar"] {
+        let name = format!("./usr/bin/x86_64-pc-linux-gnu-{tool}");
+        assert_eq!(entry(name.as_bytes()).kind(), 'l', "{name}");
     }
 }
