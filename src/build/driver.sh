@@ -152,12 +152,16 @@ fi
 # --- build every package of the system, reusing binary packages -----------------------------
 phase build
 # shellcheck disable=SC2086 # word splitting of package lists is intended
-logged emerge --emptytree --usepkg --buildpkg --color=n --nospinner $keep_going \
-	@system @world $MKIMG_DEV_PACKAGES
+# --with-bdeps=y: the build dependencies are merged into / even when their users come from
+# binary packages (the stage starts pristine every run), so the roots' merges find them there.
+logged emerge --emptytree --usepkg --binpkg-respect-use=y --with-bdeps=y --buildpkg \
+	--color=n --nospinner $keep_going @system @world $MKIMG_DEV_PACKAGES
 # baselayout once more with USE=build, as a binary package of its own (binpkg-multi-instance
-# keeps both; the USE flags pick one): the first package of every root. Only when missing.
-if ! USE=build emerge --pretend --usepkgonly --oneshot --nodeps sys-apps/baselayout \
-	>/dev/null 2>&1; then
+# keeps both, and --binpkg-respect-use=y makes every merge take the one whose USE flags
+# match: without it, --usepkgonly takes a binary package whatever its flags). It is the
+# first package of every root. Only when missing.
+if ! USE=build emerge --pretend --usepkgonly --binpkg-respect-use=y --oneshot --nodeps \
+	sys-apps/baselayout >/dev/null 2>&1; then
 	logged env USE=build emerge --oneshot --nodeps --buildpkgonly --color=n --nospinner \
 		sys-apps/baselayout
 fi
@@ -202,8 +206,9 @@ new_root() {
 	rm -rf "${OUT:?}/$1"
 	mkdir -p "$OUT/$1/etc"
 	cp -a /etc/portage "$OUT/$1/etc/"
-	logged env ROOT="$OUT/$1" USE=build INSTALL_MASK="${2:-}" emerge --usepkgonly --oneshot \
-		--nodeps --jobs=1 --color=n --nospinner sys-apps/baselayout
+	logged env ROOT="$OUT/$1" USE=build INSTALL_MASK="${2:-}" emerge --usepkgonly \
+		--binpkg-respect-use=y --oneshot --nodeps --jobs=1 --color=n --nospinner \
+		sys-apps/baselayout
 }
 
 # --- the dev root: everything ---------------------------------------------------------------
@@ -214,8 +219,8 @@ if [ -f /var/lib/portage/world ]; then
 	cp /var/lib/portage/world "$OUT/dev/var/lib/portage/world"
 fi
 # shellcheck disable=SC2086
-logged env ROOT="$OUT/dev" emerge --usepkgonly --color=n --nospinner --jobs=1 \
-	--root-deps --with-bdeps=y \
+logged env ROOT="$OUT/dev" emerge --usepkgonly --binpkg-respect-use=y --color=n --nospinner \
+	--jobs=1 --root-deps --with-bdeps=y \
 	@system @world $MKIMG_DEV_PACKAGES
 settle "$OUT/dev"
 export_root dev
@@ -239,7 +244,7 @@ rtconf=$OUT/rt/etc/portage/make.conf
 } >> "$rtconf"
 # shellcheck disable=SC2086
 logged env INSTALL_MASK="$MKIMG_INSTALL_MASK" ROOT="$OUT/rt" emerge --usepkgonly \
-	--jobs=1 --root-deps=rdeps --with-bdeps=n --color=n --nospinner $MKIMG_RT_PACKAGES
+	--binpkg-respect-use=y --jobs=1 --root-deps=rdeps --with-bdeps=n --color=n --nospinner $MKIMG_RT_PACKAGES
 
 # What Portage leaves despite INSTALL_MASK (directories it created, files of packages
 # installed before the mask took effect): remove it, but never the package database.
