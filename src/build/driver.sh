@@ -27,6 +27,7 @@
 #      a link, and no acct-* package writes an /etc/passwd without root.
 #   2. the packages, from binary packages only, without --emptytree: the root is empty, and
 #      --emptytree would merge the build dependencies into / again.
+# dev and rt are merged at the same time, each by its own emerge with one job.
 #
 # Output: with MKIMG_VERBOSE=1 everything emerge prints; otherwise only the phases and
 # emerge's ">>> Emerging ..." lines. Everything goes to $LOG as well.
@@ -50,22 +51,25 @@ phase() {
 	echo ">>> gentoo-mkimg: $1" | tee -a "$LOG"
 }
 
-# Run a command with its output in the log; on the terminal in full (verbose) or only its
-# ">>> " lines. Keeps the command's exit status.
+# Run a command with its output in a log (LOGTO, default $LOG); on the terminal in full
+# (verbose) or only its ">>> " lines. Keeps the command's exit status.
 logged() {
-	status=$OUT/.status
+	log=${LOGTO:-$LOG}
+	status=$log.status
 	{
 		rc=0
 		"$@" 2>&1 || rc=$?
 		echo "$rc" > "$status"
-	} | tee -a "$LOG" | {
+	} | tee -a "$log" | {
 		if [ "$MKIMG_VERBOSE" = 1 ]; then
 			cat
 		else
 			grep --line-buffered -E '^>>> (gentoo-mkimg|Emerging)' || true
 		fi
 	}
-	return "$(cat "$status")"
+	rc=$(cat "$status")
+	rm -f "$status"
+	return "$rc"
 }
 
 keep_going=
@@ -116,6 +120,10 @@ fi
 # order, and so the same package COUNTERs, every time.
 PYTHONHASHSEED=0
 export PYTHONHASHSEED
+# The stage is thrown away and the roots are read once: Portage's fsync after every merge
+# (merge-sync) only costs time here. Not in make.conf: the images keep Portage's default.
+FEATURES="${FEATURES:-} -merge-sync"
+export FEATURES
 PKGDIR=/var/cache/binpkgs
 DISTDIR=/var/cache/distfiles
 PORTAGE_LOGDIR=$LOGDIR/portage
@@ -203,48 +211,72 @@ export_root() {
 # A fresh root with the stage's /etc/portage, and baselayout merged first with USE=build.
 # One job in every root merge: merges in a fixed order give the same package COUNTERs.
 new_root() {
-	rm -rf "${OUT:?}/$1"
-	mkdir -p "$OUT/$1/etc"
-	cp -a /etc/portage "$OUT/$1/etc/"
-	logged env ROOT="$OUT/$1" USE=build INSTALL_MASK="${2:-}" emerge --usepkgonly \
-		--binpkg-respect-use=y --oneshot --nodeps --jobs=1 --color=n --nospinner \
-		sys-apps/baselayout
+	rm -rf "${OUT:?}/$1" && mkdir -p "$OUT/$1/etc" && cp -a /etc/portage "$OUT/$1/etc/" &&
+		logged env ROOT="$OUT/$1" USE=build INSTALL_MASK="${2:-}" emerge --usepkgonly \
+			--binpkg-respect-use=y --oneshot --nodeps --jobs=1 --color=n --nospinner \
+			sys-apps/baselayout
 }
 
-# --- the dev root: everything ---------------------------------------------------------------
-phase dev
-new_root dev
-if [ -f /var/lib/portage/world ]; then
-	mkdir -p "$OUT/dev/var/lib/portage"
-	cp /var/lib/portage/world "$OUT/dev/var/lib/portage/world"
-fi
-# shellcheck disable=SC2086
-logged env ROOT="$OUT/dev" emerge --usepkgonly --binpkg-respect-use=y --color=n --nospinner \
-	--jobs=1 --root-deps --with-bdeps=y \
-	@system @world $MKIMG_DEV_PACKAGES
+# The dev root: everything, with the stage's world file.
+merge_dev() {
+	new_root dev || return
+	if [ -f /var/lib/portage/world ]; then
+		mkdir -p "$OUT/dev/var/lib/portage" &&
+			cp /var/lib/portage/world "$OUT/dev/var/lib/portage/world" || return
+	fi
+	# shellcheck disable=SC2086
+	logged env ROOT="$OUT/dev" emerge --usepkgonly --binpkg-respect-use=y --color=n \
+		--nospinner --jobs=1 --root-deps --with-bdeps=y @system @world $MKIMG_DEV_PACKAGES
+}
+
+# The rt root: the runtime closure of the base set, without docs and headers. Its make.conf
+# keeps the mask (a later `emerge -K` in the image must not bring headers and docs back),
+# builds no binary packages and installs binary packages only; its world file lists the rt
+# set.
+merge_rt() {
+	new_root rt "$MKIMG_INSTALL_MASK" || return
+	rtconf=$OUT/rt/etc/portage/make.conf
+	[ -d "$rtconf" ] && rtconf=$rtconf/zz-gentoo-mkimg-rt
+	{
+		echo
+		echo "# --- gentoo-mkimg: a runtime image ---"
+		echo "INSTALL_MASK=\"\${INSTALL_MASK} $MKIMG_INSTALL_MASK\""
+		# shellcheck disable=SC2016 # expanded by Portage, not here
+		echo 'FEATURES="${FEATURES} -buildpkg"'
+		# shellcheck disable=SC2016
+		echo 'EMERGE_DEFAULT_OPTS="${EMERGE_DEFAULT_OPTS} --usepkgonly"'
+	} >> "$rtconf" || return
+	# shellcheck disable=SC2086
+	logged env INSTALL_MASK="$MKIMG_INSTALL_MASK" ROOT="$OUT/rt" emerge --usepkgonly \
+		--binpkg-respect-use=y --jobs=1 --root-deps=rdeps --with-bdeps=n --color=n \
+		--nospinner $MKIMG_RT_PACKAGES
+}
+
+# --- dev and rt, merged at the same time -----------------------------------------------------
+# Two emerge processes, each with one job into its own root (so each root's merge order and
+# COUNTERs are what a sequential run gives) and its own build dirs; their logs are appended
+# to $LOG, dev first, when both are done.
+phase roots
+(
+	PORTAGE_TMPDIR=$OUT/tmp-rt
+	PORTAGE_LOGDIR=$LOGDIR/portage/rt
+	LOGTO=$LOGDIR/rt.log
+	export PORTAGE_TMPDIR PORTAGE_LOGDIR
+	mkdir -p "$PORTAGE_TMPDIR" "$PORTAGE_LOGDIR" && merge_rt
+) &
+rt_pid=$!
+dev_rc=0
+LOGTO=$LOGDIR/dev.log merge_dev || dev_rc=$?
+rt_rc=0
+wait "$rt_pid" || rt_rc=$?
+cat "$LOGDIR/dev.log" "$LOGDIR/rt.log" >> "$LOG"
+rm -rf "$LOGDIR/dev.log" "$LOGDIR/rt.log" "${OUT:?}/tmp-rt"
+[ "$dev_rc" = 0 ] || exit "$dev_rc"
+[ "$rt_rc" = 0 ] || exit "$rt_rc"
+
+phase images
 settle "$OUT/dev"
 export_root dev
-
-# --- the rt root: the runtime closure of the base set, without docs and headers -----------
-# Its make.conf keeps the mask (a later `emerge -K` in the image must not bring headers and
-# docs back), builds no binary packages and installs binary packages only; its world file
-# lists the rt set.
-phase rt
-new_root rt "$MKIMG_INSTALL_MASK"
-rtconf=$OUT/rt/etc/portage/make.conf
-[ -d "$rtconf" ] && rtconf=$rtconf/zz-gentoo-mkimg-rt
-{
-	echo
-	echo "# --- gentoo-mkimg: a runtime image ---"
-	echo "INSTALL_MASK=\"\${INSTALL_MASK} $MKIMG_INSTALL_MASK\""
-	# shellcheck disable=SC2016 # expanded by Portage, not here
-	echo 'FEATURES="${FEATURES} -buildpkg"'
-	# shellcheck disable=SC2016
-	echo 'EMERGE_DEFAULT_OPTS="${EMERGE_DEFAULT_OPTS} --usepkgonly"'
-} >> "$rtconf"
-# shellcheck disable=SC2086
-logged env INSTALL_MASK="$MKIMG_INSTALL_MASK" ROOT="$OUT/rt" emerge --usepkgonly \
-	--binpkg-respect-use=y --jobs=1 --root-deps=rdeps --with-bdeps=n --color=n --nospinner $MKIMG_RT_PACKAGES
 
 # What Portage leaves despite INSTALL_MASK (directories it created, files of packages
 # installed before the mask took effect): remove it, but never the package database.
