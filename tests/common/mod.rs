@@ -156,7 +156,15 @@ pub fn snapshot_squashfs(out: &Path) {
 
 /// The test repository's profile; the stand-in stage's `/etc/portage/make.profile` is a
 /// symlink to `../../var/db/repos/gentoo/profiles/` + this, and `emerge --info` names it.
+/// Like ::gentoo's `default/linux/amd64/23.0`: merged-usr (bin, sbin -> usr/bin, usr/sbin
+/// -> bin, lib -> usr/lib, lib64 -> usr/lib64, made by sys-apps/baselayout[build]).
 pub const REPO_PROFILE: &str = "default/linux/amd64/23.0";
+
+/// The split-usr profile of the test repository (USE=split-usr forced): real /bin, /sbin,
+/// /lib, /lib64 and /usr/sbin. Its releases/23.0 profile.bashrc, like ::gentoo's, stops
+/// every package in pkg_setup whose ROOT's /bin does not match the profile: on the
+/// stand-in stage (merged-usr, like a real stage3) only ROOTs other than / can use it.
+pub const SPLIT_USR_PROFILE: &str = "default/linux/amd64/23.0/split-usr";
 
 /// The line `hello` (app-misc/hello, the text comes from sys-libs/libdemo) prints.
 pub const HELLO_LINE: &str = "Hello from gentoo-mkimg";
@@ -164,14 +172,30 @@ pub const HELLO_LINE: &str = "Hello from gentoo-mkimg";
 /// The first line `extra` (app-misc/extra) prints; it then runs `hello`.
 pub const EXTRA_LINE: &str = "Extra from gentoo-mkimg";
 
+/// The line `cxxdemo` (app-misc/cxxdemo, a C++ program: needs libstdc++.so.6 from
+/// sys-devel/gcc) prints.
+pub const CXXDEMO_LINE: &str = "C++ demo from gentoo-mkimg";
+
+/// The accounts of the test repository's acct-* packages: (name, uid or gid). The users'
+/// primary groups are the groups of the same name.
+pub const ACCT_USERS: &[(&str, u32)] = &[("portage", 250), ("demo", 777)];
+pub const ACCT_GROUPS: &[(&str, u32)] = &[("portage", 250), ("demo", 778)];
+
 /// The stand-in stage's @world (`/var/lib/portage/world`).
 pub const WORLD_PACKAGES: &[&str] = &["app-misc/hello", "app-misc/depdemo"];
 
 /// Every package `emerge --emptytree @system @world` builds on the stand-in stage with the
-/// test repository (so: one binary package each, two for dev-libs/slotted), as `cat/pn`.
-/// All but [`BUILD_ONLY_PACKAGES`] end up in a root made with `ROOT=... emerge -eK
-/// @system @world`: a dev root has all of these, with headers and docs.
+/// test repository (so: one binary package each, two for dev-libs/slotted; baselayout gets
+/// a second one when built again with USE=build), as `cat/pn`. A dev root made with
+/// `ROOT=... emerge -K --root-deps @system @world` has all of these, with headers and docs
+/// ([`BUILD_ONLY_PACKAGES`] too: --root-deps puts build dependencies into ROOT).
 pub const BUILT_PACKAGES: &[&str] = &[
+    "acct-group/demo",
+    "acct-group/portage",
+    "acct-user/demo",
+    "acct-user/portage",
+    "app-alternatives/awk",
+    "app-alternatives/sh",
     "app-arch/bzip2",
     "app-arch/gzip",
     "app-arch/lz4",
@@ -183,11 +207,16 @@ pub const BUILT_PACKAGES: &[&str] = &[
     "app-misc/hello",
     "app-misc/pax-utils",
     "app-shells/bash",
+    "dev-build/make",
     "dev-lang/python",
     "dev-libs/expat",
     "dev-libs/gmp",
+    "dev-libs/isl",
+    "dev-libs/jansson",
     "dev-libs/libffi",
     "dev-libs/libpcre2",
+    "dev-libs/mpc",
+    "dev-libs/mpfr",
     "dev-libs/slotted",
     "dev-util/devtool",
     "sys-apps/acl",
@@ -197,32 +226,52 @@ pub const BUILT_PACKAGES: &[&str] = &[
     "sys-apps/findutils",
     "sys-apps/grep",
     "sys-apps/mawk",
+    "sys-apps/openrc",
     "sys-apps/portage",
     "sys-apps/sed",
+    "sys-apps/shadow",
+    "sys-apps/util-linux",
+    "sys-devel/binutils",
+    "sys-devel/gcc",
     "sys-devel/patch",
+    "sys-kernel/linux-headers",
     "sys-libs/glibc",
+    "sys-libs/libcap-ng",
     "sys-libs/libdemo",
     "sys-libs/libselinux",
+    "sys-libs/libsemanage",
+    "sys-libs/libsepol",
+    "sys-libs/libxcrypt",
     "sys-libs/ncurses",
+    "sys-libs/pam",
     "sys-libs/zlib",
+    "sys-process/audit",
     "virtual/libc",
     "virtual/package-manager",
+    "virtual/service-manager",
 ];
 
-/// Built for the build only (BDEPEND of app-misc/hello): never in a dev or rt root.
+/// Built for the build only (BDEPEND of app-misc/hello): in a dev root only because
+/// `--root-deps` adds build dependencies to ROOT; never in an rt root.
 pub const BUILD_ONLY_PACKAGES: &[&str] = &["dev-util/devtool"];
 
 /// In the repository but never built by `emerge -e @system @world`: the second
-/// alternative of depdemo's `|| ( )`, and the package for dev/rt container tests.
-pub const UNBUILT_PACKAGES: &[&str] = &["app-misc/anyof-b", "app-misc/extra"];
+/// alternative of depdemo's `|| ( )`, and the packages for dev/rt container tests
+/// (app-misc/extra: a script; app-misc/cxxdemo: a C++ program, a header, a dir owned by
+/// the acct user demo).
+pub const UNBUILT_PACKAGES: &[&str] = &["app-misc/anyof-b", "app-misc/extra", "app-misc/cxxdemo"];
 
-/// A runtime package set for the fixtures: the names of the tool's default rt set that
-/// the test repository has (it has no iputils, rsync, wget, file, gawk, kbd, less,
-/// openrc, procps, psmisc, which, util-linux or virtual/service-manager), plus hello.
-/// With their runtime dependencies they give a root that runs /bin/sh, hello and
-/// `emerge -K`.
+/// A runtime package set for the fixtures: the names of the tool's default rt set
+/// (`config::DEFAULT_RT_PACKAGES`) that the test repository has (it has no iputils, rsync,
+/// wget, file, gawk, kbd, less, procps, psmisc or which), plus hello. With their
+/// runtime dependencies they give a root that runs /bin/sh (app-alternatives/sh), awk
+/// (app-alternatives/awk), hello, C++ programs (libstdc++ from sys-devel/gcc), `useradd`
+/// for acct-* packages (sys-apps/shadow), `mount` for Portage's pid-sandbox
+/// (sys-apps/util-linux) and `emerge -K`.
 pub const RT_PACKAGES: &[&str] = &[
     "sys-apps/baselayout",
+    "app-alternatives/sh",
+    "app-alternatives/awk",
     "app-arch/bzip2",
     "app-arch/gzip",
     "app-arch/tar",
@@ -231,9 +280,14 @@ pub const RT_PACKAGES: &[&str] = &[
     "sys-apps/coreutils",
     "sys-apps/findutils",
     "sys-apps/grep",
+    "sys-apps/openrc",
     "sys-apps/sed",
+    "sys-apps/shadow",
+    "sys-apps/util-linux",
+    "sys-devel/gcc",
     "virtual/libc",
     "virtual/package-manager",
+    "virtual/service-manager",
     "app-misc/hello",
 ];
 
