@@ -827,6 +827,12 @@ fn check_rt_root(sec: &Sections) {
 
 /// The split-usr profile: refused for the stage's own (merged-usr) /, works for a ROOT.
 fn check_split_root(sec: &Sections) {
+    let (_, into_stage) = merges(sec.get("split-build"), "");
+    assert!(
+        !into_stage.is_empty() && into_stage.iter().all(|l| l.starts_with(">>> Emerging binary")),
+        "{}",
+        sec.get("split-build")
+    );
     let refused = sec.get("split-stage");
     assert!(
         !refused.contains("rc=0")
@@ -852,9 +858,14 @@ fn check_split_root(sec: &Sections) {
     for (path, _) in MERGED_USR_LINKS {
         assert_eq!(layout[*path], "dir", "/{path} of the split-usr root");
     }
-    assert_eq!(
-        sec.get("split-run"),
-        format!("{}\nbash\n/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2\n", common::HELLO_LINE)
+    let run = sec.get("split-run");
+    let lines: Vec<&str> = run.lines().collect();
+    assert!(
+        lines.len() == 4
+            && lines[0] == common::HELLO_LINE
+            && lines[1].starts_with("Portage 3.0.83 (python 3.11")
+            && lines[2..] == ["bash", "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"],
+        "hello, emerge, /bin/sh and the loader in the split-usr root:\n{run}"
     );
     assert!(sec.get("split-use").split_whitespace().any(|u| u == "split-usr"), "{}", sec.get("split-use"));
 }
@@ -985,8 +996,14 @@ echo "@@ end"
 "#;
 
 /// The split-usr profile on the stand-in (merged-usr) stage, from the binary packages of
-/// the merged-usr profile.
+/// the merged-usr profile: the build phase keeps the stage's profile, the roots get the
+/// split-usr one.
 const SPLIT_SH: &str = r#"set -eu
+# The build phase with the stage's own profile: / gets every package of @system, among them
+# what the roots' packages need in / (IDEPEND: shadow for the acct-* packages).
+echo "@@ split-build"
+emerge --emptytree --usepkg --color=n @system @world 2>&1
+# The roots' profile: ROOT=... merges take their configuration from the stage's /etc/portage.
 ln -sfn ../../var/db/repos/gentoo/profiles/@SPLIT@ /etc/portage/make.profile
 # The stage's own / is merged-usr: the profile's profile.bashrc stops every package there.
 echo "@@ split-stage"
@@ -1007,11 +1024,14 @@ echo "@@ split-baselayout"
 ROOT=$r USE=build emerge --oneshot --nodeps --color=n sys-apps/baselayout 2>&1
 echo "@@ split-merge"
 ROOT=$r emerge --usepkgonly --binpkg-respect-use=y --root-deps=rdeps --with-bdeps=n --jobs=1 \
-	--color=n app-alternatives/sh app-misc/hello 2>&1
+	--color=n app-alternatives/sh app-misc/hello virtual/package-manager 2>&1
 echo "@@ split-layout"
 @LAYOUT_SH@
 echo "@@ split-run"
-chroot $r /bin/sh -c hello
+mount --rbind /dev $r/dev
+mount -t proc proc $r/proc
+chroot $r /bin/sh -c 'hello; emerge --version 2>/dev/null'
+umount -R $r/dev $r/proc
 readlink $r/bin/sh $r/lib64/ld-linux-x86-64.so.2
 echo "@@ split-use"
 cat $r/var/db/pkg/sys-apps/baselayout-*/USE
