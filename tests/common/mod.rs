@@ -209,6 +209,7 @@ pub const BUILT_PACKAGES: &[&str] = &[
     "app-shells/bash",
     "dev-build/make",
     "dev-lang/python",
+    "dev-lang/python-exec",
     "dev-libs/expat",
     "dev-libs/gmp",
     "dev-libs/isl",
