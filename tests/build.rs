@@ -1,13 +1,17 @@
 //! `gentoo-mkimg build` end to end on the stand-in stage and the test ebuild repository:
-//! raw, dev and rt images with the right contents, a rebuild that compiles nothing and gives
-//! the same digests, the old README's container usage, failures that keep the binary packages
-//! and tag nothing, publishing straight from `build` (docker archive and registry), and inputs
-//! refused before any build starts.
+//! raw, dev and rt images with the right contents (the profile's merged-usr links, root and
+//! every acct user, /bin/sh and awk, gcc's runtime libraries without the compiler), nothing
+//! merged into the stage's / while the roots are made, a rebuild that compiles nothing and
+//! gives the same digests, `check` on good images, the old README's container usage (a C++
+//! program that needs an acct user, built in dev and installed in rt), failures that keep the
+//! binary packages and tag nothing (a package that fails, a program whose library is not in
+//! its RDEPEND), publishing straight from `build` (docker archive and
+//! registry), both engines, and inputs refused before any build starts.
 
 mod common;
 mod support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -104,7 +108,7 @@ fn blob(store: &Path, digest: &str) -> PathBuf {
         .join(digest.trim_start_matches("sha256:"))
 }
 
-/// The layer of an image as (path -> "type mode uid/gid") entries, via GNU tar.
+/// The layer of an image as (path -> "type+mode uid/gid[ -> target]") entries, via GNU tar.
 fn listing(store: &Path, reference: &str) -> BTreeMap<String, String> {
     let digest = &tags(store)[reference];
     let manifest = json(&blob(store, digest));
@@ -123,7 +127,12 @@ fn listing(store: &Path, reference: &str) -> BTreeMap<String, String> {
                 .trim_end_matches('/')
                 .trim_start_matches("./")
                 .to_string();
-            (name, format!("{} {}", f[0], f[1]))
+            // Symlinks: "NAME -> TARGET" (names with spaces are not in these images).
+            let target = match f.get(6..8) {
+                Some(["->", target]) => format!(" -> {target}"),
+                _ => String::new(),
+            };
+            (name, format!("{} {}{target}", f[0], f[1]))
         })
         .collect()
 }
@@ -134,11 +143,106 @@ fn has(list: &BTreeMap<String, String>, suffix: &str) -> bool {
 }
 
 fn compiled(work_dir: &Path) -> Vec<String> {
-    let log = std::fs::read_to_string(work_dir.join("logs/t1/build.log")).unwrap();
+    compiled_in(work_dir, "t1")
+}
+
+fn compiled_in(work_dir: &Path, tag: &str) -> Vec<String> {
+    let log = std::fs::read_to_string(work_dir.join(format!("logs/{tag}/build.log"))).unwrap();
     log.lines()
         .filter(|l| l.starts_with(">>> Emerging ("))
         .map(str::to_string)
         .collect()
+}
+
+/// The merges of the dev and rt phases that did not go into their root: emerge names the
+/// root of every merge outside `/` ("... for /var/tmp/gentoo-mkimg/dev/").
+fn merges_into_the_stage(work_dir: &Path, tag: &str) -> Vec<String> {
+    let log = std::fs::read_to_string(work_dir.join(format!("logs/{tag}/build.log"))).unwrap();
+    let roots = log
+        .lines()
+        .skip_while(|l| *l != ">>> gentoo-mkimg: roots")
+        .collect::<Vec<_>>();
+    assert!(!roots.is_empty(), "no roots phase in the log");
+    roots
+        .into_iter()
+        .filter(|l| l.starts_with(">>> Emerging") && !l.contains("/var/tmp/gentoo-mkimg/"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// One file of an image's layer, as text (GNU tar).
+fn file_in(store: &Path, reference: &str, path: &str) -> String {
+    let digest = &tags(store)[reference];
+    let manifest = json(&blob(store, digest));
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap();
+    // Layers name entries "etc/passwd" or "./etc/passwd", depending on the engine.
+    let mut errors = String::new();
+    for name in [path.to_string(), format!("./{path}")] {
+        let out = Command::new("tar")
+            .arg("-xOf")
+            .arg(blob(store, layer))
+            .arg(&name)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        errors.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    panic!("{reference} has no {path}: {errors}")
+}
+
+/// Profile 23.0's merged-usr links, as baselayout (USE=build) makes them.
+const MERGED_USR_LINKS: &[(&str, &str)] = &[
+    ("bin", "usr/bin"),
+    ("sbin", "usr/bin"),
+    ("lib", "usr/lib"),
+    ("usr/sbin", "bin"),
+];
+
+/// dev and rt of TAG: the merged-usr links of profile 23.0, and account files holding root
+/// and every acct-* user and group installed.
+fn assert_roots_work(store: &Path, tag: &str) {
+    for kind in ["dev", "rt"] {
+        let reference = format!("localhost/fixture-{kind}:{tag}");
+        let list = listing(store, &reference);
+        for (link, target) in MERGED_USR_LINKS {
+            let entry = list.get(*link).map(String::as_str).unwrap_or("missing");
+            assert!(
+                entry.starts_with('l') && entry.ends_with(&format!(" -> {target}")),
+                "{reference}: /{link} is {entry}, not a link to {target}"
+            );
+        }
+        for (file, category) in [("etc/passwd", "acct-user"), ("etc/group", "acct-group")] {
+            let text = file_in(store, &reference, file);
+            let names: Vec<&str> = text.lines().filter_map(|l| l.split(':').next()).collect();
+            let prefix = format!("var/db/pkg/{category}/");
+            let accounts: BTreeSet<String> = list
+                .keys()
+                .filter_map(|k| k.strip_prefix(&prefix))
+                .filter(|pf| !pf.contains('/'))
+                .map(|pf| package_name(pf).to_string())
+                .collect();
+            assert!(
+                accounts.contains("portage"),
+                "{reference}: no {category}/portage: {accounts:?}"
+            );
+            for name in std::iter::once("root").chain(accounts.iter().map(String::as_str)) {
+                assert!(
+                    names.contains(&name),
+                    "{reference}: {file} lacks {name}:\n{text}"
+                );
+            }
+        }
+    }
+}
+
+/// PN of a PF: "portage-0-r3" -> "portage".
+fn package_name(pf: &str) -> &str {
+    let bytes = pf.as_bytes();
+    (1..bytes.len())
+        .find(|&i| bytes[i - 1] == b'-' && bytes[i].is_ascii_digit())
+        .map_or(pf, |i| &pf[..i - 1])
 }
 
 #[test]
@@ -165,16 +269,51 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
     let binpkgs = count_binpkgs(&w.dir.join("packages/t1"));
     assert!(binpkgs >= 10, "only {binpkgs} binary packages");
 
-    // rt: the runtime closure, without build-only tools, headers, docs or static libs.
+    // Both roots: the profile's merged-usr links, root and every acct user; nothing merged
+    // into the stage's own / while they were made.
+    assert_roots_work(&w.store, "t1");
+    let stray = merges_into_the_stage(&w.dir, "t1");
+    assert!(
+        stray.is_empty(),
+        "merged into / in the root phases: {stray:?}"
+    );
+
+    // rt: the runtime closure, without build-only tools, headers, docs or static libs; with
+    // /bin/sh and awk (app-alternatives), useradd, and gcc's runtime libraries only.
     let rt = listing(&w.store, "localhost/fixture-rt:t1");
     for want in [
         "usr/bin/hello",
         "libdemo.so.1",
-        "bin/sh",
+        "usr/bin/sh",
+        "usr/bin/awk",
+        "usr/bin/useradd",
+        "libstdc++.so.6",
+        "libgcc_s.so.1",
         "usr/bin/emerge",
         "var/db/pkg/app-misc",
     ] {
         assert!(has(&rt, want), "rt lacks {want}");
+    }
+    for name in rt.keys() {
+        let base = name.rsplit('/').next().unwrap_or(name);
+        assert!(
+            !["cc1", "cc1plus", "lto1", "collect2"].contains(&base),
+            "rt has the compiler: {name}"
+        );
+    }
+    let rt_conf = file_in(&w.store, "localhost/fixture-rt:t1", "etc/portage/make.conf");
+    for want in ["INSTALL_MASK=", "-buildpkg", "--usepkgonly"] {
+        assert!(
+            rt_conf.contains(want),
+            "rt's make.conf lacks {want}:\n{rt_conf}"
+        );
+    }
+    let rt_world = file_in(&w.store, "localhost/fixture-rt:t1", "var/lib/portage/world");
+    for atom in common::RT_PACKAGES {
+        assert!(
+            rt_world.lines().any(|l| l == *atom),
+            "rt's world file lacks {atom}:\n{rt_world}"
+        );
     }
     assert!(rt.keys().any(|k| k.contains("python3")), "rt lacks Python");
     assert!(
@@ -231,9 +370,22 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
     let second = tags(&w.store);
     assert_eq!(first, second, "digests changed on an unchanged rebuild");
 
+    // `check` on the good images: no problem, exit 0.
+    let out = mkimg(&w)
+        .args([
+            "check",
+            "localhost/fixture-rt:t1",
+            "localhost/fixture-dev:t1",
+        ])
+        .output()
+        .unwrap();
+    let stdout = ok(&out, "check of the built images");
+    assert_eq!(stdout, "", "problems in good images");
+
     build_publishes_to_an_archive_and_a_registry(&w, &stage.xz());
     usage_as_in_the_old_readme(&w);
     failing_package_keeps_packages_and_tags_nothing(&w, &stage.xz());
+    missing_rdepend_fails_the_rt_check(&w, &stage.xz());
     docker_engine_as_an_ordinary_user_gives_the_same_images(&w, &stage.xz());
 }
 
@@ -280,6 +432,12 @@ fn docker_engine_as_an_ordinary_user_gives_the_same_images(sandbox: &Work, stage
         .output()
         .unwrap();
     ok(&out, "docker build as uid 65534");
+    assert_roots_work(&w.store, "t1");
+    let stray = merges_into_the_stage(&w.dir, "t1");
+    assert!(
+        stray.is_empty(),
+        "merged into / in the root phases: {stray:?}"
+    );
     for kind in ["dev", "rt"] {
         let reference = format!("localhost/fixture-{kind}:t1");
         let normal = |l: BTreeMap<String, String>| -> BTreeMap<String, String> {
@@ -461,19 +619,30 @@ fn usage_as_in_the_old_readme(w: &Work) {
             cmd,
         ])
     };
-    let built = run(dev, "emerge --buildpkg --oneshot app-misc/extra");
+    // dev compiles: a script package, and a C++ program that needs an acct user.
+    let built = run(
+        dev,
+        "emerge --buildpkg --oneshot app-misc/extra app-misc/cxxdemo",
+    );
     assert!(
         built.status.success(),
-        "dev build of app-misc/extra: {}",
+        "dev build of app-misc/extra and app-misc/cxxdemo: {}\n{}",
+        String::from_utf8_lossy(&built.stdout),
         String::from_utf8_lossy(&built.stderr)
     );
     assert!(
-        count_binpkgs(&pkgs) >= 1,
-        "no binary package from the dev container"
+        count_binpkgs(&pkgs) >= 2,
+        "no binary packages from the dev container"
     );
+    // rt installs them from binary packages: the acct user is created, the C++ program runs
+    // (libstdc++ is there), its header is not installed (rt's make.conf keeps INSTALL_MASK);
+    // /bin/sh runs awk.
     let installed = run(
         rt,
-        "emerge -K --oneshot app-misc/extra && ls /var/db/pkg/app-misc && hello",
+        "emerge -K --oneshot app-misc/extra app-misc/cxxdemo && ls /var/db/pkg/app-misc && \
+         hello && cxxdemo && echo \"@@ demo $(grep -c '^demo:' /etc/passwd)\" && \
+         { test -e /usr/include/cxxdemo.h && echo '@@ header kept' || echo '@@ header masked'; } && \
+         /bin/sh -c 'awk \"BEGIN{print 1}\"' | sed 's/^/@@ awk /'",
     );
     let stdout = String::from_utf8_lossy(&installed.stdout);
     assert!(
@@ -482,13 +651,24 @@ fn usage_as_in_the_old_readme(w: &Work) {
         String::from_utf8_lossy(&installed.stderr)
     );
     assert!(
-        stdout.contains("extra-"),
-        "extra not installed in rt: {stdout}"
+        stdout.contains("extra-") && stdout.contains("cxxdemo-"),
+        "extra and cxxdemo not installed in rt: {stdout}"
     );
     assert!(
         stdout.contains(common::HELLO_LINE),
         "hello did not run in rt: {stdout}"
     );
+    assert!(
+        stdout.contains(common::CXXDEMO_LINE),
+        "cxxdemo did not run in rt: {stdout}"
+    );
+    for (line, what) in [
+        ("@@ demo 1", "the acct user demo is not in rt's /etc/passwd"),
+        ("@@ header masked", "the header was installed into rt"),
+        ("@@ awk 1", "/bin/sh -c 'awk ...' did not print 1"),
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "{what}: {stdout}");
+    }
     let _ = engine.docker(&["rmi", "-f", dev, rt]);
 }
 
@@ -497,29 +677,23 @@ fn usage_as_in_the_old_readme(w: &Work) {
 fn failing_package_keeps_packages_and_tags_nothing(w: &Work, stage: &Path) {
     let before = tags(&w.store);
     let binpkgs = count_binpkgs(&w.dir.join("packages/t1"));
-    let overlay = w.dir.join("broken-repo");
-    for dir in ["profiles", "app-misc/broken", "metadata"] {
-        std::fs::create_dir_all(overlay.join(dir)).unwrap();
-    }
-    std::fs::write(overlay.join("profiles/repo_name"), "broken\n").unwrap();
-    std::fs::write(
-        overlay.join("metadata/layout.conf"),
-        "masters = gentoo\nthin-manifests = true\n",
-    )
-    .unwrap();
-    std::fs::write(
-        overlay.join("app-misc/broken/broken-1.ebuild"),
-        "EAPI=8\nDESCRIPTION=\"fails\"\nHOMEPAGE=\"https://example.invalid\"\nS=${WORKDIR}\n\
-         LICENSE=\"GPL-2\"\nSLOT=\"0\"\nKEYWORDS=\"amd64\"\n\
-         src_compile() { die \"this package is meant to fail\"; }\n",
-    )
-    .unwrap();
+    let repo = w.dir.join("broken-repo");
+    overlay(
+        &repo,
+        "broken",
+        &[(
+            "app-misc/broken/broken-1.ebuild",
+            "EAPI=8\nDESCRIPTION=\"fails\"\nHOMEPAGE=\"https://example.invalid\"\nS=${WORKDIR}\n\
+             LICENSE=\"GPL-2\"\nSLOT=\"0\"\nKEYWORDS=\"amd64\"\n\
+             src_compile() { die \"this package is meant to fail\"; }\n",
+        )],
+    );
     let config = w.dir.join("broken.toml");
     std::fs::write(
         &config,
         format!(
             "dev_packages = [\"app-misc/broken\"]\n[[repos]]\nname = \"broken\"\npath = \"{}\"\n",
-            overlay.display()
+            repo.display()
         ),
     )
     .unwrap();
@@ -549,6 +723,89 @@ fn failing_package_keeps_packages_and_tags_nothing(w: &Work, stage: &Path) {
         .flatten()
         .collect();
     assert!(runs.is_empty(), "run dirs left: {runs:?}");
+}
+
+/// An overlay (masters = gentoo) with the given `CAT/PN/PN-VER.ebuild` files.
+fn overlay(dir: &Path, name: &str, ebuilds: &[(&str, &str)]) {
+    for sub in ["profiles", "metadata"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    std::fs::write(dir.join("profiles/repo_name"), format!("{name}\n")).unwrap();
+    std::fs::write(
+        dir.join("metadata/layout.conf"),
+        "masters = gentoo\nthin-manifests = true\n",
+    )
+    .unwrap();
+    for (path, text) in ebuilds {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+}
+
+/// A program whose library is not in its RDEPEND: Portage installs it into rt without the
+/// library, and the build fails at the rt check with a line naming the program, the
+/// library and the package, tagging nothing.
+fn missing_rdepend_fails_the_rt_check(w: &Work, stage: &Path) {
+    let before = tags(&w.store);
+    let repo = w.dir.join("audit-repo");
+    let head = "EAPI=8\nHOMEPAGE=\"https://example.invalid\"\nS=${WORKDIR}\nLICENSE=\"MIT\"\n\
+                SLOT=\"0\"\nKEYWORDS=\"amd64\"\n";
+    let lib = format!(
+        "{head}DESCRIPTION=\"a library\"\n\
+         src_compile() {{\n\
+         \techo 'int missing(void) {{ return 42; }}' > m.c || die\n\
+         \t${{CHOST}}-gcc -fPIC -shared -Wl,-soname,libmissing.so.1 -o libmissing.so.1 m.c || die\n}}\n\
+         src_install() {{\n\
+         \texeinto /usr/lib\n\tdoexe libmissing.so.1\n\tdosym libmissing.so.1 /usr/lib/libmissing.so\n}}\n"
+    );
+    let program = format!(
+        "{head}DESCRIPTION=\"a program that forgot its library in RDEPEND\"\n\
+         DEPEND=\"dev-libs/libmissing\"\n\
+         src_compile() {{\n\
+         \techo 'int missing(void); int main(void) {{ return missing() != 42; }}' > p.c || die\n\
+         \t${{CHOST}}-gcc -o needsmissing p.c -L\"${{ESYSROOT}}/usr/lib\" -lmissing || die\n}}\n\
+         src_install() {{\n\tdobin needsmissing\n}}\n"
+    );
+    overlay(
+        &repo,
+        "audit",
+        &[
+            ("dev-libs/libmissing/libmissing-1.ebuild", &lib),
+            ("app-misc/needsmissing/needsmissing-1.ebuild", &program),
+        ],
+    );
+    let config = w.dir.join("audit.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "dev_packages = [\"app-misc/needsmissing\"]\n[[repos]]\nname = \"audit\"\npath = \"{}\"\n",
+            repo.display()
+        ),
+    )
+    .unwrap();
+    let rt_set = format!("{} app-misc/needsmissing", common::RT_PACKAGES.join(" "));
+    let out = mkimg(w)
+        .arg("build")
+        .arg(stage)
+        .arg(&w.snapshot)
+        .args(["localhost", "fixture", "t1", "--rt-packages", &rt_set])
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a broken rt was accepted: {stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("/usr/bin/needsmissing"))
+        .unwrap_or_else(|| panic!("no line names the program: {stderr}"));
+    assert!(
+        line.contains("libmissing.so.1") && line.contains("app-misc/needsmissing-1"),
+        "the line does not name the library and the package: {line}"
+    );
+    assert!(stderr.contains("--no-check"), "{stderr}");
+    assert_eq!(tags(&w.store), before, "a failed check changed tags");
 }
 
 #[test]

@@ -180,14 +180,14 @@ fn gpkg_inner(gpkg: &Path, inner: &str) -> BTreeMap<String, (u32, Vec<u8>)> {
     panic!("{}: no {inner}.tar.zst", gpkg.display());
 }
 
-
 #[test]
 fn emerge_info_shows_the_repository_profiles() {
     let ws = workspace();
     let out = ws.session_ok(&[], &["emerge", "--info"]);
     let first = out.lines().next().unwrap_or_default();
     assert!(
-        first.starts_with("Portage 3.0.83 (") && first.contains(&format!("{},", common::REPO_PROFILE)),
+        first.starts_with("Portage 3.0.83 (")
+            && first.contains(&format!("{},", common::REPO_PROFILE)),
         "{out}"
     );
     for line in [
@@ -207,7 +207,13 @@ fn emerge_info_shows_the_repository_profiles() {
         .lines()
         .find_map(|l| l.strip_prefix("FEATURES=\""))
         .unwrap_or_else(|| panic!("no FEATURES in:\n{out}"));
-    for feature in ["sandbox", "usersandbox", "ipc-sandbox", "network-sandbox", "pid-sandbox"] {
+    for feature in [
+        "sandbox",
+        "usersandbox",
+        "ipc-sandbox",
+        "network-sandbox",
+        "pid-sandbox",
+    ] {
         assert!(
             features.split_whitespace().any(|f| f == feature),
             "{feature} is off: {features}"
@@ -267,7 +273,11 @@ emerge --pretend --nodeps --verbose --oneshot sys-apps/baselayout
         "{}",
         sec["split-info"]
     );
-    assert!(baselayout(&sec["split"]).contains("(split-usr"), "{}", sec["split"]);
+    assert!(
+        baselayout(&sec["split"]).contains("(split-usr"),
+        "{}",
+        sec["split"]
+    );
 }
 
 /// The names of the tool's default rt set that the test repository has, and hello: what
@@ -330,7 +340,9 @@ fn assert_accounts(text: &str, accounts: &[(&str, u32)], what: &str) {
         })
         .collect();
     assert!(
-        text.lines().next().is_some_and(|l| l.starts_with("root:x:0:")),
+        text.lines()
+            .next()
+            .is_some_and(|l| l.starts_with("root:x:0:")),
         "{what}: root is not first:\n{text}"
     );
     for (name, id) in accounts {
@@ -405,16 +417,26 @@ fn repository_builds_packages_and_roots() {
     let (_, into_stage) = merges(build, "");
     assert!(
         into_stage.len() >= common::BUILT_PACKAGES.len()
-            && into_stage.iter().all(|l| l.starts_with(">>> Emerging binary")),
+            && into_stage
+                .iter()
+                .all(|l| l.starts_with(">>> Emerging binary")),
         "the second build phase did not take binary packages only:\n{build}"
     );
     check_baselayout_instances(&sec);
     let dev_seconds = sec.get("dev-seconds").trim().to_string();
-    let sizes = sec.get("sizes").split_whitespace().collect::<Vec<_>>().join(" ");
+    let sizes = sec
+        .get("sizes")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     check_dev_root(&sec);
     check_rt_root(&sec);
     let found = common::binpkgs(&ws.pkgdir());
-    for (name, want) in [("sys-apps/baselayout", 2), ("app-misc/cxxdemo", 1), ("app-misc/extra", 1)] {
+    for (name, want) in [
+        ("sys-apps/baselayout", 2),
+        ("app-misc/cxxdemo", 1),
+        ("app-misc/extra", 1),
+    ] {
         assert_eq!(
             found.get(name).map_or(0, Vec::len),
             want,
@@ -471,7 +493,11 @@ fn check_packages(found: &BTreeMap<String, Vec<PathBuf>>) {
     }
     // libdemo: the shared library with its soname, the header, the static library, the .la.
     let meta = gpkg_inner(pkg("sys-libs/libdemo"), "metadata");
-    assert!(text(&meta, "PROVIDES").contains("libdemo.so.1"), "{}", text(&meta, "PROVIDES"));
+    assert!(
+        text(&meta, "PROVIDES").contains("libdemo.so.1"),
+        "{}",
+        text(&meta, "PROVIDES")
+    );
     let image = gpkg_inner(pkg("sys-libs/libdemo"), "image");
     for file in [
         "image/usr/lib/libdemo.so.1.0.0",
@@ -481,9 +507,17 @@ fn check_packages(found: &BTreeMap<String, Vec<PathBuf>>) {
         "image/usr/lib/libdemo.la",
         "image/usr/include/demo.h",
     ] {
-        assert!(image.contains_key(file), "{file} missing: {:?}", image.keys());
+        assert!(
+            image.contains_key(file),
+            "{file} missing: {:?}",
+            image.keys()
+        );
     }
-    assert!(image["image/usr/lib/libdemo.so.1.0.0"].1.starts_with(b"\x7fELF"));
+    assert!(
+        image["image/usr/lib/libdemo.so.1.0.0"]
+            .1
+            .starts_with(b"\x7fELF")
+    );
     assert!(image["image/usr/lib/libdemo.a"].1.starts_with(b"!<arch>\n"));
 
     // What each package has in its image, and what it must not have.
@@ -497,7 +531,13 @@ fn check_packages(found: &BTreeMap<String, Vec<PathBuf>>) {
                 "image/etc/env.d/50baselayout",
                 "image/lib/sysctl.d/00protected-links.conf",
             ][..],
-            &["image/bin", "image/etc/passwd", "image/etc/group", "image/root", "image/home"][..],
+            &[
+                "image/bin",
+                "image/etc/passwd",
+                "image/etc/group",
+                "image/root",
+                "image/home",
+            ][..],
         ),
         (
             // "into /": the loader and ldconfig where dpkg has them; the development files
@@ -513,16 +553,36 @@ fn check_packages(found: &BTreeMap<String, Vec<PathBuf>>) {
             ][..],
             &["image/etc/ld.so.conf"][..],
         ),
-        ("app-shells/bash", &["image/bin/bash"][..], &["image/usr/bin/sh", "image/bin/sh", "image/usr/bin/bash"][..]),
+        (
+            "app-shells/bash",
+            &["image/bin/bash"][..],
+            &["image/usr/bin/sh", "image/bin/sh", "image/usr/bin/bash"][..],
+        ),
         ("app-alternatives/sh", &["image/bin/sh"][..], &[][..]),
-        ("sys-apps/mawk", &["image/usr/bin/mawk"][..], &["image/usr/bin/awk"][..]),
+        (
+            "sys-apps/mawk",
+            &["image/usr/bin/mawk"][..],
+            &["image/usr/bin/awk"][..],
+        ),
         ("app-alternatives/awk", &["image/usr/bin/awk"][..], &[][..]),
         (
             "sys-apps/openrc",
-            &["image/sbin/openrc", "image/lib/rc/sh/functions.sh", "image/lib/rc/tmp/.keep_sys-apps_openrc-0"][..],
+            &[
+                "image/sbin/openrc",
+                "image/lib/rc/sh/functions.sh",
+                "image/lib/rc/tmp/.keep_sys-apps_openrc-0",
+            ][..],
             &[][..],
         ),
-        ("sys-apps/shadow", &["image/usr/bin/useradd", "image/usr/bin/groupadd", "image/etc/login.defs"][..], &[][..]),
+        (
+            "sys-apps/shadow",
+            &[
+                "image/usr/bin/useradd",
+                "image/usr/bin/groupadd",
+                "image/etc/login.defs",
+            ][..],
+            &[][..],
+        ),
         (
             "sys-devel/gcc",
             &[
@@ -536,8 +596,16 @@ fn check_packages(found: &BTreeMap<String, Vec<PathBuf>>) {
             ][..],
             &[][..],
         ),
-        ("sys-devel/binutils", &["image/usr/bin/x86_64-pc-linux-gnu-ld", "image/usr/bin/as"][..], &[][..]),
-        ("acct-user/portage", &["image/var/lib/portage/home/.keep_acct-user_portage-0"][..], &[][..]),
+        (
+            "sys-devel/binutils",
+            &["image/usr/bin/x86_64-pc-linux-gnu-ld", "image/usr/bin/as"][..],
+            &[][..],
+        ),
+        (
+            "acct-user/portage",
+            &["image/var/lib/portage/home/.keep_acct-user_portage-0"][..],
+            &[][..],
+        ),
     ] {
         let image = gpkg_inner(pkg(name), "image");
         for path in present {
@@ -549,7 +617,9 @@ fn check_packages(found: &BTreeMap<String, Vec<PathBuf>>) {
         }
         for path in absent {
             assert!(
-                !image.keys().any(|k| k == path || k.starts_with(&format!("{path}/"))),
+                !image
+                    .keys()
+                    .any(|k| k == path || k.starts_with(&format!("{path}/"))),
                 "{name} has {path}"
             );
         }
@@ -559,19 +629,35 @@ fn check_packages(found: &BTreeMap<String, Vec<PathBuf>>) {
     // group; Portage needs both. As in ::gentoo, nothing depends on gcc or the
     // app-alternatives providers (they come with @system), and bash and mawk do not provide
     // sh and awk.
-    for name in ["acct-group/portage", "acct-user/portage", "acct-group/demo", "acct-user/demo"] {
+    for name in [
+        "acct-group/portage",
+        "acct-user/portage",
+        "acct-group/demo",
+        "acct-user/demo",
+    ] {
         let meta = gpkg_inner(pkg(name), "metadata");
         assert_eq!(text(&meta, "IDEPEND"), "sys-apps/shadow", "{name}");
     }
     let meta = gpkg_inner(pkg("acct-user/portage"), "metadata");
-    assert!(text(&meta, "RDEPEND").contains("acct-group/portage"), "{}", text(&meta, "RDEPEND"));
+    assert!(
+        text(&meta, "RDEPEND").contains("acct-group/portage"),
+        "{}",
+        text(&meta, "RDEPEND")
+    );
     let meta = gpkg_inner(pkg("sys-apps/portage"), "metadata");
     for dep in ["acct-user/portage", "acct-group/portage"] {
-        assert!(text(&meta, "RDEPEND").contains(dep), "{}", text(&meta, "RDEPEND"));
+        assert!(
+            text(&meta, "RDEPEND").contains(dep),
+            "{}",
+            text(&meta, "RDEPEND")
+        );
     }
     let meta = gpkg_inner(pkg("sys-apps/baselayout"), "metadata");
     let iuse: BTreeSet<&str> = text(&meta, "IUSE").leak().split_whitespace().collect();
-    assert!(iuse.contains("build") && iuse.contains("split-usr"), "{iuse:?}");
+    assert!(
+        iuse.contains("build") && iuse.contains("split-usr"),
+        "{iuse:?}"
+    );
     for (name, files) in found {
         let meta = gpkg_inner(&files[0], "metadata");
         let rdepend = text(&meta, "RDEPEND");
@@ -596,10 +682,7 @@ fn check_baselayout_instances(sec: &Sections) {
     let instances: Vec<&str> = sec.get("instances").lines().collect();
     assert_eq!(
         instances,
-        [
-            "baselayout-2.17-1.gpkg.tar",
-            "baselayout-2.17-2.gpkg.tar"
-        ],
+        ["baselayout-2.17-1.gpkg.tar", "baselayout-2.17-2.gpkg.tar"],
         "baselayout's binary packages"
     );
     // Which one is taken: without --binpkg-respect-use=y, --usepkgonly takes the newest
@@ -626,9 +709,17 @@ fn check_baselayout_instances(sec: &Sections) {
         .lines()
         .find(|l| l.contains("sys-apps/baselayout-"))
         .unwrap_or_else(|| panic!("{again}"));
-    assert!(line.starts_with("[binary") && line.contains("baselayout-2.17-1::gentoo") && line.contains("USE=\"-build"), "{line}");
     assert!(
-        again.lines().filter(|l| l.starts_with('[')).all(|l| l.starts_with("[binary")),
+        line.starts_with("[binary")
+            && line.contains("baselayout-2.17-1::gentoo")
+            && line.contains("USE=\"-build"),
+        "{line}"
+    );
+    assert!(
+        again
+            .lines()
+            .filter(|l| l.starts_with('['))
+            .all(|l| l.starts_with("[binary")),
         "not all binary:\n{again}"
     );
 }
@@ -651,7 +742,11 @@ fn check_dev_root(sec: &Sections) {
     );
     let layout = layout(sec.get("dev-layout"));
     for (path, target) in MERGED_USR_LINKS {
-        assert_eq!(layout[*path], format!("link {target}"), "/{path} of the dev root");
+        assert_eq!(
+            layout[*path],
+            format!("link {target}"),
+            "/{path} of the dev root"
+        );
     }
     assert_accounts(sec.get("dev-passwd"), common::ACCT_USERS, "dev /etc/passwd");
     assert_accounts(sec.get("dev-group"), common::ACCT_GROUPS, "dev /etc/group");
@@ -671,9 +766,17 @@ fn check_dev_root(sec: &Sections) {
         }
     }
     let made_outside_packages = [
-        "/bin", "/sbin", "/lib", "/lib64", "/usr/sbin",
-        "/etc/passwd", "/etc/group", "/etc/shadow",
-        "/etc/passwd-", "/etc/group-", "/etc/shadow-",
+        "/bin",
+        "/sbin",
+        "/lib",
+        "/lib64",
+        "/usr/sbin",
+        "/etc/passwd",
+        "/etc/group",
+        "/etc/shadow",
+        "/etc/passwd-",
+        "/etc/group-",
+        "/etc/shadow-",
     ];
     let generated = [
         "/etc/ld.so.cache",
@@ -723,21 +826,39 @@ fn check_dev_root(sec: &Sections) {
         ("/usr/bin/sh", "app-alternatives/sh-0"),
         ("/usr/bin/awk", "app-alternatives/awk-0"),
         ("/usr/share/baselayout/passwd", "sys-apps/baselayout-2.17"),
-        ("/usr/lib/sysctl.d/00protected-links.conf", "sys-apps/baselayout-2.17"),
+        (
+            "/usr/lib/sysctl.d/00protected-links.conf",
+            "sys-apps/baselayout-2.17",
+        ),
         ("/usr/lib/x86_64-linux-gnu/libc.so.6", "sys-libs/glibc-2.36"),
         ("/usr/lib64/ld-linux-x86-64.so.2", "sys-libs/glibc-2.36"),
         ("/usr/bin/ldconfig", "sys-libs/glibc-2.36"),
         ("/usr/include/stdio.h", "sys-libs/glibc-2.36"),
         ("/usr/bin/useradd", "sys-apps/shadow-4.13"),
         ("/usr/bin/openrc", "sys-apps/openrc-0.54"),
-        ("/usr/lib/rc/tmp/.keep_sys-apps_openrc-0", "sys-apps/openrc-0.54"),
-        ("/usr/lib/x86_64-linux-gnu/libstdc++.so.6", "sys-devel/gcc-12.2.0"),
-        ("/usr/lib/x86_64-linux-gnu/libgcc_s.so.1", "sys-devel/gcc-12.2.0"),
+        (
+            "/usr/lib/rc/tmp/.keep_sys-apps_openrc-0",
+            "sys-apps/openrc-0.54",
+        ),
+        (
+            "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
+            "sys-devel/gcc-12.2.0",
+        ),
+        (
+            "/usr/lib/x86_64-linux-gnu/libgcc_s.so.1",
+            "sys-devel/gcc-12.2.0",
+        ),
         ("/usr/bin/x86_64-pc-linux-gnu-g++", "sys-devel/gcc-12.2.0"),
         ("/usr/bin/ld", "sys-devel/binutils-2.40"),
         ("/usr/bin/make", "dev-build/make-4.3"),
-        ("/usr/include/linux/version.h", "sys-kernel/linux-headers-6.1"),
-        ("/var/lib/portage/home/.keep_acct-user_portage-0", "acct-user/portage-0"),
+        (
+            "/usr/include/linux/version.h",
+            "sys-kernel/linux-headers-6.1",
+        ),
+        (
+            "/var/lib/portage/home/.keep_acct-user_portage-0",
+            "acct-user/portage-0",
+        ),
         ("/usr/bin/python3.11", "dev-lang/python-3.11.2"),
         ("/usr/bin/emerge", "sys-apps/portage-3.0.83"),
         ("/usr/share/anyof/a", "app-misc/anyof-a-1.0"),
@@ -766,21 +887,35 @@ fn check_dev_root(sec: &Sections) {
     ] {
         assert!(sh.contains(want), "{want} missing:\n{sh}");
     }
-    assert_eq!(sec.get("dev-cxx"), "c++ in the root\n", "a C++ program compiled in the root");
+    assert_eq!(
+        sec.get("dev-cxx"),
+        "c++ in the root\n",
+        "a C++ program compiled in the root"
+    );
     assert!(
-        sec.get("dev-cxxdemo-build").contains(">>> Emerging (1 of 1) app-misc/cxxdemo-1.0"),
+        sec.get("dev-cxxdemo-build")
+            .contains(">>> Emerging (1 of 1) app-misc/cxxdemo-1.0"),
         "{}",
         sec.get("dev-cxxdemo-build")
     );
-    assert_eq!(sec.get("dev-cxxdemo"), format!("{}\n", common::CXXDEMO_LINE));
-    assert_eq!(sec.get("dev-cxxdemo-dir"), "777:778 750\n", "/var/lib/cxxdemo");
+    assert_eq!(
+        sec.get("dev-cxxdemo"),
+        format!("{}\n", common::CXXDEMO_LINE)
+    );
+    assert_eq!(
+        sec.get("dev-cxxdemo-dir"),
+        "777:778 750\n",
+        "/var/lib/cxxdemo"
+    );
     assert!(
-        sec.get("build-in-root").contains(">>> Emerging (1 of 1) app-misc/extra-1.0"),
+        sec.get("build-in-root")
+            .contains(">>> Emerging (1 of 1) app-misc/extra-1.0"),
         "{}",
         sec.get("build-in-root")
     );
     assert!(
-        sec.get("install-in-root").contains(">>> Emerging binary (1 of 1) app-misc/extra-1.0"),
+        sec.get("install-in-root")
+            .contains(">>> Emerging binary (1 of 1) app-misc/extra-1.0"),
         "{}",
         sec.get("install-in-root")
     );
@@ -799,11 +934,19 @@ fn check_rt_root(sec: &Sections) {
             into_stage.is_empty(),
             "{section}: merged into the stage's own /: {into_stage:?}"
         );
-        assert!(!into_root.is_empty(), "{section}: nothing merged:\n{}", sec.get(section));
+        assert!(
+            !into_root.is_empty(),
+            "{section}: nothing merged:\n{}",
+            sec.get(section)
+        );
     }
     let layout = layout(sec.get("rt-layout"));
     for (path, target) in MERGED_USR_LINKS {
-        assert_eq!(layout[*path], format!("link {target}"), "/{path} of the rt root");
+        assert_eq!(
+            layout[*path],
+            format!("link {target}"),
+            "/{path} of the rt root"
+        );
     }
     assert_accounts(sec.get("rt-passwd"), common::ACCT_USERS, "rt /etc/passwd");
     assert_eq!(
@@ -811,11 +954,23 @@ fn check_rt_root(sec: &Sections) {
         format!("1\n{}\n{}\n", common::HELLO_LINE, common::CXXDEMO_LINE)
     );
     let packages: BTreeSet<&str> = sec.get("rt-packages").lines().collect();
-    for absent in common::BUILD_ONLY_PACKAGES.iter().chain(&["sys-kernel/linux-headers", "sys-devel/binutils"]) {
-        assert!(!packages.contains(absent), "{absent} is in rt: {packages:?}");
+    for absent in common::BUILD_ONLY_PACKAGES
+        .iter()
+        .chain(&["sys-kernel/linux-headers", "sys-devel/binutils"])
+    {
+        assert!(
+            !packages.contains(absent),
+            "{absent} is in rt: {packages:?}"
+        );
     }
-    for present in common::RT_PACKAGES.iter().chain(&["acct-user/demo", "sys-libs/glibc"]) {
-        assert!(packages.contains(present), "{present} is not in rt: {packages:?}");
+    for present in common::RT_PACKAGES
+        .iter()
+        .chain(&["acct-user/demo", "sys-libs/glibc"])
+    {
+        assert!(
+            packages.contains(present),
+            "{present} is not in rt: {packages:?}"
+        );
     }
     assert_eq!(
         sec.get("rt-masked"),
@@ -829,7 +984,10 @@ fn check_rt_root(sec: &Sections) {
 fn check_split_root(sec: &Sections) {
     let (_, into_stage) = merges(sec.get("split-build"), "");
     assert!(
-        !into_stage.is_empty() && into_stage.iter().all(|l| l.starts_with(">>> Emerging binary")),
+        !into_stage.is_empty()
+            && into_stage
+                .iter()
+                .all(|l| l.starts_with(">>> Emerging binary")),
         "{}",
         sec.get("split-build")
     );
@@ -842,17 +1000,28 @@ fn check_split_root(sec: &Sections) {
     // The merged-usr USE=build instance is no package for this profile; --usepkgonly would
     // take it unless told to respect USE.
     let loose = sec.get("split-pick-loose");
-    assert!(loose.contains("sys-apps/baselayout-2.17-2::gentoo"), "{loose}");
+    assert!(
+        loose.contains("sys-apps/baselayout-2.17-2::gentoo"),
+        "{loose}"
+    );
     let strict = sec.get("split-pick");
-    assert!(!strict.contains("rc=0") && strict.contains("use flag configuration mismatch"), "{strict}");
+    assert!(
+        !strict.contains("rc=0") && strict.contains("use flag configuration mismatch"),
+        "{strict}"
+    );
     let root = "/tmp/split";
     let built = sec.get("split-baselayout");
     assert!(
-        built.contains(&format!(">>> Emerging (1 of 1) sys-apps/baselayout-2.17::gentoo for {root}/")),
+        built.contains(&format!(
+            ">>> Emerging (1 of 1) sys-apps/baselayout-2.17::gentoo for {root}/"
+        )),
         "{built}"
     );
     let (into_root, into_stage) = merges(sec.get("split-merge"), root);
-    assert!(into_stage.is_empty(), "merged into the stage's own /: {into_stage:?}");
+    assert!(
+        into_stage.is_empty(),
+        "merged into the stage's own /: {into_stage:?}"
+    );
     assert!(!into_root.is_empty(), "{}", sec.get("split-merge"));
     let layout = layout(sec.get("split-layout"));
     for (path, _) in MERGED_USR_LINKS {
@@ -867,7 +1036,13 @@ fn check_split_root(sec: &Sections) {
             && lines[2..] == ["bash", "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"],
         "hello, emerge, /bin/sh and the loader in the split-usr root:\n{run}"
     );
-    assert!(sec.get("split-use").split_whitespace().any(|u| u == "split-usr"), "{}", sec.get("split-use"));
+    assert!(
+        sec.get("split-use")
+            .split_whitespace()
+            .any(|u| u == "split-usr"),
+        "{}",
+        sec.get("split-use")
+    );
 }
 
 /// gentoo-mkimg's build as the driver does it (a second run: every binary package is

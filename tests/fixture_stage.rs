@@ -365,7 +365,9 @@ fn stage_fixture_is_complete_and_faithful() {
     }
     // Portage's sandboxes stay on, as in a real stage3.
     assert!(
-        !make_conf.lines().any(|l| l.trim_start().starts_with("FEATURES=")),
+        !make_conf
+            .lines()
+            .any(|l| l.trim_start().starts_with("FEATURES=")),
         "{make_conf}"
     );
 
@@ -385,7 +387,11 @@ fn stage_fixture_is_complete_and_faithful() {
             "{link}: {e:?}"
         );
     }
-    for tool in ["./usr/bin/useradd", "./usr/bin/groupadd", "./usr/bin/ldconfig"] {
+    for tool in [
+        "./usr/bin/useradd",
+        "./usr/bin/groupadd",
+        "./usr/bin/ldconfig",
+    ] {
         assert_eq!(entry(tool.as_bytes()).kind(), '-', "{tool}");
     }
     // Gentoo's names for the toolchain: C and C++.
