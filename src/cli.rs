@@ -212,7 +212,8 @@ pub struct BuildArgs {
     #[arg(long, value_name = "ATOMS")]
     pub dev_packages: Option<String>,
     /// The Portage profile to build with, as under the snapshot's profiles/ (e.g.
-    /// default/linux/amd64/23.0/split-usr/musl) [default: the stage's].
+    /// default/linux/amd64/23.0/hardened) [default: the stage's]. For the whole build: the
+    /// stage must have the profile's layout (split-usr or merged-usr).
     #[arg(long, value_name = "PROFILE")]
     pub profile: Option<String>,
     /// Do not check rt after the build (every ELF's interpreter and libraries, every #!
