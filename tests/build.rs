@@ -170,6 +170,25 @@ fn merges_into_the_stage(work_dir: &Path, tag: &str) -> Vec<String> {
         .collect()
 }
 
+/// @system of the test repository's profiles: the `*CAT/PN` lines of every `packages` file.
+fn system_set() -> BTreeSet<String> {
+    let out = Command::new("find")
+        .arg(common::repo().join("profiles"))
+        .args(["-name", "packages", "-type", "f"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .flat_map(|file| {
+            std::fs::read_to_string(file)
+                .unwrap()
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix('*').map(str::to_string))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// One file of an image's layer, as text (GNU tar).
 fn file_in(store: &Path, reference: &str, path: &str) -> String {
     let digest = &tags(store)[reference];
@@ -308,13 +327,20 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
             "rt's make.conf lacks {want}:\n{rt_conf}"
         );
     }
+    // @world is the world file and @system: Portage records in the world file only what
+    // @system does not hold already. Either way a later --depclean keeps the whole rt set.
     let rt_world = file_in(&w.store, "localhost/fixture-rt:t1", "var/lib/portage/world");
+    let system = system_set();
     for atom in common::RT_PACKAGES {
         assert!(
-            rt_world.lines().any(|l| l == *atom),
-            "rt's world file lacks {atom}:\n{rt_world}"
+            rt_world.lines().any(|l| l == *atom) || system.contains(*atom),
+            "rt's @world lacks {atom}: world file\n{rt_world}"
         );
     }
+    assert!(
+        rt_world.lines().any(|l| l == "app-misc/hello"),
+        "rt's world file lacks app-misc/hello:\n{rt_world}"
+    );
     assert!(rt.keys().any(|k| k.contains("python3")), "rt lacks Python");
     assert!(
         rt.keys()

@@ -231,7 +231,7 @@ merge_dev() {
 
 # The rt root: the runtime closure of the base set, without docs and headers. Its make.conf
 # keeps the mask (a later `emerge -K` in the image must not bring headers and docs back),
-# builds no binary packages and installs binary packages only; its world file lists the rt
+# builds no binary packages and installs binary packages only; its world file records the rt
 # set.
 merge_rt() {
 	new_root rt "$MKIMG_INSTALL_MASK" || return
