@@ -624,8 +624,17 @@ fn usage_as_in_the_old_readme(w: &Work) {
         .unwrap();
     ok(&out, "load");
     let tree = w.dir.join("portage/t1");
+    // The build's binary packages (hard-linked copies): rt needs those of the acct packages
+    // cxxdemo depends on, which dev has installed and does not build again.
     let pkgs = w.dir.join("usage-pkgs");
-    std::fs::create_dir_all(&pkgs).unwrap();
+    let status = Command::new("cp")
+        .arg("-al")
+        .arg(w.dir.join("packages/t1"))
+        .arg(&pkgs)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let before = count_binpkgs(&pkgs);
     let tree_mount = format!("{}:/var/db/repos/gentoo:ro", tree.display());
     let pkg_mount = format!("{}:/var/cache/binpkgs", pkgs.display());
     let features = "FEATURES=-sandbox -usersandbox -network-sandbox -ipc-sandbox -pid-sandbox -binpkg-request-signature";
@@ -657,7 +666,7 @@ fn usage_as_in_the_old_readme(w: &Work) {
         String::from_utf8_lossy(&built.stderr)
     );
     assert!(
-        count_binpkgs(&pkgs) >= 2,
+        count_binpkgs(&pkgs) >= before + 2,
         "no binary packages from the dev container"
     );
     // rt installs them from binary packages: the acct user is created, the C++ program runs
@@ -678,7 +687,8 @@ fn usage_as_in_the_old_readme(w: &Work) {
     );
     assert!(
         stdout.contains("extra-") && stdout.contains("cxxdemo-"),
-        "extra and cxxdemo not installed in rt: {stdout}"
+        "extra and cxxdemo not installed in rt: {stdout}\n{}",
+        String::from_utf8_lossy(&installed.stderr)
     );
     assert!(
         stdout.contains(common::HELLO_LINE),
