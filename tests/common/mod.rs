@@ -112,6 +112,21 @@ pub fn stage() -> Stage {
     Stage { dir: dir.clone() }
 }
 
+/// The stand-in stage3 with a split /usr (real /bin, /sbin, /lib, /lib64, /usr/sbin; make.profile
+/// -> [`SPLIT_USR_PROFILE`]), derived from [`stage`] by
+/// `tests/fixtures/split-stage/build-split-stage.sh`: its `stage.tar`.
+pub fn split_usr_stage() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        run_fixture_script(
+            &fixtures_dir()
+                .join("split-stage")
+                .join("build-split-stage.sh"),
+        )
+    })
+    .join("stage.tar")
+}
+
 /// The test ebuild repository `tests/fixtures/repo`: a plain directory that stands in for
 /// ::gentoo (`profiles/repo_name` is `gentoo`); pass it as the snapshot. With the stand-in
 /// stage it is a small real system: see `tests/fixture_repo.rs` and the repository's
