@@ -223,6 +223,11 @@ pub struct BuildArgs {
     /// Go on building other packages when one fails (emerge --keep-going).
     #[arg(long)]
     pub keep_going: bool,
+    /// Build even when nothing changed. Without it, a build whose inputs (stage, snapshot,
+    /// repositories, settings, binary packages, the tool's version) are those of the dev and
+    /// rt images in the store keeps them and builds nothing.
+    #[arg(long)]
+    pub force: bool,
     /// Compression of the image layers.
     #[arg(long, value_enum)]
     pub compression: Option<LayerCompression>,

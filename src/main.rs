@@ -187,6 +187,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 store,
                 verbosity,
                 source_date_epoch: import::source_date_epoch()?,
+                force: args.force,
             };
             let mut summary = build::build(&opts)?;
             summary

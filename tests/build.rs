@@ -1,12 +1,14 @@
 //! `gentoo-mkimg build` end to end on the stand-in stage and the test ebuild repository:
 //! raw, dev and rt images with the right contents (the profile's merged-usr links, root and
 //! every acct user, /bin/sh and awk, gcc's runtime libraries without the compiler), nothing
-//! merged into the stage's / while the roots are made, a rebuild that compiles nothing and
-//! gives the same digests, `check` on good images, the old README's container usage (a C++
-//! program that needs an acct user, built in dev and installed in rt), failures that keep the
-//! binary packages and tag nothing (a package that fails, a program whose library is not in
-//! its RDEPEND), publishing straight from `build` (docker archive and
-//! registry), both engines, and inputs refused before any build starts.
+//! merged into the stage's / while the roots are made, an unchanged build that builds nothing
+//! (its build key), a forced rebuild that compiles nothing and gives the same digests,
+//! `check` on good images, the old README's container usage (a C++ program that needs an
+//! acct user, built in dev and installed in rt), failures that keep the binary packages and
+//! tag nothing (a package that fails, a program whose library is not in its RDEPEND),
+//! publishing straight from `build` (docker archive and registry), both engines, a split-usr
+//! stage and profile (real directories instead of the links), and inputs refused before any
+//! build starts.
 
 mod common;
 mod support;
@@ -219,18 +221,26 @@ const MERGED_USR_LINKS: &[(&str, &str)] = &[
     ("usr/sbin", "bin"),
 ];
 
-/// dev and rt of TAG: the merged-usr links of profile 23.0, and account files holding root
-/// and every acct-* user and group installed.
-fn assert_roots_work(store: &Path, tag: &str) {
+/// dev and rt of BASENAME:TAG: the layout of the profile (profile 23.0's merged-usr links, or real
+/// directories for split-usr), and account files holding root and every acct-* user and
+/// group installed.
+fn assert_roots_work(store: &Path, basename: &str, tag: &str, merged_usr: bool) {
     for kind in ["dev", "rt"] {
-        let reference = format!("localhost/fixture-{kind}:{tag}");
+        let reference = format!("localhost/{basename}-{kind}:{tag}");
         let list = listing(store, &reference);
         for (link, target) in MERGED_USR_LINKS {
             let entry = list.get(*link).map(String::as_str).unwrap_or("missing");
-            assert!(
-                entry.starts_with('l') && entry.ends_with(&format!(" -> {target}")),
-                "{reference}: /{link} is {entry}, not a link to {target}"
-            );
+            if merged_usr {
+                assert!(
+                    entry.starts_with('l') && entry.ends_with(&format!(" -> {target}")),
+                    "{reference}: /{link} is {entry}, not a link to {target}"
+                );
+            } else {
+                assert!(
+                    entry.starts_with('d'),
+                    "{reference}: /{link} is {entry}, not a directory (split-usr)"
+                );
+            }
         }
         for (file, category) in [("etc/passwd", "acct-user"), ("etc/group", "acct-group")] {
             let text = file_in(store, &reference, file);
@@ -290,7 +300,7 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
 
     // Both roots: the profile's merged-usr links, root and every acct user; nothing merged
     // into the stage's own / while they were made.
-    assert_roots_work(&w.store, "t1");
+    assert_roots_work(&w.store, "fixture", "t1", true);
     let stray = merges_into_the_stage(&w.dir, "t1");
     assert!(
         stray.is_empty(),
@@ -377,11 +387,33 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
         "dev lacks hello's docs"
     );
 
-    // A rebuild with the same inputs: nothing compiled, snapshot not extracted again, same
-    // digests.
+    // A build with the same inputs: the images of the store carry its build key, so nothing
+    // runs: no session (the build log stays as it was), the same tags.
+    let log = w.dir.join("logs/t1/build.log");
+    let logged = std::fs::read(&log).unwrap();
+    let out = build(&w, &stage.xz(), &[]);
+    let summary = ok(&out, "unchanged build");
+    assert!(
+        summary.contains("nothing changed since the build"),
+        "the unchanged build did not say so: {summary}"
+    );
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        logged,
+        "the unchanged build ran"
+    );
+    assert_eq!(tags(&w.store), first, "tags changed on an unchanged build");
+    assert!(
+        summary.contains("localhost/fixture-rt:t1")
+            && summary.contains(&first["localhost/fixture-rt:t1"]),
+        "{summary}"
+    );
+
+    // --force: a rebuild with the same inputs: nothing compiled, snapshot not extracted
+    // again, same digests.
     let marker = w.dir.join("portage/t1/.gentoo-mkimg-snapshot");
     let extracted_at = std::fs::metadata(&marker).unwrap().modified().unwrap();
-    let out = build(&w, &stage.xz(), &[]);
+    let out = build(&w, &stage.xz(), &["--force"]);
     let summary = ok(&out, "rebuild");
     assert_eq!(
         compiled(&w.dir),
@@ -458,7 +490,7 @@ fn docker_engine_as_an_ordinary_user_gives_the_same_images(sandbox: &Work, stage
         .output()
         .unwrap();
     ok(&out, "docker build as uid 65534");
-    assert_roots_work(&w.store, "t1");
+    assert_roots_work(&w.store, "fixture", "t1", true);
     let stray = merges_into_the_stage(&w.dir, "t1");
     assert!(
         stray.is_empty(),
@@ -842,6 +874,135 @@ fn missing_rdepend_fails_the_rt_check(w: &Work, stage: &Path) {
     );
     assert!(stderr.contains("--no-check"), "{stderr}");
     assert_eq!(tags(&w.store), before, "a failed check changed tags");
+}
+
+/// A split-usr stage (real /bin, /sbin, /lib, /lib64 and /usr/sbin; make.profile -> the
+/// split-usr profile, whose layout check refuses a merged-usr disk) builds working images:
+/// dev and rt have real directories where merged-usr has links, root and every acct user,
+/// the shell in /bin, baselayout with USE=split-usr; nothing merged into the stage's / in the
+/// root phases; in a container of rt, /bin/sh runs awk and hello.
+#[test]
+fn split_usr_stage_builds_working_images_without_the_links() {
+    let stage = common::split_usr_stage();
+    let w = work();
+    // Its own image names: the other test of this file loads localhost/fixture-* into the
+    // same engine at the same time.
+    let out = mkimg(&w)
+        .arg("build")
+        .arg(&stage)
+        .arg(&w.snapshot)
+        .args(["localhost", "split", "t1", "--rt-packages"])
+        .arg(common::RT_PACKAGES.join(" "))
+        .output()
+        .unwrap();
+    ok(&out, "build on the split-usr stage");
+    assert_roots_work(&w.store, "split", "t1", false);
+    let stray = merges_into_the_stage(&w.dir, "t1");
+    assert!(
+        stray.is_empty(),
+        "merged into / in the root phases: {stray:?}"
+    );
+    for kind in ["dev", "rt"] {
+        let reference = format!("localhost/split-{kind}:t1");
+        let list = listing(&w.store, &reference);
+        for (path, kind) in [("bin/bash", '-'), ("bin/sh", 'l'), ("usr/bin/hello", '-')] {
+            let entry = list.get(path).map(String::as_str).unwrap_or("missing");
+            assert!(entry.starts_with(kind), "{reference}: /{path} is {entry}");
+        }
+        let use_file = list
+            .keys()
+            .find(|k| k.starts_with("var/db/pkg/sys-apps/baselayout-") && k.ends_with("/USE"))
+            .unwrap_or_else(|| panic!("{reference} has no baselayout in /var/db/pkg"));
+        let flags = file_in(&w.store, &reference, use_file);
+        assert!(
+            flags.split_whitespace().any(|f| f == "split-usr"),
+            "{reference}: baselayout was merged with USE={flags}"
+        );
+    }
+
+    let engine = common::engine::engine();
+    let rt = "localhost/split-rt:t1";
+    let out = mkimg(&w)
+        .args(["load", rt])
+        .env("DOCKER_HOST", &engine.host)
+        .output()
+        .unwrap();
+    ok(&out, "load");
+    let ran = engine.docker(&[
+        "run",
+        "--rm",
+        rt,
+        "/bin/sh",
+        "-c",
+        "/bin/sh -c 'awk \"BEGIN{print 1}\"' | sed 's/^/@@ awk /' && hello",
+    ]);
+    let _ = engine.docker(&["rmi", "-f", rt]);
+    let stdout = String::from_utf8_lossy(&ran.stdout);
+    assert!(
+        ran.status.success(),
+        "rt: {stdout}\n{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert!(
+        stdout.lines().any(|l| l == "@@ awk 1"),
+        "/bin/sh -c 'awk ...' did not print 1 in rt: {stdout}"
+    );
+    assert!(
+        stdout.contains(common::HELLO_LINE),
+        "hello did not run in rt: {stdout}"
+    );
+}
+
+/// Two commands on one TAG of a work dir: the second says whom it waits for and waits,
+/// touching nothing of the TAG (the snapshot is not extracted into portage/TAG), and runs
+/// once the first is done.
+#[test]
+fn a_second_build_of_a_tag_waits_for_the_first() {
+    let w = work();
+    let held = gentoo_mkimg::build::lock::lock_tag(&w.dir, "t1", "build").unwrap();
+    // A stage without Portage: once the build runs, it fails right after the import.
+    let tiny = w.dir.join("tiny.tar");
+    let status = Command::new("tar")
+        .arg("-cf")
+        .arg(&tiny)
+        .arg("-C")
+        .arg("/")
+        .args(["bin/true", "usr/bin/env"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut second = mkimg(&w)
+        .arg("build")
+        .arg(&tiny)
+        .arg(&w.snapshot)
+        .args(["localhost", "fixture", "t1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        second.try_wait().unwrap().is_none(),
+        "the second build did not wait"
+    );
+    assert!(
+        !w.dir.join("portage/t1").exists(),
+        "the waiting build extracted the snapshot"
+    );
+    drop(held);
+    let out = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "waiting for build (pid {}) to finish with TAG t1",
+            std::process::id()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("no Portage"),
+        "it did not run after the wait: {stderr}"
+    );
 }
 
 #[test]

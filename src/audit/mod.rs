@@ -137,13 +137,29 @@ pub fn audit_image(store: &Store, reference: &str) -> Result<Report> {
 
 /// Audit the image made of `layers` (blobs in `store`, lowest first).
 pub fn audit_layers(store: &Store, layers: &[Descriptor]) -> Result<Report> {
+    Ok(check(&tree_of(store, layers)?))
+}
+
+/// The file tree of the image made of `layers`, read from the store.
+fn tree_of(store: &Store, layers: &[Descriptor]) -> Result<Tree> {
     let mut tree = Tree::new();
     for (i, layer) in layers.iter().enumerate() {
         let what = || format!("layer {} of {} ({})", i + 1, layers.len(), layer.digest);
         let reader = open_layer(store, layer).with_context(what)?;
         tree.apply_layer(reader, i).with_context(what)?;
     }
-    Ok(check(&tree))
+    Ok(tree)
+}
+
+/// `CAT/PF` of every package in the /var/db/pkg of the image made of `layers`, sorted.
+pub fn installed_packages(store: &Store, layers: &[Descriptor]) -> Result<Vec<String>> {
+    let mut packages: Vec<String> = tree_of(store, layers)?
+        .iter()
+        .filter_map(|(path, _)| crate::portage::vdb::package_of_path(path))
+        .collect();
+    packages.sort();
+    packages.dedup();
+    Ok(packages)
 }
 
 /// The decompressed tar stream of a layer blob: the compression from the media type, or

@@ -13,6 +13,9 @@
 //! Nothing is tagged for dev or rt unless the whole build succeeded; binary packages built
 //! before a failure stay in `packages/TAG`.
 
+mod key;
+pub mod lock;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
@@ -53,6 +56,8 @@ pub struct BuildOptions {
     pub store: Store,
     pub verbosity: Verbosity,
     pub source_date_epoch: Option<i64>,
+    /// Build even when the images in the store carry this build's key.
+    pub force: bool,
 }
 
 /// One finished image of the build.
@@ -71,6 +76,9 @@ pub struct BuildSummary {
     pub rt: BuiltImage,
     /// Binary packages in packages/TAG after the build.
     pub binary_packages: usize,
+    /// The build key; `unchanged`: the store had dev and rt of this key, nothing was built.
+    pub key: String,
+    pub unchanged: bool,
 }
 
 /// The layer made from one exported root, waiting to be tagged.
@@ -97,14 +105,17 @@ fn sh_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
 }
 
-/// Write the driver and its inputs into `dir`.
-fn write_inputs(
-    dir: &Path,
+/// Settings of the driver that change nothing in the images: not part of the build key.
+const NOT_IN_KEY: [&str; 2] = ["MKIMG_VERBOSE", "MKIMG_OWNER"];
+
+/// The driver and its inputs, as (file name, content); with `for_key`, less the settings
+/// in [`NOT_IN_KEY`].
+fn input_files(
     plan: &BuildPlan,
     verbosity: Verbosity,
     source_date_epoch: Option<i64>,
-) -> Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    for_key: bool,
+) -> Vec<(&'static str, String)> {
     let owner = {
         let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
         if uid.is_root() {
@@ -135,7 +146,9 @@ fn write_inputs(
     ];
     let mut text = String::new();
     for (k, v) in settings {
-        let _ = writeln!(text, "{k}={}", sh_quote(&v));
+        if !(for_key && NOT_IN_KEY.contains(&k)) {
+            let _ = writeln!(text, "{k}={}", sh_quote(&v));
+        }
     }
     let mut repos = String::new();
     for r in &plan.repos {
@@ -145,7 +158,7 @@ fn write_inputs(
         }
         repos.push('\n');
     }
-    let files = [
+    vec![
         ("settings", text),
         ("driver.sh", DRIVER.to_string()),
         ("make.conf", lines(&plan.make_conf)),
@@ -157,12 +170,87 @@ fn write_inputs(
         ("package.mask", lines(&plan.package_mask)),
         ("package.unmask", lines(&plan.package_unmask)),
         ("repos.conf", repos),
-    ];
-    for (name, content) in files {
+    ]
+}
+
+/// Write the driver and its inputs into `dir`.
+fn write_inputs(
+    dir: &Path,
+    plan: &BuildPlan,
+    verbosity: Verbosity,
+    source_date_epoch: Option<i64>,
+) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    for (name, content) in input_files(plan, verbosity, source_date_epoch, false) {
         let path = dir.join(name);
         fs::write(&path, content).with_context(|| format!("{}: cannot write", path.display()))?;
     }
     Ok(())
+}
+
+/// The build key of `opts` with the binary packages now in `packages` and the raw image now
+/// in the store (see [`key`]).
+fn build_key(
+    opts: &BuildOptions,
+    refs: &BTreeMap<&str, Reference>,
+    packages: &Path,
+) -> Result<String> {
+    let plan = &opts.plan;
+    let mut k = key::KeyBuilder::new();
+    k.path("stage", &plan.stage3)
+        .context("the build key: the stage")?;
+    k.path("snapshot", &plan.snapshot)
+        .context("the build key: the snapshot")?;
+    for repo in &plan.repos {
+        k.path(&format!("repository {}", repo.name), &repo.path)
+            .with_context(|| format!("the build key: repository {}", repo.name))?;
+    }
+    for (name, content) in input_files(plan, opts.verbosity, opts.source_date_epoch, true) {
+        k.text(name, &content);
+    }
+    for (kind, reference) in refs {
+        k.text(kind, &reference.to_string());
+    }
+    k.text("compression", &format!("{:?}", plan.compression));
+    k.text("check", &plan.check.to_string());
+    let raw = match opts.store.resolve(&refs["raw"].to_string()) {
+        Ok(desc) => desc.digest.to_string(),
+        Err(_) => String::new(),
+    };
+    k.text("raw", &raw);
+    k.listing("packages", packages)
+        .context("the build key: the binary packages")?;
+    Ok(k.finish())
+}
+
+/// dev and rt as the store has them, when both carry `key`: the build they came from had
+/// the same inputs.
+fn unchanged_images(
+    store: &Store,
+    refs: &BTreeMap<&str, Reference>,
+    key: &str,
+) -> Result<Option<(StoredImage, StoredImage, StoredImage)>> {
+    let mut found = Vec::new();
+    for kind in ["raw", "dev", "rt"] {
+        let reference = refs[kind].to_string();
+        if store.resolve(&reference).is_err() {
+            return Ok(None);
+        }
+        let image = crate::image::open_image(store, &reference)?;
+        if kind != "raw" {
+            let config: serde_json::Value =
+                serde_json::from_slice(&store.read_descriptor(&image.config)?)
+                    .with_context(|| format!("{reference}: the image config is not JSON"))?;
+            if config["config"]["Labels"][key::LABEL].as_str() != Some(key) {
+                return Ok(None);
+            }
+        }
+        found.push(image);
+    }
+    let [raw, dev, rt]: [StoredImage; 3] = found
+        .try_into()
+        .map_err(|_| anyhow!("three images expected"))?;
+    Ok(Some((raw, dev, rt)))
 }
 
 /// The failing package and its build log, from the driver's full log.
@@ -388,6 +476,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         .context("REPO, BASENAME and TAG must make valid image names")?;
     let work = absolute(&opts.work_dir)?;
     let stage = absolute(&plan.stage3)?;
+    // packages/TAG, portage/TAG, logs/TAG and build/TAG are this build's until it ends.
+    let _lock = lock::lock_tag(&work, &plan.tag, "build")?;
 
     // Checks that need no build: the snapshot and the extra repositories.
     let t = Instant::now();
@@ -412,6 +502,31 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     if plan.engine == engine::EngineKind::Sandbox {
         engine::sandbox::check_usable()?;
     }
+
+    // Nothing changed since the build that made dev and rt: they are the result.
+    let packages = work.join("packages").join(&plan.tag);
+    let t = Instant::now();
+    let key = build_key(opts, &refs, &packages)?;
+    if !opts.force
+        && let Some((raw, dev, rt)) = unchanged_images(&opts.store, &refs, &key)?
+    {
+        phases.push(("build key (unchanged)".to_string(), t.elapsed()));
+        let packages_of = |image: StoredImage| -> Result<BuiltImage> {
+            let packages = crate::audit::installed_packages(&opts.store, &image.layers)
+                .with_context(|| format!("{}: cannot list its packages", image.reference))?;
+            Ok(BuiltImage { image, packages })
+        };
+        return Ok(BuildSummary {
+            phases,
+            raw,
+            dev: packages_of(dev)?,
+            rt: packages_of(rt)?,
+            binary_packages: count_binary_packages(&packages),
+            key,
+            unchanged: true,
+        });
+    }
+    phases.push(("build key".to_string(), t.elapsed()));
 
     // 1. raw
     let t = Instant::now();
@@ -439,7 +554,6 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         .ok_or_else(|| anyhow!("{}: architecture unknown", plan.stage3.display()))?;
 
     // 2. the build inside the stage
-    let packages = work.join("packages").join(&plan.tag);
     let distfiles = work.join("distfiles");
     let logs = work.join("logs").join(&plan.tag);
     let input = work.join("build").join(&plan.tag).join("input");
@@ -586,8 +700,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         }
     }
 
-    // 4. images
+    // 4. images, labelled with the key of this build taken with the binary packages it left
     let t = Instant::now();
+    let key = build_key(opts, &refs, &packages)?;
     let created = opts
         .source_date_epoch
         .unwrap_or(read_clamp(&logs.join("clamp"))? as i64);
@@ -606,6 +721,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             created,
             &format!("Gentoo {kind} image ({what}), built by gentoo-mkimg"),
         );
+        spec.labels.insert(key::LABEL.to_string(), key.clone());
         spec.history = vec![format!("gentoo-mkimg build ({kind} root)")];
         let image = commit_image(&opts.store, &reference.to_string(), &spec, &[root.layer])?;
         built.insert(
@@ -626,13 +742,24 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         dev,
         rt,
         binary_packages: count_binary_packages(&packages),
+        key,
+        unchanged: false,
     })
 }
 
 impl BuildSummary {
     /// The end-of-build report.
     pub fn render(&self) -> String {
-        let mut s = String::from("phase                          time\n");
+        let mut s = String::new();
+        if self.unchanged {
+            let _ = writeln!(
+                s,
+                "nothing changed since the build that made {} and {} (build key {}): \
+                 nothing built (--force builds anyway)\n",
+                self.dev.image.reference, self.rt.image.reference, self.key
+            );
+        }
+        s.push_str("phase                          time\n");
         for (name, d) in &self.phases {
             let _ = writeln!(s, "{name:<30} {:>7.1}s", d.as_secs_f64());
         }
