@@ -696,6 +696,42 @@ fn another_image_under_the_same_name_is_replaced() {
     assert_no_session_container(&before);
 }
 
+/// Issue #11, finding 7: the store holds an image of another stage under the raw name (a
+/// session on another stage with the same name came first). The session runs its own stage,
+/// imported again; after that the stored image is this stage's and is used as it is.
+#[test]
+fn a_stored_image_of_another_stage_under_the_name_is_not_used() {
+    let (_serial, world, before) = begin();
+    let dirs = Dirs::new();
+    let s = session(&world.other_stage, dirs.root(), &["/bin/true"]);
+    assert_eq!(run(&s).expect("run"), 0);
+    let other = gentoo_mkimg::image::open_image(&s.store, REF).expect("stored");
+    // The stage's busybox is dated 1_700_000_000, the other stage's 1_600_000_000.
+    let check = [
+        "/bin/sh",
+        "-c",
+        "test \"$(stat -c %Y /bin/busybox)\" = 1700000000",
+    ];
+    let s = session(&world.stage, dirs.root(), &check);
+    assert_eq!(run(&s).expect("run"), 0, "the other stage's image ran");
+    let stored = gentoo_mkimg::image::open_image(&s.store, REF).expect("stored");
+    assert_ne!(stored.manifest.digest, other.manifest.digest);
+    let id = docker_ok(&["image", "inspect", "--format", "{{.Id}}", REF]);
+    assert_eq!(id.trim(), stored.config.digest.as_str());
+    // Now it is this stage's: not imported again (the store's index is not rewritten).
+    let index = dirs.path("store/index.json");
+    let modified = || {
+        fs::metadata(&index)
+            .and_then(|m| m.modified())
+            .expect("mtime")
+    };
+    let written = modified();
+    assert_eq!(run(&s).expect("run"), 0);
+    assert_eq!(modified(), written, "imported again");
+    docker_ok(&["rmi", other.config.digest.as_str()]);
+    assert_no_session_container(&before);
+}
+
 #[test]
 fn an_unreachable_engine_is_one_clear_error_naming_the_socket() {
     let _serial = serial();

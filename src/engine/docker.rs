@@ -1,10 +1,11 @@
 //! The Docker Engine API engine: a [`Session`] runs in a container of Docker or Podman (its
 //! Docker-compatible service), reached through `DOCKER_HOST` or the default sockets.
 //!
-//! The raw image comes from the image store (imported from the stage first when the store
-//! lacks it) and is loaded into the engine only when the engine does not already have that
-//! very image: a docker-archive is streamed from the store into `POST /images/load` by a
-//! writer thread, never held in memory nor written to disk.
+//! The raw image comes from the image store, imported from the stage first when the store
+//! lacks it or holds an image of that name from another stage (its `org.gentoo-mkimg.stage`
+//! label is not the stage's digest). It is loaded into the engine only when the engine does
+//! not already have that very image: a docker-archive is streamed from the store into
+//! `POST /images/load` by a writer thread, never held in memory nor written to disk.
 //!
 //! The container is privileged, on the host's network, with the session's binds, hostname and
 //! environment; its output is streamed live (attached before it starts) and its exit status is
@@ -35,10 +36,11 @@ use tokio::runtime::Runtime;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::Session;
+use crate::engine::sandbox::sha256_file;
 use crate::image::layer::LayerCompression;
 use crate::image::store::Store;
 use crate::image::{StoredImage, open_image};
-use crate::import::{ImportOptions, import};
+use crate::import::{ImportOptions, STAGE_LABEL, import};
 use crate::publish::docker_archive;
 
 /// The label every container of ours carries; its value is the session id.
@@ -245,21 +247,31 @@ fn is_not_found(e: &EngineError) -> bool {
 // ---------------------------------------------------------------------------------------------
 // The image
 
-/// The raw image from the store, imported from the stage first when the store lacks it.
+/// The raw image from the store, imported from the stage first when the store lacks it or
+/// holds an image under that name that was not imported from this very stage (its
+/// [`STAGE_LABEL`] is not the stage's digest).
 fn stored_image(session: &Session) -> Result<StoredImage> {
     let reference = session.raw_reference.to_string();
+    let stage = session.stage.display();
     let index = session.store.read_index()?;
     if index
         .manifests
         .iter()
         .any(|d| d.ref_name() == Some(reference.as_str()))
     {
-        return open_image(&session.store, &reference);
+        let image = open_image(&session.store, &reference)?;
+        let want = format!("sha256:{}", sha256_file(&session.stage)?);
+        match stage_of(&session.store, &image)? {
+            Some(found) if found == want => return Ok(image),
+            found => tracing::warn!(
+                "{reference} in the store was not imported from {stage} ({want}) but from {}; \
+                 importing it again",
+                found.as_deref().unwrap_or("an unknown stage")
+            ),
+        }
+    } else {
+        tracing::info!("{reference} is not in the store; importing {stage}");
     }
-    tracing::info!(
-        "{reference} is not in the store; importing {}",
-        session.stage.display()
-    );
     let opts = ImportOptions {
         stage: session.stage.clone(),
         reference: session.raw_reference.clone(),
@@ -268,8 +280,21 @@ fn stored_image(session: &Session) -> Result<StoredImage> {
         source_date_epoch: crate::import::source_date_epoch()?,
         verbosity: session.verbosity,
     };
-    import(&session.store, &opts)
-        .with_context(|| format!("cannot import {} as {reference}", session.stage.display()))
+    import(&session.store, &opts).with_context(|| format!("cannot import {stage} as {reference}"))
+}
+
+/// The stage `image` was imported from, as its config's [`STAGE_LABEL`] says.
+fn stage_of(store: &Store, image: &StoredImage) -> Result<Option<String>> {
+    let bytes = store.read_descriptor(&image.config)?;
+    let config: serde_json::Value = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{}: the config {} is not valid JSON",
+            image.reference, image.config.digest
+        )
+    })?;
+    Ok(config["config"]["Labels"][STAGE_LABEL]
+        .as_str()
+        .map(str::to_string))
 }
 
 /// The engine's image id for `reference`, or `None` when it has no such image.
