@@ -354,6 +354,85 @@ fn docker_engine_runs_the_same_session() {
     assert_eq!(left.trim(), "", "containers left: {left}");
 }
 
+/// Issue #11, finding 11: `kill -9` of `shell --engine docker` leaves its privileged
+/// container running; the next `shell` removes it and says so in one line.
+#[test]
+fn docker_engine_removes_the_container_of_a_killed_shell() {
+    let stage = common::stage();
+    let ws = workspace();
+    let engine = common::engine::engine();
+    let _engine = engine_lock();
+    let store = ws.work.join("images");
+    let run_docker = |command: &[&str]| {
+        let mut cmd = shell(&ws, &stage.xz(), &["--engine", "docker"], command);
+        cmd.env("DOCKER_HOST", &engine.host)
+            .env("GENTOO_MKIMG_STORE", &store);
+        cmd
+    };
+    // The image in the engine first, so the session starts fast.
+    let out = run_docker(&["true"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut tool = run_docker(&["sh", "-c", "sleep 120"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let made_by_tool = format!("label=org.gentoo-mkimg.pid={}", tool.id());
+    let containers = |running: &str| {
+        let filter = format!("status={running}");
+        let names = engine.docker_ok(&[
+            "ps",
+            "-a",
+            "--filter",
+            &made_by_tool,
+            "--filter",
+            &filter,
+            "--format",
+            "{{.Names}}",
+        ]);
+        names
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let running = loop {
+        let running = containers("running");
+        if !running.is_empty() {
+            break running;
+        }
+        assert!(tool.try_wait().unwrap().is_none(), "the shell ended");
+        assert!(Instant::now() < deadline, "no running container after 60 s");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    tool.kill().unwrap(); // SIGKILL
+    tool.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        containers("running"),
+        running,
+        "the container did not outlive the tool"
+    );
+    let out = run_docker(&["true"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("left by killed gentoo-mkimg runs"))
+        .collect();
+    assert!(
+        said.len() == 1 && said[0].contains(running[0].as_str()),
+        "{stderr}"
+    );
+    for status in ["running", "exited", "created"] {
+        assert_eq!(containers(status), Vec::<String>::new(), "{status}");
+    }
+}
+
 /// Issue #11, finding 7: the store's raw image of the tag was imported from another stage (a
 /// static busybox and a marker file); `shell --engine docker` imports and runs its own stage
 /// instead, and says why in one line.

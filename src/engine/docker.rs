@@ -11,7 +11,12 @@
 //! environment; its output is streamed live (attached before it starts) and its exit status is
 //! returned. It is removed whatever happens: after it exits, after an error, and on SIGINT or
 //! SIGTERM (stopped first, then the command returns 130 or 143). Each container is named
-//! `gentoo-mkimg-<id>` and labelled `org.gentoo-mkimg.session=<id>`.
+//! `gentoo-mkimg-<id>` and labelled `org.gentoo-mkimg.session=<id>` and with the process that
+//! made it (boot id, pid namespace, pid, start time: see [`owner`]). A run killed outright
+//! (SIGKILL) cannot remove its container, so every connection to the engine first removes the
+//! containers whose maker is gone, and says so in one line.
+
+mod owner;
 
 use std::collections::HashMap;
 use std::io::{self, BufWriter, IsTerminal, Write};
@@ -26,8 +31,8 @@ use bollard::errors::Error as EngineError;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, ImportImageOptionsBuilder,
-    RemoveContainerOptionsBuilder, ResizeContainerTTYOptionsBuilder, StopContainerOptionsBuilder,
-    TagImageOptionsBuilder, WaitContainerOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, ResizeContainerTTYOptionsBuilder,
+    StopContainerOptionsBuilder, TagImageOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -35,6 +40,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::runtime::Runtime;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+use self::owner::Owner;
 use super::Session;
 use crate::engine::sandbox::sha256_file;
 use crate::image::layer::LayerCompression;
@@ -180,7 +186,8 @@ fn candidate_hosts() -> Vec<String> {
     hosts
 }
 
-/// The first engine that answers, its API version negotiated.
+/// The first engine that answers, its API version negotiated, cleared of the containers of
+/// runs that were killed (see [`remove_orphans`]).
 async fn connect() -> Result<Docker> {
     let mut tried = Vec::new();
     let from_env = std::env::var("DOCKER_HOST").is_ok_and(|h| !h.trim().is_empty());
@@ -188,6 +195,7 @@ async fn connect() -> Result<Docker> {
         match connect_to(&host).await {
             Ok(docker) => {
                 tracing::debug!("using the engine at {host}");
+                remove_orphans(&docker).await;
                 return Ok(docker);
             }
             Err(e) => tried.push(format!("{host} ({})", e.root_cause())),
@@ -224,6 +232,56 @@ async fn connect_to(host: &str) -> Result<Docker> {
         Ok(Ok(docker)) => Ok(docker),
         Ok(Err(e)) => Err(anyhow!(e)),
         Err(_) => bail!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+    }
+}
+
+/// Remove the containers whose maker is gone (a run killed before it could remove them), and
+/// say so in one line. Containers without maker labels, or of another host, boot or pid
+/// namespace, are left alone. A failure here only warns: it does not stop this run.
+async fn remove_orphans(docker: &Docker) {
+    let me = match Owner::current() {
+        Ok(me) => me,
+        Err(e) => {
+            tracing::warn!("cannot look for containers of killed runs: {e:#}");
+            return;
+        }
+    };
+    let filters = HashMap::from([("label", vec![owner::PID_LABEL])]);
+    let options = ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let containers = match quick(docker.list_containers(Some(options))).await {
+        Ok(containers) => containers,
+        Err(e) => {
+            tracing::warn!("cannot list containers to remove those of killed runs: {e}");
+            return;
+        }
+    };
+    let mut removed = Vec::new();
+    for container in containers {
+        let (Some(id), Some(labels)) = (container.id, container.labels) else {
+            continue;
+        };
+        if !Owner::from_labels(&labels).is_some_and(|o| o.is_gone(&me)) {
+            continue;
+        }
+        let name = container
+            .names
+            .and_then(|n| n.into_iter().next())
+            .map(|n| n.trim_start_matches('/').to_string())
+            .unwrap_or_else(|| id.clone());
+        match remove_container(docker, &id).await {
+            Ok(()) => removed.push(name),
+            Err(e) => tracing::warn!("{name}, left by a killed run: {e:#}"),
+        }
+    }
+    if !removed.is_empty() {
+        tracing::warn!(
+            "removed {} container(s) left by killed gentoo-mkimg runs: {}",
+            removed.len(),
+            removed.join(", ")
+        );
     }
 }
 
@@ -518,6 +576,19 @@ fn env_list(session: &Session) -> Result<Vec<String>> {
         .collect()
 }
 
+/// The session label, and the maker's labels when this process can tell them.
+fn labels(id: &str) -> HashMap<String, String> {
+    let mut labels = HashMap::from([(SESSION_LABEL.to_string(), id.to_string())]);
+    match Owner::current() {
+        Ok(me) => labels.extend(me.labels()),
+        Err(e) => tracing::warn!(
+            "the container is not labelled with this process, so a later run cannot remove \
+             it if this one is killed: {e:#}"
+        ),
+    }
+    labels
+}
+
 fn container_config(
     session: &Session,
     image: &StoredImage,
@@ -543,7 +614,7 @@ fn container_config(
         env: Some(env),
         hostname: Some(session.hostname.clone()),
         working_dir: Some("/".to_string()),
-        labels: Some(HashMap::from([(SESSION_LABEL.to_string(), id.to_string())])),
+        labels: Some(labels(id)),
         tty: Some(interactive),
         open_stdin: Some(interactive),
         stdin_once: Some(interactive),
