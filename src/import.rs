@@ -19,6 +19,10 @@ use crate::image::{StoredImage, commit_image};
 use crate::portage::vdb;
 use crate::progress::{self, Verbosity};
 
+/// The config label that names the stage an image was imported from: `sha256:<hex>` of the
+/// stage file. The docker engine checks it before it reuses a stored raw image.
+pub const STAGE_LABEL: &str = "org.gentoo-mkimg.stage";
+
 /// What to import, as plain values.
 #[derive(Debug, Clone)]
 pub struct ImportOptions {
@@ -147,6 +151,7 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<StoredImage> {
 pub fn import_scanned(store: &Store, opts: &ImportOptions) -> Result<(StoredImage, Scan)> {
     let blobs = store.session(); // a failure below removes the blobs written here
     let file = opts.stage.display().to_string();
+    let stage_digest = crate::engine::sandbox::sha256_file(&opts.stage)?;
     let input = decompress::open(&opts.stage)?;
     tracing::info!(
         "importing {file} ({}, {} bytes) as {}",
@@ -181,6 +186,8 @@ pub fn import_scanned(store: &Store, opts: &ImportOptions) -> Result<(StoredImag
         created,
         "Gentoo stage3, imported by gentoo-mkimg",
     );
+    spec.labels
+        .insert(STAGE_LABEL.to_string(), format!("sha256:{stage_digest}"));
     spec.history = vec!["gentoo-mkimg import".to_string()];
     let image = commit_image(
         store,

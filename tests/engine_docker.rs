@@ -696,6 +696,131 @@ fn another_image_under_the_same_name_is_replaced() {
     assert_no_session_container(&before);
 }
 
+/// The session containers running now that are not in `known`, waited for while `child`
+/// runs (60 s at most).
+fn new_running_containers(child: &mut Child, known: &BTreeSet<String>) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let new: Vec<String> = session_containers(true)
+            .into_iter()
+            .filter(|c| !known.contains(c))
+            .collect();
+        if !new.is_empty() {
+            return new;
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("the child ended before its container ran: {status}");
+        }
+        assert!(Instant::now() < deadline, "no running container after 60 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Issue #11, finding 11: a run killed with SIGKILL cannot remove its privileged container.
+/// The next run does, and says so in one line; it leaves alone the container of a run that
+/// is still going.
+#[test]
+fn the_container_of_a_killed_run_is_removed_by_the_next_run() {
+    let (_serial, world, before) = begin();
+    let dirs = Dirs::new();
+    // The image must be in the engine already, so the sessions start fast.
+    assert_eq!(
+        run(&session(&world.stage, dirs.root(), &["/bin/true"])).expect("run"),
+        0
+    );
+    let spawn = || {
+        child(
+            &world.host,
+            &dirs,
+            &world.stage,
+            &["/bin/sh", "-c", "sleep 120"],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the child")
+    };
+    let mut killed = spawn();
+    let killed_containers = new_running_containers(&mut killed, &before);
+    let mut known = before.clone();
+    known.extend(killed_containers.iter().cloned());
+    let mut alive = spawn();
+    let alive_containers = new_running_containers(&mut alive, &known);
+    killed.kill().expect("SIGKILL"); // Child::kill sends SIGKILL
+    killed.wait().expect("wait");
+    // The finding: the container outlives the tool.
+    std::thread::sleep(Duration::from_secs(1));
+    let running = session_containers(true);
+    for c in killed_containers.iter().chain(&alive_containers) {
+        assert!(running.contains(c), "{c} is not running: {running:?}");
+    }
+    // The next run removes the killed run's container, not the running one's.
+    let out = child(&world.host, &dirs, &world.stage, &["/bin/true"])
+        .output()
+        .expect("run the child");
+    let (_, stderr) = output_text(&out);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("left by killed gentoo-mkimg runs"))
+        .collect();
+    assert_eq!(said.len(), 1, "stderr:\n{stderr}");
+    for c in &killed_containers {
+        assert!(said[0].contains(c.as_str()), "{c} not named: {}", said[0]);
+    }
+    let all = session_containers(false);
+    for c in &killed_containers {
+        assert!(!all.contains(c), "{c} is still there");
+    }
+    for c in &alive_containers {
+        assert!(all.contains(c), "{c}, of a running run, was removed");
+        assert!(!said[0].contains(c.as_str()), "{}", said[0]);
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(alive.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    alive.wait().expect("wait");
+    assert_no_session_container(&before);
+}
+
+/// Issue #11, finding 7: the store holds an image of another stage under the raw name (a
+/// session on another stage with the same name came first). The session runs its own stage,
+/// imported again; after that the stored image is this stage's and is used as it is.
+#[test]
+fn a_stored_image_of_another_stage_under_the_name_is_not_used() {
+    let (_serial, world, before) = begin();
+    let dirs = Dirs::new();
+    let s = session(&world.other_stage, dirs.root(), &["/bin/true"]);
+    assert_eq!(run(&s).expect("run"), 0);
+    let other = gentoo_mkimg::image::open_image(&s.store, REF).expect("stored");
+    // The stage's busybox is dated 1_700_000_000, the other stage's 1_600_000_000.
+    let check = [
+        "/bin/sh",
+        "-c",
+        "test \"$(stat -c %Y /bin/busybox)\" = 1700000000",
+    ];
+    let s = session(&world.stage, dirs.root(), &check);
+    assert_eq!(run(&s).expect("run"), 0, "the other stage's image ran");
+    let stored = gentoo_mkimg::image::open_image(&s.store, REF).expect("stored");
+    assert_ne!(stored.manifest.digest, other.manifest.digest);
+    let id = docker_ok(&["image", "inspect", "--format", "{{.Id}}", REF]);
+    assert_eq!(id.trim(), stored.config.digest.as_str());
+    // Now it is this stage's: not imported again (the store's index is not rewritten).
+    let index = dirs.path("store/index.json");
+    let modified = || {
+        fs::metadata(&index)
+            .and_then(|m| m.modified())
+            .expect("mtime")
+    };
+    let written = modified();
+    assert_eq!(run(&s).expect("run"), 0);
+    assert_eq!(modified(), written, "imported again");
+    docker_ok(&["rmi", other.config.digest.as_str()]);
+    assert_no_session_container(&before);
+}
+
 #[test]
 fn an_unreachable_engine_is_one_clear_error_naming_the_socket() {
     let _serial = serial();

@@ -354,6 +354,172 @@ fn docker_engine_runs_the_same_session() {
     assert_eq!(left.trim(), "", "containers left: {left}");
 }
 
+/// Issue #11, finding 11: `kill -9` of `shell --engine docker` leaves its privileged
+/// container running; the next `shell` removes it and says so in one line.
+#[test]
+fn docker_engine_removes_the_container_of_a_killed_shell() {
+    let stage = common::stage();
+    let ws = workspace();
+    let engine = common::engine::engine();
+    let _engine = engine_lock();
+    let store = ws.work.join("images");
+    let run_docker = |command: &[&str]| {
+        let mut cmd = shell(&ws, &stage.xz(), &["--engine", "docker"], command);
+        cmd.env("DOCKER_HOST", &engine.host)
+            .env("GENTOO_MKIMG_STORE", &store);
+        cmd
+    };
+    // The image in the engine first, so the session starts fast.
+    let out = run_docker(&["true"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut tool = run_docker(&["sh", "-c", "sleep 120"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let made_by_tool = format!("label=org.gentoo-mkimg.pid={}", tool.id());
+    let containers = |running: &str| {
+        let filter = format!("status={running}");
+        let names = engine.docker_ok(&[
+            "ps",
+            "-a",
+            "--filter",
+            &made_by_tool,
+            "--filter",
+            &filter,
+            "--format",
+            "{{.Names}}",
+        ]);
+        names
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let running = loop {
+        let running = containers("running");
+        if !running.is_empty() {
+            break running;
+        }
+        assert!(tool.try_wait().unwrap().is_none(), "the shell ended");
+        assert!(Instant::now() < deadline, "no running container after 60 s");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    tool.kill().unwrap(); // SIGKILL
+    tool.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        containers("running"),
+        running,
+        "the container did not outlive the tool"
+    );
+    let out = run_docker(&["true"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("left by killed gentoo-mkimg runs"))
+        .collect();
+    assert!(
+        said.len() == 1 && said[0].contains(running[0].as_str()),
+        "{stderr}"
+    );
+    for status in ["running", "exited", "created"] {
+        assert_eq!(containers(status), Vec::<String>::new(), "{status}");
+    }
+}
+
+/// Issue #11, finding 7: the store's raw image of the tag was imported from another stage (a
+/// static busybox and a marker file); `shell --engine docker` imports and runs its own stage
+/// instead, and says why in one line.
+#[test]
+fn docker_engine_does_not_run_another_stages_raw_image() {
+    let stage = common::stage();
+    let ws = workspace();
+    let engine = common::engine::engine();
+    let _engine = engine_lock();
+    let store = ws.work.join("images");
+    let impostor = ws.work.join("impostor.tar");
+    write_impostor(&impostor);
+    let out = Command::new(env!("CARGO_BIN_EXE_gentoo-mkimg"))
+        .arg("--store")
+        .arg(&store)
+        .arg("import")
+        .arg(&impostor)
+        .arg("localhost/gentoo-raw:t1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = "if test -e /IMPOSTOR; then echo IMPOSTOR; fi; \
+                  command -v emerge >/dev/null && echo REAL-STAGE";
+    let out = shell(
+        &ws,
+        &stage.xz(),
+        &["--engine", "docker"],
+        &["/bin/sh", "-c", script],
+    )
+    .env("DOCKER_HOST", &engine.host)
+    .env("GENTOO_MKIMG_STORE", &store)
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("REAL-STAGE") && !stdout.contains("IMPOSTOR"),
+        "{stdout}"
+    );
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("localhost/gentoo-raw:t1 in the store was not imported from"))
+        .collect();
+    assert_eq!(said.len(), 1, "{stderr}");
+}
+
+/// A stage of the host's static busybox as /bin/busybox, /bin/sh and /usr/bin/env, and an
+/// empty file /IMPOSTOR.
+fn write_impostor(dest: &Path) {
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
+    let mut tar = tar::Builder::new(std::fs::File::create(dest).unwrap());
+    let header = |kind: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_500_000_000);
+        h
+    };
+    for dir in ["./bin/", "./usr/", "./usr/bin/"] {
+        let mut h = header(tar::EntryType::Directory, 0o755, 0);
+        tar.append_data(&mut h, dir, std::io::empty()).unwrap();
+    }
+    let mut h = header(tar::EntryType::Regular, 0o755, busybox.len() as u64);
+    tar.append_data(&mut h, "./bin/busybox", busybox.as_slice())
+        .unwrap();
+    for (link, target) in [
+        ("./bin/sh", "busybox"),
+        ("./usr/bin/env", "../../bin/busybox"),
+    ] {
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+        tar.append_link(&mut h, link, target).unwrap();
+    }
+    let mut h = header(tar::EntryType::Regular, 0o644, 0);
+    tar.append_data(&mut h, "./IMPOSTOR", std::io::empty())
+        .unwrap();
+    tar.into_inner().unwrap();
+}
+
 /// `emerge --info` in the stage shows the snapshot's profile, with either engine.
 #[test]
 fn emerge_info_sees_the_snapshot_profile_with_each_engine() {

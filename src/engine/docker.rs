@@ -1,16 +1,22 @@
 //! The Docker Engine API engine: a [`Session`] runs in a container of Docker or Podman (its
 //! Docker-compatible service), reached through `DOCKER_HOST` or the default sockets.
 //!
-//! The raw image comes from the image store (imported from the stage first when the store
-//! lacks it) and is loaded into the engine only when the engine does not already have that
-//! very image: a docker-archive is streamed from the store into `POST /images/load` by a
-//! writer thread, never held in memory nor written to disk.
+//! The raw image comes from the image store, imported from the stage first when the store
+//! lacks it or holds an image of that name from another stage (its `org.gentoo-mkimg.stage`
+//! label is not the stage's digest). It is loaded into the engine only when the engine does
+//! not already have that very image: a docker-archive is streamed from the store into
+//! `POST /images/load` by a writer thread, never held in memory nor written to disk.
 //!
 //! The container is privileged, on the host's network, with the session's binds, hostname and
 //! environment; its output is streamed live (attached before it starts) and its exit status is
 //! returned. It is removed whatever happens: after it exits, after an error, and on SIGINT or
 //! SIGTERM (stopped first, then the command returns 130 or 143). Each container is named
-//! `gentoo-mkimg-<id>` and labelled `org.gentoo-mkimg.session=<id>`.
+//! `gentoo-mkimg-<id>` and labelled `org.gentoo-mkimg.session=<id>` and with the process that
+//! made it (boot id, pid namespace, pid, start time: see [`owner`]). A run killed outright
+//! (SIGKILL) cannot remove its container, so every connection to the engine first removes the
+//! containers whose maker is gone, and says so in one line.
+
+mod owner;
 
 use std::collections::HashMap;
 use std::io::{self, BufWriter, IsTerminal, Write};
@@ -25,8 +31,8 @@ use bollard::errors::Error as EngineError;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, ImportImageOptionsBuilder,
-    RemoveContainerOptionsBuilder, ResizeContainerTTYOptionsBuilder, StopContainerOptionsBuilder,
-    TagImageOptionsBuilder, WaitContainerOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, ResizeContainerTTYOptionsBuilder,
+    StopContainerOptionsBuilder, TagImageOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -34,11 +40,13 @@ use tokio::io::AsyncWriteExt;
 use tokio::runtime::Runtime;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+use self::owner::Owner;
 use super::Session;
+use crate::engine::sandbox::sha256_file;
 use crate::image::layer::LayerCompression;
 use crate::image::store::Store;
 use crate::image::{StoredImage, open_image};
-use crate::import::{ImportOptions, import};
+use crate::import::{ImportOptions, STAGE_LABEL, import};
 use crate::publish::docker_archive;
 
 /// The label every container of ours carries; its value is the session id.
@@ -178,7 +186,8 @@ fn candidate_hosts() -> Vec<String> {
     hosts
 }
 
-/// The first engine that answers, its API version negotiated.
+/// The first engine that answers, its API version negotiated, cleared of the containers of
+/// runs that were killed (see [`remove_orphans`]).
 async fn connect() -> Result<Docker> {
     let mut tried = Vec::new();
     let from_env = std::env::var("DOCKER_HOST").is_ok_and(|h| !h.trim().is_empty());
@@ -186,6 +195,7 @@ async fn connect() -> Result<Docker> {
         match connect_to(&host).await {
             Ok(docker) => {
                 tracing::debug!("using the engine at {host}");
+                remove_orphans(&docker).await;
                 return Ok(docker);
             }
             Err(e) => tried.push(format!("{host} ({})", e.root_cause())),
@@ -225,6 +235,56 @@ async fn connect_to(host: &str) -> Result<Docker> {
     }
 }
 
+/// Remove the containers whose maker is gone (a run killed before it could remove them), and
+/// say so in one line. Containers without maker labels, or of another host, boot or pid
+/// namespace, are left alone. A failure here only warns: it does not stop this run.
+async fn remove_orphans(docker: &Docker) {
+    let me = match Owner::current() {
+        Ok(me) => me,
+        Err(e) => {
+            tracing::warn!("cannot look for containers of killed runs: {e:#}");
+            return;
+        }
+    };
+    let filters = HashMap::from([("label", vec![owner::PID_LABEL])]);
+    let options = ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let containers = match quick(docker.list_containers(Some(options))).await {
+        Ok(containers) => containers,
+        Err(e) => {
+            tracing::warn!("cannot list containers to remove those of killed runs: {e}");
+            return;
+        }
+    };
+    let mut removed = Vec::new();
+    for container in containers {
+        let (Some(id), Some(labels)) = (container.id, container.labels) else {
+            continue;
+        };
+        if !Owner::from_labels(&labels).is_some_and(|o| o.is_gone(&me)) {
+            continue;
+        }
+        let name = container
+            .names
+            .and_then(|n| n.into_iter().next())
+            .map(|n| n.trim_start_matches('/').to_string())
+            .unwrap_or_else(|| id.clone());
+        match remove_container(docker, &id).await {
+            Ok(()) => removed.push(name),
+            Err(e) => tracing::warn!("{name}, left by a killed run: {e:#}"),
+        }
+    }
+    if !removed.is_empty() {
+        tracing::warn!(
+            "removed {} container(s) left by killed gentoo-mkimg runs: {}",
+            removed.len(),
+            removed.join(", ")
+        );
+    }
+}
+
 /// A quick call, bounded by [`CALL_TIMEOUT`].
 async fn quick<T>(call: impl Future<Output = Result<T, EngineError>>) -> Result<T, EngineError> {
     tokio::time::timeout(CALL_TIMEOUT, call)
@@ -245,21 +305,31 @@ fn is_not_found(e: &EngineError) -> bool {
 // ---------------------------------------------------------------------------------------------
 // The image
 
-/// The raw image from the store, imported from the stage first when the store lacks it.
+/// The raw image from the store, imported from the stage first when the store lacks it or
+/// holds an image under that name that was not imported from this very stage (its
+/// [`STAGE_LABEL`] is not the stage's digest).
 fn stored_image(session: &Session) -> Result<StoredImage> {
     let reference = session.raw_reference.to_string();
+    let stage = session.stage.display();
     let index = session.store.read_index()?;
     if index
         .manifests
         .iter()
         .any(|d| d.ref_name() == Some(reference.as_str()))
     {
-        return open_image(&session.store, &reference);
+        let image = open_image(&session.store, &reference)?;
+        let want = format!("sha256:{}", sha256_file(&session.stage)?);
+        match stage_of(&session.store, &image)? {
+            Some(found) if found == want => return Ok(image),
+            found => tracing::warn!(
+                "{reference} in the store was not imported from {stage} ({want}) but from {}; \
+                 importing it again",
+                found.as_deref().unwrap_or("an unknown stage")
+            ),
+        }
+    } else {
+        tracing::info!("{reference} is not in the store; importing {stage}");
     }
-    tracing::info!(
-        "{reference} is not in the store; importing {}",
-        session.stage.display()
-    );
     let opts = ImportOptions {
         stage: session.stage.clone(),
         reference: session.raw_reference.clone(),
@@ -268,8 +338,21 @@ fn stored_image(session: &Session) -> Result<StoredImage> {
         source_date_epoch: crate::import::source_date_epoch()?,
         verbosity: session.verbosity,
     };
-    import(&session.store, &opts)
-        .with_context(|| format!("cannot import {} as {reference}", session.stage.display()))
+    import(&session.store, &opts).with_context(|| format!("cannot import {stage} as {reference}"))
+}
+
+/// The stage `image` was imported from, as its config's [`STAGE_LABEL`] says.
+fn stage_of(store: &Store, image: &StoredImage) -> Result<Option<String>> {
+    let bytes = store.read_descriptor(&image.config)?;
+    let config: serde_json::Value = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{}: the config {} is not valid JSON",
+            image.reference, image.config.digest
+        )
+    })?;
+    Ok(config["config"]["Labels"][STAGE_LABEL]
+        .as_str()
+        .map(str::to_string))
 }
 
 /// The engine's image id for `reference`, or `None` when it has no such image.
@@ -493,6 +576,19 @@ fn env_list(session: &Session) -> Result<Vec<String>> {
         .collect()
 }
 
+/// The session label, and the maker's labels when this process can tell them.
+fn labels(id: &str) -> HashMap<String, String> {
+    let mut labels = HashMap::from([(SESSION_LABEL.to_string(), id.to_string())]);
+    match Owner::current() {
+        Ok(me) => labels.extend(me.labels()),
+        Err(e) => tracing::warn!(
+            "the container is not labelled with this process, so a later run cannot remove \
+             it if this one is killed: {e:#}"
+        ),
+    }
+    labels
+}
+
 fn container_config(
     session: &Session,
     image: &StoredImage,
@@ -518,7 +614,7 @@ fn container_config(
         env: Some(env),
         hostname: Some(session.hostname.clone()),
         working_dir: Some("/".to_string()),
-        labels: Some(HashMap::from([(SESSION_LABEL.to_string(), id.to_string())])),
+        labels: Some(labels(id)),
         tty: Some(interactive),
         open_stdin: Some(interactive),
         stdin_once: Some(interactive),
