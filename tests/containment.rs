@@ -271,15 +271,7 @@ fn the_stages_symlinks_are_resolved_inside_the_stage() {
              /bin/busybox ls /var/cache",
         ],
     );
-    assert!(out.status.success(), "{}", text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    assert!(
-        stdout.contains(host_resolv.trim()),
-        "the session has no resolv.conf:\n{}",
-        text(&out)
-    );
-    assert!(stdout.contains("binpkgs"), "{}", text(&out));
+    // The host directories first: what the old code damaged.
     assert_eq!(
         fs::read_to_string(host_etc.path().join("resolv.conf")).unwrap(),
         "nameserver 192.0.2.99\n",
@@ -291,8 +283,40 @@ fn the_stages_symlinks_are_resolved_inside_the_stage() {
         ["canary"],
         "mount points were made in the host directory"
     );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    assert!(
+        stdout.contains(host_resolv.trim()),
+        "the session has no resolv.conf:\n{}",
+        text(&out)
+    );
+    assert!(stdout.contains("binpkgs"), "{}", text(&out));
     // The bind mount worked: what the session wrote is in packages/TAG on the host.
     assert!(ws.work.join("packages/t1/inside").is_file());
+}
+
+/// Finding 2, when the link's target is not in the stage: the session does not start, and
+/// the message names the path.
+#[test]
+fn a_stage_link_to_a_missing_dir_stops_the_session() {
+    let ws = workspace();
+    let host_var = host_dir_with_canary("var canary");
+    let stage = ws.tmp.path().join("stage.tar");
+    Tar::new()
+        .dir("./")
+        .busybox(None)
+        .symlink("var", host_var.path().to_str().unwrap())
+        .write(&stage);
+    let out = shell(&ws, &stage, &[], &["/bin/busybox", "true"]);
+    assert_eq!(listing(host_var.path()), ["canary"], "{}", text(&out));
+    assert!(!out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/var") && stderr.contains("symlink to a missing directory"),
+        "{}",
+        text(&out)
+    );
 }
 
 /// Finding 3: a stage whose `./` is a link to a host directory is refused before anything
