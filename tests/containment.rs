@@ -234,6 +234,48 @@ fn an_export_replaced_by_a_symlink_is_refused() {
     assert_eq!(listing(host.path()), ["canary"]);
 }
 
+/// The same stand-in build with a real dev root: the export is taken, with its symlinks as
+/// symlinks (the control for the test above).
+#[test]
+fn a_real_export_dir_becomes_the_dev_layer() {
+    let ws = workspace();
+    let script = "#!/bin/busybox sh\n\
+         /bin/busybox mkdir -p /var/tmp/gentoo-mkimg/rt /var/tmp/gentoo-mkimg/dev/etc \
+         /var/log/gentoo-mkimg\n\
+         echo 1700000000 > /var/log/gentoo-mkimg/clamp\n\
+         echo dev root $((40 + 2))x > /var/tmp/gentoo-mkimg/dev/etc/motd\n\
+         /bin/busybox ln -s /root /var/tmp/gentoo-mkimg/dev/home\n\
+         exit 0\n";
+    let stage = ws.tmp.path().join("stage.tar");
+    Tar::new().dir("./").busybox(Some(script)).write(&stage);
+    let out = mkimg(&ws)
+        .arg("build")
+        .arg(&stage)
+        .arg(&ws.repo)
+        .args(["localhost", "fine", "t1", "--engine", "sandbox"])
+        .args(["--no-check", "--no-verify", "--compression", "none"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let layers = files_containing(&ws.store.join("blobs"), b"dev root 42x");
+    assert_eq!(layers.len(), 1, "{layers:?}");
+    let bytes = fs::read(&layers[0]).unwrap();
+    let mut names = Vec::new();
+    for entry in tar::Archive::new(&bytes[..]).entries().unwrap() {
+        let entry = entry.unwrap();
+        let link = entry.link_name_bytes().map(|l| l.into_owned());
+        names.push((
+            String::from_utf8_lossy(&entry.path_bytes()).into_owned(),
+            link,
+        ));
+    }
+    assert!(
+        names.contains(&("home".to_string(), Some(b"/root".to_vec()))),
+        "{names:?}"
+    );
+    assert!(names.iter().any(|(n, _)| n == "etc/motd"), "{names:?}");
+}
+
 /// Finding 2: the stage's `etc` and `var` are links to host directories; the resolv.conf
 /// and the mount points the sandbox makes land inside the stage, not there.
 #[test]
