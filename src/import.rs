@@ -85,6 +85,11 @@ pub fn append_tar(
                 .map_err(|e| anyhow!("corrupt or truncated data after entry {last:?}: {e}"))?;
             let mut meta = entry_meta(&mut entry)?;
             last = display_path(&meta.path);
+            if meta.path.is_empty() && meta.kind != EntryKind::Directory {
+                // A runtime unpacking the layer would make its root a link to wherever
+                // this points (or a file).
+                bail!("entry {last:?}: the archive's root (./) is not a directory");
+            }
             if let Some(clamp) = opts.clamp_mtime {
                 meta.mtime = meta.mtime.min(clamp);
             }

@@ -5,22 +5,29 @@
 //! The tar crate's own unpacker turns device nodes into empty files and reads no xattrs,
 //! so this is a loop of our own. Paths come from [`entry_meta`] (no absolute paths, no
 //! `..`), and no entry is written through a symlink: a tarball made from a filesystem never
-//! needs that, and a crafted one must not reach outside `dest`.
+//! needs that, and a crafted one must not reach outside `dest`. Entries are created relative
+//! to directory file descriptors ([`crate::archive::pinned`]), and an entry for the root
+//! itself (`./`) must be a directory: a symlink there would turn `dest` into a link to
+//! wherever it points.
 
-use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::rc::Rc;
 
 use anyhow::{Context, Result, anyhow, bail};
-use nix::sys::stat::{Mode, SFlag, UtimensatFlags, mknod, utimensat};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::sys::stat::{
+    FchmodatFlags, Mode, SFlag, UtimensatFlags, fchmodat, fstatat, mkdirat, mknodat, utimensat,
+};
 use nix::sys::time::TimeSpec;
-use nix::unistd::{Gid, Uid, fchownat};
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, linkat, symlinkat, unlinkat};
 
 use crate::archive::entries::{TopDirStripper, TrailerCheck, display_path, entry_meta};
+use crate::archive::pinned::Dir;
 use crate::image::layer::{EntryKind, EntryMeta};
 
 /// What an extraction did.
@@ -57,7 +64,7 @@ pub fn extract(
     mut progress: impl FnMut(),
 ) -> Result<Extracted> {
     let mut checked = TrailerCheck::new(input);
-    let mut state = Unpacker::new(dest, opts);
+    let mut state = Unpacker::new(dest, opts)?;
     let mut stripper = TopDirStripper::default();
     let mut done = Extracted::default();
     let mut last = String::from("(start of archive)");
@@ -95,90 +102,109 @@ pub fn extract(
 /// data (a tar stream, a squashfs image). Paths must already be normalised
 /// ([`crate::archive::entries::normalize_path`]); parents must come before children.
 /// Call [`Unpacker::finish`] at the end: directory mtimes are set last.
+///
+/// Everything is created relative to directory file descriptors opened from `dest` one
+/// name at a time without following symlinks ([`pinned::Dir::child`]), and no entry may
+/// replace `dest` itself with anything but a directory.
 pub struct Unpacker {
-    dest: PathBuf,
-    /// Relative paths known to be real directories (created or checked by us).
-    real_dirs: HashSet<Vec<u8>>,
+    root: Rc<Dir>,
+    /// The parent directory of the last entry, kept open (entries come grouped by
+    /// directory); dropped whenever a directory is removed.
+    last_parent: Option<(Vec<u8>, Rc<Dir>)>,
     /// Directory mtimes, applied last (writing into a directory changes its mtime).
-    dir_times: Vec<(PathBuf, u64)>,
+    dir_times: Vec<(Vec<u8>, u64)>,
     opts: ExtractOptions,
 }
 
-fn parent_of(path: &[u8]) -> &[u8] {
-    match path.iter().rposition(|&b| b == b'/') {
-        Some(i) => &path[..i],
-        None => b"",
+/// Split `rel` into its parent and last name; the root itself is `("", ".")`.
+fn split(rel: &[u8]) -> (&[u8], &[u8]) {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None if rel.is_empty() => (b"", b"."),
+        None => (b"", rel),
+    }
+}
+
+/// An entry to work on: its directory (pinned) and its name there.
+struct At<'a> {
+    dir: &'a Dir,
+    name: &'a [u8],
+}
+
+impl At<'_> {
+    fn show(&self) -> String {
+        self.dir.display(self.name)
     }
 }
 
 impl Unpacker {
-    pub fn new(dest: &Path, opts: ExtractOptions) -> Self {
-        Unpacker {
-            dest: dest.to_path_buf(),
-            real_dirs: HashSet::from([Vec::new()]),
+    /// Unpack into `dest`, an existing directory (not a symlink).
+    pub fn new(dest: &Path, opts: ExtractOptions) -> Result<Self> {
+        Ok(Unpacker {
+            root: Rc::new(Dir::open(dest)?),
+            last_parent: None,
             dir_times: Vec::new(),
             opts,
-        }
+        })
     }
 
-    fn full(&self, rel: &[u8]) -> PathBuf {
+    /// The directory `rel` (relative to `dest`), every component a real directory; missing
+    /// ones are created (mode 0755) when `create`.
+    fn dir(&mut self, rel: &[u8], create: bool) -> Result<Rc<Dir>> {
         if rel.is_empty() {
-            self.dest.clone()
-        } else {
-            self.dest.join(OsStr::from_bytes(rel))
+            return Ok(self.root.clone());
         }
-    }
-
-    /// Make sure every directory above `rel` is a real directory inside `dest`, creating
-    /// missing ones (mode 0755) and refusing symlinks.
-    fn ensure_parent(&mut self, rel: &[u8]) -> Result<()> {
-        let parent = parent_of(rel);
-        if self.real_dirs.contains(parent) {
-            return Ok(());
+        if let Some((path, dir)) = &self.last_parent
+            && path == rel
+        {
+            return Ok(dir.clone());
         }
+        let mut dir = self.root.clone();
         let mut so_far: Vec<u8> = Vec::new();
-        for component in parent.split(|&b| b == b'/') {
+        for name in rel.split(|&b| b == b'/') {
             if !so_far.is_empty() {
                 so_far.push(b'/');
             }
-            so_far.extend_from_slice(component);
-            if self.real_dirs.contains(&so_far) {
-                continue;
-            }
-            let path = self.full(&so_far);
-            match fs::symlink_metadata(&path) {
-                Ok(m) if m.is_dir() => {}
-                Ok(m) if m.file_type().is_symlink() => bail!(
-                    "refusing to write through the symlink {:?}",
-                    display_path(&so_far)
-                ),
-                Ok(_) => bail!("{:?} is not a directory", display_path(&so_far)),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir(&path)
-                        .with_context(|| format!("cannot create {}", path.display()))?;
+            so_far.extend_from_slice(name);
+            let shown = || display_path(&so_far);
+            let next = match dir.child(name) {
+                Ok(d) => d,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                    mkdirat(dir.fd(), name, Mode::from_bits_truncate(0o755))
+                        .with_context(|| format!("cannot create {}", dir.display(name)))?;
+                    dir.child(name)
+                        .with_context(|| format!("cannot open {}", dir.display(name)))?
                 }
-                Err(e) => return Err(e).with_context(|| format!("cannot stat {}", path.display())),
-            }
-            self.real_dirs.insert(so_far.clone());
+                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                    bail!("refusing to write through the symlink {:?}", shown())
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                    bail!("{:?} is not a directory", shown())
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot open {}", dir.display(name)));
+                }
+            };
+            dir = Rc::new(next);
         }
-        Ok(())
+        self.last_parent = Some((rel.to_vec(), dir.clone()));
+        Ok(dir)
     }
 
-    /// Remove whatever is at `path` unless it is a directory and `keep_dir`.
-    fn clear(&mut self, rel: &[u8], path: &Path, keep_dir: bool) -> Result<()> {
-        match fs::symlink_metadata(path) {
-            Ok(m) if m.is_dir() => {
+    /// Remove whatever is at `at` unless it is a directory and `keep_dir`.
+    fn clear(&mut self, at: &At<'_>, keep_dir: bool) -> Result<()> {
+        match fstatat(at.dir.fd(), at.name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR => {
                 if !keep_dir {
-                    fs::remove_dir(path).with_context(|| {
-                        format!("cannot replace the directory {}", path.display())
-                    })?;
-                    self.real_dirs.remove(rel);
+                    unlinkat(at.dir.fd(), at.name, UnlinkatFlags::RemoveDir)
+                        .with_context(|| format!("cannot replace the directory {}", at.show()))?;
+                    self.last_parent = None;
                 }
             }
-            Ok(_) => fs::remove_file(path)
-                .with_context(|| format!("cannot replace {}", path.display()))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot stat {}", path.display())),
+            Ok(_) => unlinkat(at.dir.fd(), at.name, UnlinkatFlags::NoRemoveDir)
+                .with_context(|| format!("cannot replace {}", at.show()))?,
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot stat {}", at.show())),
         }
         Ok(())
     }
@@ -186,133 +212,167 @@ impl Unpacker {
     /// Create one entry; `data` is read for regular files only.
     pub fn unpack(&mut self, meta: &EntryMeta, data: &mut dyn Read) -> Result<()> {
         let rel = meta.path.as_slice();
-        let path = self.full(rel);
-        if !rel.is_empty() {
-            self.ensure_parent(rel)?;
+        if rel.is_empty() && meta.kind != EntryKind::Directory {
+            bail!(
+                "refusing an entry that would replace the extraction root {} (the archive's \
+                 top is not a directory)",
+                self.root.path().display()
+            );
         }
+        let (parent, name) = split(rel);
+        let dir = self.dir(parent, true)?;
+        let at = At { dir: &dir, name };
+        let mode = |bits| Mode::from_bits_truncate(bits);
         match &meta.kind {
             EntryKind::Directory => {
-                self.clear(rel, &path, true)?;
-                if !path.is_dir() {
-                    fs::create_dir(&path)
-                        .with_context(|| format!("cannot create {}", path.display()))?;
+                self.clear(&at, true)?;
+                match mkdirat(dir.fd(), name, mode(0o755)) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot create {}", at.show()));
+                    }
                 }
-                self.real_dirs.insert(rel.to_vec());
-                self.dir_times.push((path.clone(), meta.mtime));
+                self.dir_times.push((rel.to_vec(), meta.mtime));
             }
             EntryKind::Regular { size } => {
-                self.clear(rel, &path, false)?;
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .mode(0o600)
-                    .open(&path)
-                    .with_context(|| format!("cannot create {}", path.display()))?;
+                self.clear(&at, false)?;
+                let fd = openat(
+                    dir.fd(),
+                    name,
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    mode(0o600),
+                )
+                .with_context(|| format!("cannot create {}", at.show()))?;
+                let mut file = File::from(fd);
                 let copied = io::copy(&mut data.take(*size), &mut file)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
+                    .with_context(|| format!("cannot write {}", at.show()))?;
                 if copied != *size {
                     bail!("file data ended early (truncated input?)");
                 }
-                drop::<File>(file);
             }
             EntryKind::Symlink { target } => {
-                self.clear(rel, &path, false)?;
-                std::os::unix::fs::symlink(OsStr::from_bytes(target), &path)
-                    .with_context(|| format!("cannot create the symlink {}", path.display()))?;
+                self.clear(&at, false)?;
+                symlinkat(OsStr::from_bytes(target), dir.fd(), name)
+                    .with_context(|| format!("cannot create the symlink {}", at.show()))?;
             }
             EntryKind::HardLink { target } => {
-                self.clear(rel, &path, false)?;
-                self.ensure_parent(target)?;
-                let source = self.full(target);
-                fs::hard_link(&source, &path).with_context(|| {
-                    format!("cannot link {} to {}", path.display(), source.display())
+                self.clear(&at, false)?;
+                if target.is_empty() {
+                    bail!("a hard link to the archive's top directory");
+                }
+                let (target_parent, target_name) = split(target);
+                let source_dir = self.dir(target_parent, false)?;
+                // Flags 0: a symlink is linked itself, never followed.
+                linkat(
+                    source_dir.fd(),
+                    target_name,
+                    dir.fd(),
+                    name,
+                    AtFlags::empty(),
+                )
+                .with_context(|| {
+                    format!(
+                        "cannot link {} to {}",
+                        at.show(),
+                        source_dir.display(target_name)
+                    )
                 })?;
                 return Ok(()); // shares the target's inode and metadata
             }
             EntryKind::Char { major, minor } | EntryKind::Block { major, minor } => {
-                self.clear(rel, &path, false)?;
+                self.clear(&at, false)?;
                 let kind = if matches!(meta.kind, EntryKind::Char { .. }) {
                     SFlag::S_IFCHR
                 } else {
                     SFlag::S_IFBLK
                 };
                 let dev = libc::makedev(*major, *minor);
-                mknod(&path, kind, Mode::from_bits_truncate(0o600), dev)
-                    .with_context(|| format!("cannot create the device {}", path.display()))?;
+                mknodat(dir.fd(), name, kind, mode(0o600), dev)
+                    .with_context(|| format!("cannot create the device {}", at.show()))?;
             }
             EntryKind::Fifo => {
-                self.clear(rel, &path, false)?;
-                mknod(&path, SFlag::S_IFIFO, Mode::from_bits_truncate(0o600), 0)
-                    .with_context(|| format!("cannot create the fifo {}", path.display()))?;
+                self.clear(&at, false)?;
+                mknodat(dir.fd(), name, SFlag::S_IFIFO, mode(0o600), 0)
+                    .with_context(|| format!("cannot create the fifo {}", at.show()))?;
             }
         }
-        self.set_metadata(meta, &path)
+        self.set_metadata(meta, &at)
     }
 
-    fn set_metadata(&self, meta: &EntryMeta, path: &Path) -> Result<()> {
+    fn set_metadata(&self, meta: &EntryMeta, at: &At<'_>) -> Result<()> {
         let is_link = matches!(meta.kind, EntryKind::Symlink { .. });
         if self.opts.preserve_owners {
             fchownat(
-                nix::fcntl::AT_FDCWD,
-                path,
+                at.dir.fd(),
+                at.name,
                 Some(Uid::from_raw(meta.uid as u32)),
                 Some(Gid::from_raw(meta.gid as u32)),
-                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                AtFlags::AT_SYMLINK_NOFOLLOW,
             )
-            .with_context(|| format!("cannot set the owner of {}", path.display()))?;
+            .with_context(|| format!("cannot set the owner of {}", at.show()))?;
         }
         for (name, value) in &meta.xattrs {
             if name.starts_with("trusted.overlay.") {
                 continue; // would steer the overlay filesystem a session runs on
             }
-            if let Err(e) = xattr::set(path, name, value) {
+            // lsetxattr on /proc/self/fd/N/NAME: the pinned directory, the name not followed.
+            if let Err(e) = xattr::set(at.dir.proc_child(at.name), name, value) {
                 if is_link && name.starts_with("user.") {
                     continue; // Linux allows no user.* xattrs on symlinks
                 }
                 return Err(e).with_context(|| {
-                    format!(
-                        "cannot set the extended attribute {name} on {}",
-                        path.display()
-                    )
+                    format!("cannot set the extended attribute {name} on {}", at.show())
                 });
             }
         }
         if !is_link {
-            // After chown, which clears setuid/setgid.
-            fs::set_permissions(path, fs::Permissions::from_mode(meta.mode & 0o7777))
-                .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+            // After chown, which clears setuid/setgid. Not followed: we just made this
+            // entry and it is no symlink.
+            fchmodat(
+                at.dir.fd(),
+                at.name,
+                Mode::from_bits_truncate(meta.mode & 0o7777),
+                FchmodatFlags::NoFollowSymlink,
+            )
+            .with_context(|| format!("cannot set the mode of {}", at.show()))?;
         }
         if meta.kind != EntryKind::Directory {
-            set_mtime(path, meta.mtime)?;
+            set_mtime(at, meta.mtime)?;
         }
         Ok(())
     }
 
     /// Set the directories' mtimes (children change them while they are written).
     pub fn finish(&mut self) -> Result<()> {
-        for (path, mtime) in self.dir_times.iter().rev() {
-            set_mtime(path, *mtime)?;
+        for (rel, mtime) in std::mem::take(&mut self.dir_times).into_iter().rev() {
+            let (parent, name) = split(&rel);
+            let dir = self.dir(parent, false)?;
+            set_mtime(&At { dir: &dir, name }, mtime)?;
         }
         Ok(())
     }
 }
 
-fn set_mtime(path: &Path, mtime: u64) -> Result<()> {
+fn set_mtime(at: &At<'_>, mtime: u64) -> Result<()> {
     let t = TimeSpec::new(mtime.min(i64::MAX as u64) as i64, 0);
     utimensat(
-        nix::fcntl::AT_FDCWD,
-        path,
+        at.dir.fd(),
+        at.name,
         &t,
         &t,
         UtimensatFlags::NoFollowSymlink,
     )
-    .with_context(|| format!("cannot set the mtime of {}", path.display()))
+    .with_context(|| format!("cannot set the mtime of {}", at.show()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
     fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
@@ -430,6 +490,75 @@ mod tests {
         let err = extract(&data[..], dir.path(), opts, || {}).unwrap_err();
         assert!(format!("{err:#}").contains("symlink"), "{err:#}");
         assert!(!outside.path().join("pwned").exists());
+    }
+
+    #[test]
+    fn an_entry_for_the_root_must_be_a_directory() {
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("canary"), "host").unwrap();
+        let target = outside.path().to_str().unwrap();
+        for root in ["./", ".", ""] {
+            let data = build(|b| {
+                let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+                h.set_link_name(target).unwrap();
+                // `append_link` refuses an empty path; write the name into the header.
+                h.as_old_mut().name[..root.len()].copy_from_slice(root.as_bytes());
+                h.set_cksum();
+                b.append(&h, io::empty()).unwrap();
+                b.append_data(
+                    &mut header(tar::EntryType::Regular, 0o644, 1),
+                    "pwned",
+                    &b"x"[..],
+                )
+                .unwrap();
+            });
+            let dir = tempfile::tempdir().unwrap();
+            let dest = dir.path().join("rootfs");
+            fs::create_dir(&dest).unwrap();
+            let opts = ExtractOptions {
+                preserve_owners: false,
+                strip_top_dir: false,
+            };
+            let err = extract(&data[..], &dest, opts, || {}).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("would replace the extraction root"),
+                "{root:?}: {err:#}"
+            );
+            assert!(fs::symlink_metadata(&dest).unwrap().is_dir(), "{root:?}");
+            let names: Vec<_> = fs::read_dir(outside.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, ["canary"], "{root:?}: the host dir was written to");
+        }
+    }
+
+    #[test]
+    fn a_hard_link_is_never_made_through_a_symlink() {
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), "host").unwrap();
+        let data = build(|b| {
+            b.append_link(
+                &mut header(tar::EntryType::Symlink, 0o777, 0),
+                "esc",
+                outside.path().to_str().unwrap(),
+            )
+            .unwrap();
+            b.append_link(
+                &mut header(tar::EntryType::Link, 0, 0),
+                "copy",
+                "esc/secret",
+            )
+            .unwrap();
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ExtractOptions {
+            preserve_owners: false,
+            strip_top_dir: false,
+        };
+        let err = extract(&data[..], dir.path(), opts, || {}).unwrap_err();
+        assert!(format!("{err:#}").contains("symlink"), "{err:#}");
+        assert!(!dir.path().join("copy").exists());
     }
 
     #[test]

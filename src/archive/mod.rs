@@ -4,4 +4,5 @@
 pub mod decompress;
 pub mod entries;
 pub mod extract;
+pub mod pinned;
 pub mod squashfs;

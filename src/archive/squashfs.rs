@@ -40,7 +40,7 @@ pub fn extract(
     let fs = FilesystemReader::from_reader(BufReader::new(file))
         .map_err(|e| anyhow!("not a readable squashfs image: {e}"))?;
     let total = fs.files().count() as u64;
-    let mut unpacker = Unpacker::new(dest, opts);
+    let mut unpacker = Unpacker::new(dest, opts)?;
     let mut done = Extracted::default();
     for node in fs.files() {
         let raw = node.fullpath.as_os_str().as_bytes();

@@ -21,6 +21,7 @@ use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
@@ -36,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::Session;
-use crate::archive::{decompress, extract};
+use crate::archive::{decompress, extract, pinned};
 use crate::progress;
 
 /// The hidden first argument that turns the binary into the sandbox helper.
@@ -91,23 +92,18 @@ pub fn run_exporting(
     let runs = session.cache_dir.join("runs");
     fs::create_dir_all(&runs).with_context(|| format!("{}: cannot create", runs.display()))?;
     remove_stale_runs(&runs);
+    // 0700: the upper dir gets whatever the session makes (setuid files, devices).
     let run_dir = tempfile::Builder::new()
         .prefix(&format!("{}-", std::process::id()))
+        .permissions(fs::Permissions::from_mode(0o700))
         .tempdir_in(&runs)
         .with_context(|| format!("{}: cannot create a run directory", runs.display()))?;
     let mut result = run_in(session, &rootfs, run_dir.path());
     if let Ok(0) = result {
         for path in exports {
-            // Made by the command, so wholly in the overlay's upper dir.
-            let dir = run_dir
-                .path()
-                .join("upper")
-                .join(path.trim_start_matches('/'));
-            if !dir.is_dir() {
-                result = Err(anyhow!("the session did not create {path}"));
-                break;
-            }
-            if let Err(e) = on_export(path, super::Export::Dir(&dir)) {
+            let exported = export_dir(&run_dir.path().join("upper"), path)
+                .and_then(|dir| on_export(path, super::Export::Dir(&dir)));
+            if let Err(e) = exported {
                 result = Err(e);
                 break;
             }
@@ -126,6 +122,28 @@ pub fn run_exporting(
         }
     }
     result
+}
+
+/// The host path of the export `path` (absolute inside the stage) in the session's upper
+/// dir, checked: made by the command, so wholly in the upper dir, and a real directory with
+/// no symlink on the way (a build that leaves `dev -> /root` must not export the host's
+/// /root). The session's processes are all gone by now (its pid namespace ended with it),
+/// so nothing changes the tree after this check; the walk that reads it follows no symlink
+/// either.
+fn export_dir(upper: &Path, path: &str) -> Result<PathBuf> {
+    let rel = path.trim_start_matches('/');
+    let upper_dir = pinned::Dir::open(upper)?;
+    match upper_dir.beneath(rel.as_bytes()) {
+        Ok(_) => Ok(upper.join(rel)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("the session did not create {path}")
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => bail!(
+            "{path}: the session left a symlink in its place or on the way to it; \
+             refusing to export it"
+        ),
+        Err(e) => bail!("{path}: cannot export it: {e}"),
+    }
 }
 
 fn run_in(session: &Session, rootfs: &Path, run_dir: &Path) -> Result<i32> {
@@ -325,6 +343,8 @@ pub fn prepare_stage(
     fs::create_dir_all(&stages).with_context(|| format!("{}: cannot create", stages.display()))?;
     let done = stages.join(&digest);
     let rootfs = done.join("rootfs");
+    // 0700, root only: the stage holds setuid binaries and device nodes (made 0755 before).
+    let private = || fs::Permissions::from_mode(0o700);
     let lock_path = stages.join(format!("{digest}.lock"));
     let lock = File::options()
         .create(true)
@@ -335,11 +355,14 @@ pub fn prepare_stage(
     lock.lock()
         .with_context(|| format!("{}: cannot lock", lock_path.display()))?;
     if done.join(".complete").is_file() {
+        fs::set_permissions(&done, private())
+            .with_context(|| format!("{}: cannot make it private", done.display()))?;
         return Ok(rootfs);
     }
     let _ = fs::remove_dir_all(&done);
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".tmp-{digest}-"))
+        .permissions(private())
         .tempdir_in(&stages)
         .with_context(|| format!("{}: cannot create a temporary dir", stages.display()))?;
     let tmp_root = tmp.path().join("rootfs");
@@ -564,7 +587,31 @@ fn mnt(
     })
 }
 
+/// Mount onto `target`, a directory pinned inside the new root (through its
+/// `/proc/self/fd/N`, so nothing is resolved again); `name` is its path in the stage.
+fn mnt_at(
+    source: Option<&Path>,
+    target: &pinned::Dir,
+    name: &str,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<()> {
+    mount(source, &target.proc_path(), fstype, flags, data).with_context(|| {
+        format!(
+            "cannot mount {} on {name} in the stage ({})",
+            source.map(|s| s.display().to_string()).unwrap_or_default(),
+            fstype.unwrap_or("bind")
+        )
+    })
+}
+
 /// Inside the new namespaces: build the root and pivot into it.
+///
+/// Every path inside the new root is resolved inside it ([`pinned::Dir::in_root`]): the
+/// stage's symlinks are followed as they will be after `pivot_root`, never to the host
+/// (a stage whose `etc` points at a host directory gets its resolv.conf inside the stage),
+/// and never into a mount made here (those are host directories).
 fn setup_root(spec: &Spec) -> Result<()> {
     let none: Option<&Path> = None;
     mnt(
@@ -587,22 +634,33 @@ fn setup_root(spec: &Spec) -> Result<()> {
         MsFlags::empty(),
         Some(&options),
     )?;
-    let root = &spec.merged;
-    let inside = |p: &str| root.join(p.trim_start_matches('/'));
+    let root = pinned::Dir::open(&spec.merged)?;
+    let make = |target: &str| {
+        root.in_root(target, true, false)
+            .with_context(|| format!("cannot create {target} in the stage"))
+    };
     for (source, target, read_only) in &spec.mounts {
-        let at = inside(target);
-        fs::create_dir_all(&at).with_context(|| format!("cannot create {target} in the stage"))?;
-        mnt(
+        let at = make(target)?;
+        mnt_at(
             Some(source),
             &at,
+            target,
             None,
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None,
         )?;
         if *read_only {
-            mnt(
+            // The same path again, now onto the bind mount: checked to be the source.
+            let top = root.in_root(target, false, true)?;
+            let source_stat = nix::sys::stat::stat(source)
+                .with_context(|| format!("{}: cannot stat", source.display()))?;
+            if !pinned::same_file(&top.stat()?, &source_stat) {
+                bail!("{target}: the bind mount of {} moved", source.display());
+            }
+            mnt_at(
                 none,
-                &at,
+                &top,
+                target,
                 None,
                 MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
                 None,
@@ -610,61 +668,88 @@ fn setup_root(spec: &Spec) -> Result<()> {
         }
     }
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    let proc_dir = inside("proc");
-    fs::create_dir_all(&proc_dir).context("cannot create /proc in the stage")?;
-    mnt(
+    mnt_at(
         Some(Path::new("proc")),
-        &proc_dir,
+        &make("/proc")?,
+        "/proc",
         Some("proc"),
         nosuid,
         None,
     )?;
-    let sys = inside("sys");
-    fs::create_dir_all(&sys).context("cannot create /sys in the stage")?;
-    if mnt(
+    let sys = make("/sys")?;
+    if mnt_at(
         Some(Path::new("sysfs")),
         &sys,
+        "/sys",
         Some("sysfs"),
         nosuid | MsFlags::MS_RDONLY,
         None,
     )
     .is_err()
     {
-        mnt(
+        mnt_at(
             Some(Path::new("/sys")),
             &sys,
+            "/sys",
             None,
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None,
         )?;
     }
-    setup_dev(&inside("dev"))?;
+    setup_dev(&root)?;
     if let Some(resolv) = &spec.resolv_conf {
-        let etc = inside("etc");
-        fs::create_dir_all(&etc).context("cannot create /etc in the stage")?;
-        let path = etc.join("resolv.conf");
-        let _ = fs::remove_file(&path);
-        fs::write(&path, resolv).context("cannot write /etc/resolv.conf in the stage")?;
+        write_resolv_conf(&make("/etc")?, resolv)
+            .context("cannot write /etc/resolv.conf in the stage")?;
     }
     nix::unistd::sethostname(&spec.hostname).context("cannot set the hostname")?;
-    std::env::set_current_dir(root).context("cannot enter the new root")?;
+    nix::unistd::fchdir(root.fd()).context("cannot enter the new root")?;
     nix::unistd::pivot_root(".", ".").context("pivot_root failed")?;
     umount2(".", MntFlags::MNT_DETACH).context("cannot detach the old root")?;
     std::env::set_current_dir("/").context("cannot enter /")?;
     Ok(())
 }
 
+/// Replace `resolv.conf` in the (pinned) `etc` with a new file holding `content`; a
+/// symlink there is replaced, not followed.
+fn write_resolv_conf(etc: &pinned::Dir, content: &[u8]) -> Result<()> {
+    use nix::fcntl::OFlag;
+    let name = "resolv.conf";
+    match nix::unistd::unlinkat(etc.fd(), name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => bail!("cannot replace it: {e}"),
+    }
+    let fd = nix::fcntl::openat(
+        etc.fd(),
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )?;
+    File::from(fd).write_all(content)?;
+    Ok(())
+}
+
 /// A minimal /dev: a tmpfs with the host's null, zero, full, random, urandom and tty bound
 /// in, a private devpts, /dev/shm and the usual symlinks.
-fn setup_dev(dev: &Path) -> Result<()> {
-    fs::create_dir_all(dev).context("cannot create /dev in the stage")?;
-    mnt(
+fn setup_dev(root: &pinned::Dir) -> Result<()> {
+    let at = root
+        .in_root("/dev", true, false)
+        .context("cannot create /dev in the stage")?;
+    mnt_at(
         Some(Path::new("tmpfs")),
-        dev,
+        &at,
+        "/dev",
         Some("tmpfs"),
         MsFlags::MS_NOSUID,
         Some("mode=755,size=65536k"),
     )?;
+    // The new tmpfs, found through the same path: it is ours and empty, so plain paths
+    // below its /proc/self/fd/N are safe.
+    let top = root.in_root("/dev", false, true)?;
+    let fs = nix::sys::statfs::fstatfs(top.fd()).context("cannot stat /dev")?;
+    if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+        bail!("/dev in the stage is not the tmpfs just mounted there");
+    }
+    let dev = top.proc_path();
     for node in ["null", "zero", "full", "random", "urandom", "tty"] {
         let at = dev.join(node);
         File::create(&at).with_context(|| format!("cannot create /dev/{node}"))?;

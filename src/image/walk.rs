@@ -8,14 +8,15 @@
 //! later than that time, so the same tree gives the same layer.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
-use std::fs::{self, File};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::fs::File;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat2, readlinkat};
+use nix::sys::stat::{FileStat, SFlag, fstat, fstatat};
+use std::os::unix::ffi::OsStrExt;
 
+use crate::archive::pinned::{Dir, same_file};
 use crate::image::layer::{EntryKind, EntryMeta, LayerWriter};
 
 /// What a walk found.
@@ -28,27 +29,29 @@ pub struct WalkStats {
 }
 
 /// Append every entry below `root` (and `root` itself as `./`) to `layer`.
+///
+/// The tree is walked by directory file descriptor and no symlink in it is ever followed:
+/// `root` itself must be a directory, not a link to one, and a link inside the tree
+/// becomes a symlink entry, whatever it points at.
 pub fn append_dir(
     root: &Path,
     layer: &mut LayerWriter,
     clamp_mtime: Option<u64>,
 ) -> Result<WalkStats> {
+    let dir = Dir::open(root)?;
     let mut walker = Walker {
-        root,
         layer,
         clamp_mtime,
         links: HashMap::new(),
         stats: WalkStats::default(),
     };
-    let meta =
-        fs::symlink_metadata(root).with_context(|| format!("{}: cannot read", root.display()))?;
-    walker.entry(Vec::new(), &meta)?;
-    walker.dir(Vec::new())?;
+    let st = dir.stat()?;
+    walker.entry(&dir, b".", Vec::new(), &st)?;
+    walker.dir(&dir, Vec::new())?;
     Ok(walker.stats)
 }
 
 struct Walker<'a> {
-    root: &'a Path,
     layer: &'a mut LayerWriter,
     clamp_mtime: Option<u64>,
     /// (device, inode) -> first path of a multiply-linked file.
@@ -56,70 +59,67 @@ struct Walker<'a> {
     stats: WalkStats,
 }
 
-impl Walker<'_> {
-    fn full(&self, rel: &[u8]) -> std::path::PathBuf {
-        if rel.is_empty() {
-            self.root.to_path_buf()
-        } else {
-            self.root.join(OsStr::from_bytes(rel))
-        }
-    }
+fn file_type(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT
+}
 
-    fn dir(&mut self, rel: Vec<u8>) -> Result<()> {
-        let path = self.full(&rel);
-        let mut names: Vec<Vec<u8>> = fs::read_dir(&path)
-            .with_context(|| format!("{}: cannot list", path.display()))?
-            .map(|e| e.map(|e| e.file_name().as_bytes().to_vec()))
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("{}: cannot list", path.display()))?;
-        names.sort();
-        for name in names {
+impl Walker<'_> {
+    fn dir(&mut self, dir: &Dir, rel: Vec<u8>) -> Result<()> {
+        for name in dir.names()? {
             let mut child = rel.clone();
             if !child.is_empty() {
                 child.push(b'/');
             }
             child.extend_from_slice(&name);
-            let child_path = self.full(&child);
-            let meta = fs::symlink_metadata(&child_path)
-                .with_context(|| format!("{}: cannot read", child_path.display()))?;
-            let is_dir = meta.is_dir();
-            self.entry(child.clone(), &meta)?;
-            if is_dir {
-                self.dir(child)?;
+            let st = fstatat(dir.fd(), name.as_slice(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(|e| anyhow!("{}: cannot read: {e}", dir.display(&name)))?;
+            self.entry(dir, &name, child.clone(), &st)?;
+            if file_type(&st) == SFlag::S_IFDIR {
+                let sub = dir
+                    .child(&name)
+                    .with_context(|| format!("{}: cannot open", dir.display(&name)))?;
+                if !same_file(&sub.stat()?, &st) {
+                    bail!("{}: changed while read", dir.display(&name));
+                }
+                self.dir(&sub, child)?;
             }
         }
         Ok(())
     }
 
-    fn entry(&mut self, rel: Vec<u8>, meta: &fs::Metadata) -> Result<()> {
-        let path = self.full(&rel);
-        let ft = meta.file_type();
-        let mut kind = if ft.is_dir() {
-            EntryKind::Directory
-        } else if ft.is_symlink() {
-            let target = fs::read_link(&path)
-                .with_context(|| format!("{}: cannot read the link", path.display()))?;
-            EntryKind::Symlink {
-                target: target.as_os_str().as_bytes().to_vec(),
+    /// Add the entry `name` of `dir` (`.` for `dir` itself) as `rel`.
+    fn entry(&mut self, dir: &Dir, name: &[u8], rel: Vec<u8>, st: &FileStat) -> Result<()> {
+        let shown = || dir.display(name);
+        let ft = file_type(st);
+        let mut kind = match ft {
+            SFlag::S_IFDIR => EntryKind::Directory,
+            SFlag::S_IFLNK => {
+                let target = readlinkat(dir.fd(), name)
+                    .map_err(|e| anyhow!("{}: cannot read the link: {e}", shown()))?;
+                EntryKind::Symlink {
+                    target: target.as_bytes().to_vec(),
+                }
             }
-        } else if ft.is_file() {
-            EntryKind::Regular { size: meta.len() }
-        } else if ft.is_char_device() || ft.is_block_device() {
-            let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
-            if ft.is_char_device() {
-                EntryKind::Char { major, minor }
-            } else {
-                EntryKind::Block { major, minor }
+            SFlag::S_IFREG => EntryKind::Regular {
+                size: st.st_size as u64,
+            },
+            SFlag::S_IFCHR | SFlag::S_IFBLK => {
+                let (major, minor) = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
+                if ft == SFlag::S_IFCHR {
+                    EntryKind::Char { major, minor }
+                } else {
+                    EntryKind::Block { major, minor }
+                }
             }
-        } else if ft.is_fifo() {
-            EntryKind::Fifo
-        } else {
-            tracing::warn!("{}: skipping a socket", path.display());
-            self.stats.skipped_sockets += 1;
-            return Ok(());
+            SFlag::S_IFIFO => EntryKind::Fifo,
+            _ => {
+                tracing::warn!("{}: skipping a socket", shown());
+                self.stats.skipped_sockets += 1;
+                return Ok(());
+            }
         };
-        if !ft.is_dir() && meta.nlink() > 1 {
-            let key = (meta.dev(), meta.ino());
+        if ft != SFlag::S_IFDIR && st.st_nlink > 1 {
+            let key = (st.st_dev, st.st_ino);
             match self.links.get(&key) {
                 Some(first) => {
                     kind = EntryKind::HardLink {
@@ -131,27 +131,29 @@ impl Walker<'_> {
                 }
             }
         }
+        // llistxattr/lgetxattr on /proc/self/fd/N/NAME: the name is not followed.
+        let at = dir.proc_child(name);
         let mut xattrs = Vec::new();
         let mut names: Vec<_> = if matches!(kind, EntryKind::HardLink { .. }) {
             Vec::new() // the inode's attributes went with its first name
         } else {
-            xattr::list(&path)
-                .with_context(|| format!("{}: cannot list extended attributes", path.display()))?
+            xattr::list(&at)
+                .with_context(|| format!("{}: cannot list extended attributes", shown()))?
                 .collect()
         };
         names.sort();
-        for name in names {
-            let Some(text) = name.to_str() else { continue };
+        for attr in names {
+            let Some(text) = attr.to_str() else { continue };
             if text.starts_with("trusted.overlay.") {
                 continue; // overlayfs bookkeeping of the directory the root was built in
             }
-            if let Some(value) = xattr::get(&path, &name)
-                .with_context(|| format!("{}: cannot read the attribute {text}", path.display()))?
+            if let Some(value) = xattr::get(&at, &attr)
+                .with_context(|| format!("{}: cannot read the attribute {text}", shown()))?
             {
                 xattrs.push((text.to_string(), value));
             }
         }
-        let mut mtime = meta.mtime().max(0) as u64;
+        let mut mtime = st.st_mtime.max(0) as u64;
         if let Some(clamp) = self.clamp_mtime {
             mtime = mtime.min(clamp);
         }
@@ -160,31 +162,42 @@ impl Walker<'_> {
         let entry = EntryMeta {
             path: rel,
             kind,
-            mode: meta.mode() & 0o7777,
-            uid: u64::from(meta.uid()),
-            gid: u64::from(meta.gid()),
+            mode: st.st_mode & 0o7777,
+            uid: u64::from(st.st_uid),
+            gid: u64::from(st.st_gid),
             uname: Vec::new(),
             gname: Vec::new(),
             mtime,
             xattrs,
         };
         if let EntryKind::Regular { size } = entry.kind {
-            let mut file =
-                File::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
+            let mut file = open_regular(dir, name, st)?;
             self.layer.append(&entry, &mut file).with_context(|| {
-                format!(
-                    "{}: cannot add to the layer (changed while read?)",
-                    path.display()
-                )
+                format!("{}: cannot add to the layer (changed while read?)", shown())
             })?;
             self.stats.bytes += size;
         } else {
             self.layer
                 .append(&entry, &mut std::io::empty())
-                .with_context(|| format!("{}: cannot add to the layer", path.display()))?;
+                .with_context(|| format!("{}: cannot add to the layer", shown()))?;
         }
         Ok(())
     }
+}
+
+/// Open the regular file `name` of `dir` for reading: never through a symlink, never
+/// blocking on a fifo put in its place, and only if it is still the file `st` describes.
+fn open_regular(dir: &Dir, name: &[u8], st: &FileStat) -> Result<File> {
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    let fd = openat2(dir.fd(), name, how)
+        .map_err(|e| anyhow!("{}: cannot open: {e}", dir.display(name)))?;
+    let now = fstat(&fd).map_err(|e| anyhow!("{}: cannot stat: {e}", dir.display(name)))?;
+    if file_type(&now) != SFlag::S_IFREG || !same_file(&now, st) {
+        bail!("{}: changed while read", dir.display(name));
+    }
+    Ok(File::from(fd))
 }
 
 #[cfg(test)]
@@ -192,6 +205,7 @@ mod tests {
     use super::*;
     use crate::image::layer::LayerCompression;
     use crate::image::store::Store;
+    use std::fs;
     use std::io::Read;
 
     #[test]
@@ -254,5 +268,38 @@ mod tests {
         assert_eq!(seen[6].2, 0, "links carry no xattrs of their own");
         assert_eq!(seen[5].2, 1, "xattr on the data entry");
         assert_eq!(seen[2].1, tar::EntryType::Fifo);
+    }
+
+    fn names_in_layer(store: &Store, digest: &crate::image::store::Digest) -> Vec<String> {
+        let bytes = fs::read(store.blob_path(digest)).unwrap();
+        let mut ar = tar::Archive::new(&bytes[..]);
+        ar.entries()
+            .unwrap()
+            .map(|e| String::from_utf8(e.unwrap().path_bytes().into_owned()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn symlinks_are_never_followed_root_or_inside() {
+        let host = tempfile::tempdir().unwrap();
+        fs::write(host.path().join("canary"), "host secret").unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+
+        // A root replaced by a link to a host directory (what a hostile build can leave).
+        let linked = tmp.path().join("dev");
+        std::os::unix::fs::symlink(host.path(), &linked).unwrap();
+        let mut w = LayerWriter::new(&store, LayerCompression::None).unwrap();
+        let err = append_dir(&linked, &mut w, None).unwrap_err();
+        assert!(format!("{err:#}").contains("not a directory"), "{err:#}");
+
+        // Links inside the tree stay links.
+        let root = tmp.path().join("root");
+        fs::create_dir(&root).unwrap();
+        std::os::unix::fs::symlink(host.path(), root.join("etc")).unwrap();
+        let mut w = LayerWriter::new(&store, LayerCompression::None).unwrap();
+        append_dir(&root, &mut w, None).unwrap();
+        let info = w.finish(&store).unwrap();
+        assert_eq!(names_in_layer(&store, &info.digest), ["./", "etc"]);
     }
 }
