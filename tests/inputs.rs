@@ -193,9 +193,13 @@ impl Fixture {
     }
 
     fn input_args(&self, mirror: &Mirror) -> Vec<String> {
+        self.input_args_from(&mirror.url())
+    }
+
+    fn input_args_from(&self, mirror_url: &str) -> Vec<String> {
         vec![
             "--mirror".into(),
-            mirror.url(),
+            mirror_url.to_string(),
             "--keyring".into(),
             self.keyring.display().to_string(),
             "--trusted-key".into(),
@@ -206,34 +210,44 @@ impl Fixture {
     }
 
     fn fetch(&self, mirror: &Mirror, sources: &[&str]) -> Output {
-        self.mkimg()
-            .arg("fetch")
-            .args(sources)
-            .args(self.input_args(mirror))
-            .output()
-            .unwrap()
+        self.fetch_from(&mirror.url(), sources)
     }
 
-    /// Files with `.tar.xz` in their name anywhere under the cache (verified or partial).
-    fn cached_artifacts(&self) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        let mut stack = vec![self.work.join("cache/downloads")];
-        while let Some(dir) = stack.pop() {
-            let Ok(rd) = fs::read_dir(&dir) else { continue };
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    let n = p.file_name().unwrap().to_string_lossy().into_owned();
-                    if n.ends_with(".tar.xz") || n.ends_with(".tar.xz.part") {
-                        out.push(p);
-                    }
-                }
-            }
-        }
-        out
+    /// `fetch` with `--mirror URL`.
+    fn fetch_from(&self, url: &str, sources: &[&str]) -> Output {
+        let mut args = self.input_args_from(url);
+        args.extend(sources.iter().map(|s| s.to_string()));
+        self.mkimg().arg("fetch").args(args).output().unwrap()
     }
+
+    /// Files with `.tar.xz` in their name anywhere under the verified downloads (complete
+    /// or partial).
+    fn cached_artifacts(&self) -> Vec<PathBuf> {
+        files_under(&self.work.join("cache/downloads"))
+            .into_iter()
+            .filter(|p| {
+                let n = p.file_name().unwrap().to_string_lossy();
+                n.ends_with(".tar.xz") || n.ends_with(".tar.xz.part")
+            })
+            .collect()
+    }
+}
+
+/// Every file and directory under `dir`.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// A mirror tree with a good stage (signed, DIGESTS, .sha256, latest file) and a good
@@ -820,4 +834,59 @@ fn an_unusable_engine_is_refused_before_any_download() {
         "non-root sandbox build",
     );
     assert_eq!(mirror.requests(), Vec::new(), "something was fetched");
+}
+
+/// Credentials in the mirror URL are sent to the mirror and appear in no output, no log
+/// line, no error and no cache path or file.
+#[test]
+fn credentials_in_urls_are_used_but_never_shown_or_kept() {
+    use base64::Engine as _;
+    let fx = fixture();
+    let mirror = Mirror::start(&fx.root);
+    let secret = "s3cr3t-pw";
+    let with_creds = format!("http://mkimg:{secret}@{}", mirror.addr());
+    let outputs = [
+        fx.fetch_from(
+            &with_creds,
+            &["stage3:amd64-musl-openrc", "snapshot:latest", "-vv"],
+        ),
+        // A list the mirror does not have: the error names its URL.
+        fx.fetch_from(&with_creds, &["stage3:amd64-openrc"]),
+        fx.fetch_from(
+            &with_creds,
+            &[
+                &format!("{with_creds}/snapshots/gentoo-latest.tar.xz"),
+                "--no-verify",
+            ],
+        ),
+    ];
+    assert!(outputs[0].status.success(), "{}", stderr(&outputs[0]));
+    assert_fails(&outputs[1], &["http://***@", "not found"], "missing list");
+    assert!(outputs[2].status.success(), "{}", stderr(&outputs[2]));
+    for out in &outputs {
+        let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(out));
+        assert!(!all.contains(secret), "the password is shown: {all}");
+    }
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("mkimg:{secret}"))
+    );
+    let requests = mirror.requests();
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.authorization.as_deref() == Some(&basic)),
+        "not every request carried the credentials: {requests:?}"
+    );
+    for path in files_under(&fx.work.join("cache")) {
+        assert!(
+            !path.to_string_lossy().contains(secret) && !path.to_string_lossy().contains('@'),
+            "credentials in a cache path: {}",
+            path.display()
+        );
+        if path.is_file() && fs::metadata(&path).unwrap().len() < 1 << 20 {
+            let text = String::from_utf8_lossy(&fs::read(&path).unwrap()).into_owned();
+            assert!(!text.contains(secret), "credentials in {}", path.display());
+        }
+    }
 }

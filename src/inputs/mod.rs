@@ -7,6 +7,9 @@
 //! holds the digest of the companions it was checked with: when a moving name
 //! (`gentoo-latest.tar.xz`) gets new companions on the mirror, the old file is dropped and
 //! the new one fetched; otherwise a verified file is never fetched again.
+//!
+//! Credentials in a URL (`http://user:password@host/`) are used for the requests but appear
+//! in no message and no cache path.
 
 pub mod digests;
 pub mod fetch;
@@ -20,6 +23,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+use crate::net::redact;
 use crate::progress::Verbosity;
 use fetch::{FetchError, Fetcher};
 use pgp::{Fingerprint, Keyring};
@@ -570,16 +574,17 @@ fn split_url(url: &str) -> Result<(String, String)> {
         Some((dir, name)) if dir.len() >= path_start && !name.is_empty() => {
             Ok((dir.to_string(), name.to_string()))
         }
-        _ => bail!("{url}: the URL names no file"),
+        _ => bail!("{}: the URL names no file", redact(url)),
     }
 }
 
-/// The cache path for a URL: `HOST[_PORT]/PATH`, with nothing that could leave the cache.
+/// The cache path for a URL: `HOST[_PORT]/PATH`, with nothing that could leave the cache and
+/// no credentials.
 fn cache_path(url: &str) -> Result<PathBuf> {
     let rest = url
         .split_once("://")
         .map(|(_, r)| r)
-        .with_context(|| format!("{url}: not a URL"))?;
+        .with_context(|| format!("{}: not a URL", redact(url)))?;
     let rest = rest.split(['?', '#']).next().unwrap_or(rest);
     let mut out = PathBuf::new();
     for (i, part) in rest.split('/').enumerate() {
@@ -587,16 +592,17 @@ fn cache_path(url: &str) -> Result<PathBuf> {
             continue;
         }
         if part == ".." || part.contains('\0') {
-            bail!("{url}: refusing a URL with `..` in its path");
+            bail!("{}: refusing a URL with `..` in its path", redact(url));
         }
         out.push(if i == 0 {
-            part.replace(':', "_")
+            let host = part.rsplit_once('@').map_or(part, |(_, host)| host);
+            host.replace(':', "_")
         } else {
             part.to_string()
         });
     }
     if out.components().count() < 2 {
-        bail!("{url}: the URL names no file");
+        bail!("{}: the URL names no file", redact(url));
     }
     Ok(out)
 }
@@ -684,6 +690,23 @@ mod tests {
             ("http://h/a".to_string(), "b.tar.xz".to_string())
         );
         assert!(split_url("http://h/").is_err());
+    }
+
+    #[test]
+    fn cache_paths_and_errors_have_no_credentials() {
+        assert_eq!(
+            cache_path("http://user:s3cret@127.0.0.1:8080/a/b.txt").unwrap(),
+            Path::new("127.0.0.1_8080/a/b.txt")
+        );
+        for bad in ["http://u:s3cret@h/../x", "http://u:s3cret@h/"] {
+            let err = format!("{:#}", cache_path(bad).unwrap_err());
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+        let err = format!("{:#}", split_url("http://u:s3cret@h/").unwrap_err());
+        assert!(
+            !err.contains("s3cret") && err.contains("http://***@h/"),
+            "{err}"
+        );
     }
 
     #[test]
