@@ -665,13 +665,28 @@ fn local_files_are_verified_by_their_companions() {
     let out = fx.fetch(&mirror, &[&stage]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), stage);
+    assert!(!stderr(&out).contains("WARNING"), "{}", stderr(&out));
 
-    // The same bytes elsewhere, without companions: used as they are, refused with --verify.
+    // The same bytes elsewhere, without companions: used as they are with a one-line
+    // warning, refused with --verify.
     let lone = fx.work.join(stage_name());
     fs::copy(fx.stage(), &lone).unwrap();
     let lone = lone.display().to_string();
     let out = fx.fetch(&mirror, &[&lone]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let warnings: Vec<_> = stderr(&out)
+        .lines()
+        .filter(|l| l.starts_with("WARNING:"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        warnings.len() == 1
+            && warnings[0].contains(&lone)
+            && warnings[0].contains("NOT verified")
+            && warnings[0].contains("no companion files"),
+        "no warning about the unverified file: {}",
+        stderr(&out)
+    );
     let out = fx.fetch(&mirror, &[&lone, "--verify"]);
     assert_fails(
         &out,

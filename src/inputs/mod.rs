@@ -363,7 +363,7 @@ impl Inputs {
             .join("downloads")
             .join(cache_path(&remote.url)?);
         if self.opts.verify == VerifyMode::Never {
-            warn_unverified(&remote.name);
+            warn_unverified(&remote.name, "--no-verify");
             let got =
                 fetcher.fetch_verified(&remote.url, &dest, remote.expected_size, |_| Ok(()))?;
             return Ok(Input {
@@ -425,14 +425,14 @@ impl Inputs {
             return Ok(plain); // a tree has no companions to check
         }
         if self.opts.verify == VerifyMode::Never {
-            warn_unverified(&path.display().to_string());
+            warn_unverified(&path.display().to_string(), "--no-verify");
             return Ok(plain);
         }
         let checks = self.check_local(path)?;
         if checks.is_empty() {
-            tracing::info!(
-                "{}: not verified (no companion files beside it; --verify requires them)",
-                path.display()
+            warn_unverified(
+                &path.display().to_string(),
+                "no companion files beside it; --verify requires them",
             );
             return Ok(plain);
         }
@@ -539,10 +539,8 @@ fn record_path(dest: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn warn_unverified(what: &str) {
-    eprintln!(
-        "WARNING: {what} is NOT verified (--no-verify): its origin and integrity are unknown"
-    );
+fn warn_unverified(what: &str, why: &str) {
+    eprintln!("WARNING: {what} is NOT verified ({why}): its origin and integrity are unknown");
 }
 
 fn is_not_found(e: &anyhow::Error) -> bool {
