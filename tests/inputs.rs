@@ -851,6 +851,41 @@ fn an_unusable_engine_is_refused_before_any_download() {
     assert_eq!(mirror.requests(), Vec::new(), "something was fetched");
 }
 
+/// `--no-verify` downloads never land where verified ones are kept, so a later verified run
+/// never takes one for verified.
+#[test]
+fn no_verify_downloads_are_kept_apart_from_verified_ones() {
+    let fx = fixture();
+    let good = fs::read(fx.stage()).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x01;
+    fs::write(fx.stage(), &bad).unwrap();
+    let mirror = Mirror::start(&fx.root);
+
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc", "--no-verify"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("NOT verified"), "{}", stderr(&out));
+    let unverified = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert_eq!(fs::read(&unverified).unwrap(), bad);
+    assert_eq!(
+        fx.cached_artifacts(),
+        Vec::<PathBuf>::new(),
+        "an unverified download is among the verified ones"
+    );
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert_fails(&out, &[&stage_name(), "failed"], "tampered stage, verified");
+
+    // The good stage back on the mirror: verified, and kept apart from the unverified copy.
+    fs::write(fx.stage(), &good).unwrap();
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let verified = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert_ne!(verified, unverified);
+    assert_eq!(fs::read(&verified).unwrap(), good);
+    assert_eq!(fs::read(&unverified).unwrap(), bad);
+}
+
 /// Credentials in the mirror URL are sent to the mirror and appear in no output, no log
 /// line, no error and no cache path or file.
 #[test]

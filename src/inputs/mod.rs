@@ -6,7 +6,9 @@
 //! into place only after it passed every check, and a `NAME.verified` record beside it
 //! holds the digest of the companions it was checked with: when a moving name
 //! (`gentoo-latest.tar.xz`) gets new companions on the mirror, the old file is dropped and
-//! the new one fetched; otherwise a verified file is never fetched again.
+//! the new one fetched; otherwise a verified file is never fetched again. `--no-verify`
+//! downloads go to `CACHE/unverified/HOST/PATH` instead, so nothing unverified is ever taken
+//! for verified.
 //!
 //! Credentials in a URL (`http://user:password@host/`) are used for the requests but appear
 //! in no message and no cache path.
@@ -39,6 +41,9 @@ pub const DEFAULT_SNAPSHOT: &str = "snapshot:latest";
 
 /// Where Gentoo installs its release keys (app-crypt/openpgp-keys-gentoo-release).
 pub const SYSTEM_KEYRING: &str = "/usr/share/openpgp-keys/gentoo-release.asc";
+
+/// Where `--no-verify` downloads go, beside the verified `downloads/`.
+const UNVERIFIED_DIR: &str = "unverified";
 
 /// The addresses whose keys WKD serves: releases and snapshots.
 const WKD_ADDRESSES: [&str; 2] = ["releng@gentoo.org", "infrastructure@gentoo.org"];
@@ -357,12 +362,17 @@ impl Inputs {
 
     fn download(&self, remote: Remote) -> Result<Input> {
         let fetcher = self.fetcher()?;
+        let unverified = self.opts.verify == VerifyMode::Never;
         let dest = self
             .opts
             .cache_dir
-            .join("downloads")
+            .join(if unverified {
+                UNVERIFIED_DIR
+            } else {
+                "downloads"
+            })
             .join(cache_path(&remote.url)?);
-        if self.opts.verify == VerifyMode::Never {
+        if unverified {
             warn_unverified(&remote.name, "--no-verify");
             let got =
                 fetcher.fetch_verified(&remote.url, &dest, remote.expected_size, |_| Ok(()))?;
