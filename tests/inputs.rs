@@ -851,6 +851,41 @@ fn an_unusable_engine_is_refused_before_any_download() {
     assert_eq!(mirror.requests(), Vec::new(), "something was fetched");
 }
 
+/// A verified download changed on disk under the same path (its `.verified` record and the
+/// mirror's companions unchanged) is not used: it is fetched and verified again.
+#[test]
+fn a_cached_download_changed_on_disk_is_fetched_and_verified_again() {
+    let fx = fixture();
+    let mirror = Mirror::start(&fx.root);
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cached = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let mut data = fs::read(&cached).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0x01;
+    fs::write(&cached, &data).unwrap();
+
+    mirror.clear_log();
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        downloads(&mirror, &stage_name()),
+        1,
+        "the changed file was used as verified"
+    );
+    assert_eq!(
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
+        cached
+    );
+    assert_eq!(fs::read(&cached).unwrap(), fs::read(fx.stage()).unwrap());
+
+    // Unchanged, it is used again without a download.
+    mirror.clear_log();
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(downloads(&mirror, &stage_name()), 0);
+}
+
 /// `--no-verify` downloads never land where verified ones are kept, so a later verified run
 /// never takes one for verified.
 #[test]

@@ -4,11 +4,11 @@
 //!
 //! Downloads keep the mirror's layout under `CACHE/downloads/HOST/PATH`. A file is renamed
 //! into place only after it passed every check, and a `NAME.verified` record beside it
-//! holds the digest of the companions it was checked with: when a moving name
-//! (`gentoo-latest.tar.xz`) gets new companions on the mirror, the old file is dropped and
-//! the new one fetched; otherwise a verified file is never fetched again. `--no-verify`
-//! downloads go to `CACHE/unverified/HOST/PATH` instead, so nothing unverified is ever taken
-//! for verified.
+//! holds the digest of the companions it was checked with and the file's own SHA-256: when
+//! a moving name (`gentoo-latest.tar.xz`) gets new companions on the mirror, or the file
+//! changed on disk, the old file is dropped and fetched (and verified) again; otherwise a
+//! verified file is never fetched again. `--no-verify` downloads go to
+//! `CACHE/unverified/HOST/PATH` instead, so nothing unverified is ever taken for verified.
 //!
 //! Credentials in a URL (`http://user:password@host/`) are used for the requests but appear
 //! in no message and no cache path.
@@ -395,9 +395,10 @@ impl Inputs {
         }
         check_companions_present(&remote.name, &found)?;
         let record = record_path(&dest);
-        let fingerprint = companions_digest(&found);
-        if dest.is_file() && fs::read_to_string(&record).ok().as_deref() != Some(&fingerprint) {
-            // A moving name with new companions, or a file of unknown origin: fetch again.
+        let companions = companions_digest(&found);
+        if dest.is_file() && !self.is_recorded(&record, &companions, &dest)? {
+            // A moving name with new companions, a file changed since it was verified, or
+            // one of unknown origin: fetch again.
             fs::remove_file(&dest)
                 .with_context(|| format!("{}: cannot drop the outdated copy", dest.display()))?;
         }
@@ -410,7 +411,8 @@ impl Inputs {
         let got = fetcher.fetch_verified(&remote.url, &dest, remote.expected_size, |part| {
             checks = verify::check_file(part, &remote.name, &found, &trust);
             verify::ensure_trusted(&remote.name, &checks)?;
-            fs::write(&record, &fingerprint)
+            let text = self.record_text(&companions, part)?;
+            fs::write(&record, text)
                 .with_context(|| format!("{}: cannot record the verification", record.display()))
         })?;
         self.report(&remote.name, &checks);
@@ -461,6 +463,33 @@ impl Inputs {
             return;
         }
         eprintln!("{name}: verified: {}", verify::summary(checks));
+    }
+
+    /// What the `.verified` record of `file` says: the digest of the companions it was
+    /// verified with, and its own SHA-256.
+    fn record_text(&self, companions: &str, file: &Path) -> Result<String> {
+        let size = fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        let bar =
+            crate::progress::Bytes::new(self.opts.verbosity, &format!("checking {name}"), size);
+        let hashes = digests::hash_file(file, &[digests::Algorithm::Sha256], |n| bar.set(n))?;
+        bar.finish();
+        let sha256 = hashes
+            .get(digests::Algorithm::Sha256)
+            .with_context(|| format!("{}: no SHA-256 computed", file.display()))?;
+        Ok(format!("companions {companions}\nsha256 {sha256}\n"))
+    }
+
+    /// Whether `record` says `file` was verified with these companions, and the file is
+    /// still what was verified.
+    fn is_recorded(&self, record: &Path, companions: &str, file: &Path) -> Result<bool> {
+        let Ok(text) = fs::read_to_string(record) else {
+            return Ok(false);
+        };
+        if text.lines().next() != Some(&format!("companions {companions}")) {
+            return Ok(false); // new companions: no need to hash the old file
+        }
+        Ok(text == self.record_text(companions, file)?)
     }
 
     /// The checks for a local file (for `verify` and local inputs); empty when there is
@@ -540,7 +569,7 @@ fn companions_digest(found: &[(Companion, Option<Vec<u8>>)]) -> String {
             h.update(c);
         }
     }
-    format!("{}\n", hex::encode(h.finalize()))
+    hex::encode(h.finalize())
 }
 
 fn record_path(dest: &Path) -> PathBuf {
