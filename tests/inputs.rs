@@ -161,11 +161,16 @@ impl Fixture {
     }
 
     fn write_latest(&self, fpr: &str, size: u64) -> PathBuf {
+        self.write_latest_at(fpr, size, 1_767_225_600)
+    }
+
+    /// The latest file, made at `ts` (its `# ts=` line).
+    fn write_latest_at(&self, fpr: &str, size: u64, ts: u64) -> PathBuf {
         let latest = self
             .autobuilds()
             .join(format!("latest-stage3-{VARIANT}.txt"));
         let text = format!(
-            "# Latest as of Thu, 01 Jan 2026 00:00:00 +0000\n# ts=1767225600\n{TS}/{} {size}\n",
+            "# Latest as of Thu, 01 Jan 2026 00:00:00 +0000\n# ts={ts}\n{TS}/{} {size}\n",
             stage_name()
         );
         self.gpg.clearsign(fpr, &text, &latest);
@@ -919,6 +924,41 @@ fn no_verify_downloads_are_kept_apart_from_verified_ones() {
     assert_ne!(verified, unverified);
     assert_eq!(fs::read(&verified).unwrap(), good);
     assert_eq!(fs::read(&unverified).unwrap(), bad);
+}
+
+/// A signed `latest-*.txt` older than the one this mirror gave before is refused (a mirror
+/// replaying an old list would pin an old stage); a newer one is accepted.
+#[test]
+fn an_older_latest_list_than_the_one_seen_is_refused() {
+    let fx = fixture();
+    let size = fs::metadata(fx.stage()).unwrap().len();
+    let mirror = Mirror::start(&fx.root);
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    fx.write_latest_at(&fx.releng, size, 1_767_225_600 - 3600);
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert_fails(
+        &out,
+        &[
+            "latest-stage3-amd64-musl-openrc.txt",
+            "older than the one this mirror gave before",
+            &format!("stage3:amd64-musl-openrc@{TS}"),
+        ],
+        "older latest list",
+    );
+
+    // The same list again, and a newer one: accepted.
+    fx.write_latest_at(&fx.releng, size, 1_767_225_600);
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.write_latest_at(&fx.releng, size, 1_767_225_600 + 3600);
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // What was seen last is now the bar.
+    fx.write_latest_at(&fx.releng, size, 1_767_225_600);
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert_fails(&out, &["older"], "list older than the newest seen");
 }
 
 /// Credentials in the mirror URL are sent to the mirror and appear in no output, no log

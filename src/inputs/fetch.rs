@@ -802,7 +802,7 @@ fn sync_dir(path: &Path) -> Result<()> {
 }
 
 /// Replace `path` with `data`: a temporary file in the same directory, synced, renamed.
-fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

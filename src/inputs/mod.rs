@@ -10,6 +10,10 @@
 //! verified file is never fetched again. `--no-verify` downloads go to
 //! `CACHE/unverified/HOST/PATH` instead, so nothing unverified is ever taken for verified.
 //!
+//! A `latest-stage3-VARIANT.txt` is trusted only if it is not older than the newest one
+//! verified before from the same mirror (recorded in `latest-stage3-VARIANT.txt.seen` beside
+//! its cached copy): an old signed list replayed by a mirror would pin an old stage.
+//!
 //! Credentials in a URL (`http://user:password@host/`) are used for the requests but appear
 //! in no message and no cache path.
 
@@ -341,13 +345,27 @@ impl Inputs {
             payload
         };
         let entries = digests::parse_latest(&payload).with_context(|| latest_name.clone())?;
-        let entry = entries
+        let (entry, stage) = entries
             .iter()
-            .find(|e| {
+            .find_map(|e| {
                 let file = e.path.rsplit('/').next().unwrap_or(&e.path);
-                digests::parse_stage_name(file).is_some_and(|s| s.variant == variant)
+                digests::parse_stage_name(file)
+                    .filter(|s| s.variant == variant)
+                    .map(|s| (e, s))
             })
             .with_context(|| format!("{latest_name}: lists no stage3-{variant}-* file"))?;
+        if self.opts.verify != VerifyMode::Never {
+            let seen = self
+                .opts
+                .cache_dir
+                .join("downloads")
+                .join(cache_path(&format!("{latest_url}.seen"))?);
+            let this = Seen {
+                ts: digests::latest_ts(&payload),
+                stage: stage.timestamp,
+            };
+            this.check_and_record(&seen, &latest_name, variant)?;
+        }
         let (dir, name) = match entry.path.rsplit_once('/') {
             Some((d, n)) => (format!("{base}/{d}"), n.to_string()),
             None => (base.clone(), entry.path.clone()),
@@ -582,6 +600,89 @@ fn warn_unverified(what: &str, why: &str) {
     eprintln!("WARNING: {what} is NOT verified ({why}): its origin and integrity are unknown");
 }
 
+/// How new a verified `latest-stage3-VARIANT.txt` is: its `# ts=` line, and the timestamp of
+/// the stage it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    ts: Option<u64>,
+    stage: String,
+}
+
+impl Seen {
+    fn parse(text: &str) -> Option<Seen> {
+        let mut ts = None;
+        let mut stage = None;
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("ts", v)) => ts = Some(v.parse().ok()?),
+                Some(("stage", v)) => stage = Some(v.to_string()),
+                _ => return None,
+            }
+        }
+        Some(Seen { ts, stage: stage? })
+    }
+
+    fn text(&self) -> String {
+        let ts = self.ts.map(|t| format!("ts={t}\n")).unwrap_or_default();
+        format!("{ts}stage={}\n", self.stage)
+    }
+
+    /// Older than `other`: by `# ts=` when both have one (a list made later may name an
+    /// older stage when a broken one was withdrawn), else by the stage's timestamp.
+    fn is_older_than(&self, other: &Seen) -> bool {
+        match (self.ts, other.ts) {
+            (Some(a), Some(b)) => a < b,
+            _ => self.stage < other.stage,
+        }
+    }
+
+    /// Refuse this list if it is older than the one recorded in `record` (the newest seen
+    /// from this mirror), else record it.
+    fn check_and_record(&self, record: &Path, latest_name: &str, variant: &str) -> Result<()> {
+        let before = match fs::read_to_string(record) {
+            Ok(text) => Some(Seen::parse(&text).with_context(|| {
+                format!(
+                    "{}: not a record of a {latest_name} (delete it to start over)",
+                    record.display()
+                )
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(e).with_context(|| format!("{}: cannot read", record.display()));
+            }
+        };
+        if let Some(before) = &before {
+            if self.is_older_than(before) {
+                bail!(
+                    "{latest_name}: older than the one this mirror gave before ({} < {}, \
+                     recorded in {}): a stale mirror or a replayed old file, refused. Try again \
+                     later or another --mirror; to use an older stage on purpose, name it: \
+                     stage3:{variant}@{}",
+                    self.describe(),
+                    before.describe(),
+                    record.display(),
+                    self.stage
+                );
+            }
+            if before == self {
+                return Ok(());
+            }
+        }
+        if let Some(dir) = record.parent() {
+            fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create the directory {}", dir.display()))?;
+        }
+        fetch::write_atomic(record, self.text().as_bytes())
+    }
+
+    fn describe(&self) -> String {
+        match self.ts {
+            Some(ts) => format!("ts={ts}, stage {}", self.stage),
+            None => format!("stage {}", self.stage),
+        }
+    }
+}
+
 fn is_not_found(e: &anyhow::Error) -> bool {
     matches!(
         e.downcast_ref::<FetchError>(),
@@ -743,6 +844,44 @@ mod tests {
         assert!(
             !err.contains("s3cret") && err.contains("http://***@h/"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn latest_lists_are_ordered_by_ts_then_by_stage() {
+        let seen = |ts: Option<u64>, stage: &str| Seen {
+            ts,
+            stage: stage.to_string(),
+        };
+        let before = seen(Some(200), "20260101T000000Z");
+        assert!(seen(Some(199), "20260201T000000Z").is_older_than(&before));
+        // A newer list naming an older stage (a broken one withdrawn) is not a rollback.
+        assert!(!seen(Some(201), "20251201T000000Z").is_older_than(&before));
+        assert!(!before.is_older_than(&before));
+        assert!(seen(None, "20251231T235959Z").is_older_than(&before));
+        assert!(!seen(None, "20260101T000000Z").is_older_than(&before));
+        for s in [before.clone(), seen(None, "20171208")] {
+            assert_eq!(Seen::parse(&s.text()), Some(s));
+        }
+        assert_eq!(Seen::parse("ts=1\n"), None);
+        assert_eq!(Seen::parse("<html>\n"), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join("m/latest-stage3-x.txt.seen");
+        before.check_and_record(&record, "latest.txt", "x").unwrap();
+        let newer = seen(Some(300), "20260301T000000Z");
+        newer.check_and_record(&record, "latest.txt", "x").unwrap();
+        let err = before
+            .check_and_record(&record, "latest.txt", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("latest.txt: older") && err.contains("stage3:x@20260101T000000Z"),
+            "{err}"
+        );
+        assert_eq!(
+            Seen::parse(&fs::read_to_string(&record).unwrap()),
+            Some(newer)
         );
     }
 
