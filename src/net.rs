@@ -1,5 +1,6 @@
 //! HTTP client pieces shared by publishing (registries) and inputs (mirrors): the TLS
-//! configuration with the system's CA roots, and one-line descriptions of request errors.
+//! configuration with the system's CA roots, one-line descriptions of request errors, and
+//! the redaction of credentials in URLs (`http://user:password@host/`) for messages and paths.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -73,7 +74,7 @@ pub fn tls_config(extra: &[PathBuf]) -> Result<rustls::ClientConfig> {
     Ok(config)
 }
 
-/// A reqwest error with its causes, on one line (URLs carry no secrets).
+/// A reqwest error with its causes, on one line, credentials in URLs redacted.
 pub fn describe(err: &reqwest::Error) -> String {
     let mut text = err.to_string();
     let mut source = std::error::Error::source(err);
@@ -82,7 +83,30 @@ pub fn describe(err: &reqwest::Error) -> String {
         text.push_str(&s.to_string());
         source = s.source();
     }
-    text
+    redact(&text)
+}
+
+/// `text` with the credentials of every URL in it (`scheme://user:password@host`) replaced
+/// by `***`: what messages, logs and cache paths may show of a URL.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let authority_end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        rest = match tail[..authority_end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                &tail[at..]
+            }
+            None => tail,
+        };
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Whether `err` is TLS refusing the server (its certificate, its protocol versions): no
@@ -127,4 +151,29 @@ pub fn retry_after(resp: &reqwest::Response) -> Option<std::time::Duration> {
         .parse::<u64>()
         .ok()
         .map(std::time::Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        let table = [
+            ("http://u:p@h/x", "http://***@h/x"),
+            ("https://user@h:8080", "https://***@h:8080"),
+            (
+                "cannot get http://a:b%40c@h/x (from https://t0k3n@h2/y?q=a@b): refused",
+                "cannot get http://***@h/x (from https://***@h2/y?q=a@b): refused",
+            ),
+            (
+                "http://h/a@b and mail@example.org",
+                "http://h/a@b and mail@example.org",
+            ),
+            ("no url: a@b", "no url: a@b"),
+        ];
+        for (text, want) in table {
+            assert_eq!(redact(text), want, "{text}");
+        }
+    }
 }

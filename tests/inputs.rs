@@ -161,11 +161,16 @@ impl Fixture {
     }
 
     fn write_latest(&self, fpr: &str, size: u64) -> PathBuf {
+        self.write_latest_at(fpr, size, 1_767_225_600)
+    }
+
+    /// The latest file, made at `ts` (its `# ts=` line).
+    fn write_latest_at(&self, fpr: &str, size: u64, ts: u64) -> PathBuf {
         let latest = self
             .autobuilds()
             .join(format!("latest-stage3-{VARIANT}.txt"));
         let text = format!(
-            "# Latest as of Thu, 01 Jan 2026 00:00:00 +0000\n# ts=1767225600\n{TS}/{} {size}\n",
+            "# Latest as of Thu, 01 Jan 2026 00:00:00 +0000\n# ts={ts}\n{TS}/{} {size}\n",
             stage_name()
         );
         self.gpg.clearsign(fpr, &text, &latest);
@@ -193,9 +198,13 @@ impl Fixture {
     }
 
     fn input_args(&self, mirror: &Mirror) -> Vec<String> {
+        self.input_args_from(&mirror.url())
+    }
+
+    fn input_args_from(&self, mirror_url: &str) -> Vec<String> {
         vec![
             "--mirror".into(),
-            mirror.url(),
+            mirror_url.to_string(),
             "--keyring".into(),
             self.keyring.display().to_string(),
             "--trusted-key".into(),
@@ -206,34 +215,44 @@ impl Fixture {
     }
 
     fn fetch(&self, mirror: &Mirror, sources: &[&str]) -> Output {
-        self.mkimg()
-            .arg("fetch")
-            .args(sources)
-            .args(self.input_args(mirror))
-            .output()
-            .unwrap()
+        self.fetch_from(&mirror.url(), sources)
     }
 
-    /// Files with `.tar.xz` in their name anywhere under the cache (verified or partial).
-    fn cached_artifacts(&self) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        let mut stack = vec![self.work.join("cache/downloads")];
-        while let Some(dir) = stack.pop() {
-            let Ok(rd) = fs::read_dir(&dir) else { continue };
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    let n = p.file_name().unwrap().to_string_lossy().into_owned();
-                    if n.ends_with(".tar.xz") || n.ends_with(".tar.xz.part") {
-                        out.push(p);
-                    }
-                }
-            }
-        }
-        out
+    /// `fetch` with `--mirror URL`.
+    fn fetch_from(&self, url: &str, sources: &[&str]) -> Output {
+        let mut args = self.input_args_from(url);
+        args.extend(sources.iter().map(|s| s.to_string()));
+        self.mkimg().arg("fetch").args(args).output().unwrap()
     }
+
+    /// Files with `.tar.xz` in their name anywhere under the verified downloads (complete
+    /// or partial).
+    fn cached_artifacts(&self) -> Vec<PathBuf> {
+        files_under(&self.work.join("cache/downloads"))
+            .into_iter()
+            .filter(|p| {
+                let n = p.file_name().unwrap().to_string_lossy();
+                n.ends_with(".tar.xz") || n.ends_with(".tar.xz.part")
+            })
+            .collect()
+    }
+}
+
+/// Every file and directory under `dir`.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// A mirror tree with a good stage (signed, DIGESTS, .sha256, latest file) and a good
@@ -651,13 +670,28 @@ fn local_files_are_verified_by_their_companions() {
     let out = fx.fetch(&mirror, &[&stage]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), stage);
+    assert!(!stderr(&out).contains("WARNING"), "{}", stderr(&out));
 
-    // The same bytes elsewhere, without companions: used as they are, refused with --verify.
+    // The same bytes elsewhere, without companions: used as they are with a one-line
+    // warning, refused with --verify.
     let lone = fx.work.join(stage_name());
     fs::copy(fx.stage(), &lone).unwrap();
     let lone = lone.display().to_string();
     let out = fx.fetch(&mirror, &[&lone]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let warnings: Vec<_> = stderr(&out)
+        .lines()
+        .filter(|l| l.starts_with("WARNING:"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        warnings.len() == 1
+            && warnings[0].contains(&lone)
+            && warnings[0].contains("NOT verified")
+            && warnings[0].contains("no companion files"),
+        "no warning about the unverified file: {}",
+        stderr(&out)
+    );
     let out = fx.fetch(&mirror, &[&lone, "--verify"]);
     assert_fails(
         &out,
@@ -820,4 +854,164 @@ fn an_unusable_engine_is_refused_before_any_download() {
         "non-root sandbox build",
     );
     assert_eq!(mirror.requests(), Vec::new(), "something was fetched");
+}
+
+/// A verified download changed on disk under the same path (its `.verified` record and the
+/// mirror's companions unchanged) is not used: it is fetched and verified again.
+#[test]
+fn a_cached_download_changed_on_disk_is_fetched_and_verified_again() {
+    let fx = fixture();
+    let mirror = Mirror::start(&fx.root);
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cached = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let mut data = fs::read(&cached).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0x01;
+    fs::write(&cached, &data).unwrap();
+
+    mirror.clear_log();
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        downloads(&mirror, &stage_name()),
+        1,
+        "the changed file was used as verified"
+    );
+    assert_eq!(
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
+        cached
+    );
+    assert_eq!(fs::read(&cached).unwrap(), fs::read(fx.stage()).unwrap());
+
+    // Unchanged, it is used again without a download.
+    mirror.clear_log();
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(downloads(&mirror, &stage_name()), 0);
+}
+
+/// `--no-verify` downloads never land where verified ones are kept, so a later verified run
+/// never takes one for verified.
+#[test]
+fn no_verify_downloads_are_kept_apart_from_verified_ones() {
+    let fx = fixture();
+    let good = fs::read(fx.stage()).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x01;
+    fs::write(fx.stage(), &bad).unwrap();
+    let mirror = Mirror::start(&fx.root);
+
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc", "--no-verify"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("NOT verified"), "{}", stderr(&out));
+    let unverified = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert_eq!(fs::read(&unverified).unwrap(), bad);
+    assert_eq!(
+        fx.cached_artifacts(),
+        Vec::<PathBuf>::new(),
+        "an unverified download is among the verified ones"
+    );
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert_fails(&out, &[&stage_name(), "failed"], "tampered stage, verified");
+
+    // The good stage back on the mirror: verified, and kept apart from the unverified copy.
+    fs::write(fx.stage(), &good).unwrap();
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let verified = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert_ne!(verified, unverified);
+    assert_eq!(fs::read(&verified).unwrap(), good);
+    assert_eq!(fs::read(&unverified).unwrap(), bad);
+}
+
+/// A signed `latest-*.txt` older than the one this mirror gave before is refused (a mirror
+/// replaying an old list would pin an old stage); a newer one is accepted.
+#[test]
+fn an_older_latest_list_than_the_one_seen_is_refused() {
+    let fx = fixture();
+    let size = fs::metadata(fx.stage()).unwrap().len();
+    let mirror = Mirror::start(&fx.root);
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    fx.write_latest_at(&fx.releng, size, 1_767_225_600 - 3600);
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert_fails(
+        &out,
+        &[
+            "latest-stage3-amd64-musl-openrc.txt",
+            "older than the one this mirror gave before",
+            &format!("stage3:amd64-musl-openrc@{TS}"),
+        ],
+        "older latest list",
+    );
+
+    // The same list again, and a newer one: accepted.
+    fx.write_latest_at(&fx.releng, size, 1_767_225_600);
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.write_latest_at(&fx.releng, size, 1_767_225_600 + 3600);
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // What was seen last is now the bar.
+    fx.write_latest_at(&fx.releng, size, 1_767_225_600);
+    let out = fx.fetch(&mirror, &["stage3:amd64-musl-openrc"]);
+    assert_fails(&out, &["older"], "list older than the newest seen");
+}
+
+/// Credentials in the mirror URL are sent to the mirror and appear in no output, no log
+/// line, no error and no cache path or file.
+#[test]
+fn credentials_in_urls_are_used_but_never_shown_or_kept() {
+    use base64::Engine as _;
+    let fx = fixture();
+    let mirror = Mirror::start(&fx.root);
+    let secret = "s3cr3t-pw";
+    let with_creds = format!("http://mkimg:{secret}@{}", mirror.addr());
+    let outputs = [
+        fx.fetch_from(
+            &with_creds,
+            &["stage3:amd64-musl-openrc", "snapshot:latest", "-vv"],
+        ),
+        // A list the mirror does not have: the error names its URL.
+        fx.fetch_from(&with_creds, &["stage3:amd64-openrc"]),
+        fx.fetch_from(
+            &with_creds,
+            &[
+                &format!("{with_creds}/snapshots/gentoo-latest.tar.xz"),
+                "--no-verify",
+            ],
+        ),
+    ];
+    assert!(outputs[0].status.success(), "{}", stderr(&outputs[0]));
+    assert_fails(&outputs[1], &["http://***@", "not found"], "missing list");
+    assert!(outputs[2].status.success(), "{}", stderr(&outputs[2]));
+    for out in &outputs {
+        let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(out));
+        assert!(!all.contains(secret), "the password is shown: {all}");
+    }
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("mkimg:{secret}"))
+    );
+    let requests = mirror.requests();
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.authorization.as_deref() == Some(&basic)),
+        "not every request carried the credentials: {requests:?}"
+    );
+    for path in files_under(&fx.work.join("cache")) {
+        assert!(
+            !path.to_string_lossy().contains(secret) && !path.to_string_lossy().contains('@'),
+            "credentials in a cache path: {}",
+            path.display()
+        );
+        if path.is_file() && fs::metadata(&path).unwrap().len() < 1 << 20 {
+            let text = String::from_utf8_lossy(&fs::read(&path).unwrap()).into_owned();
+            assert!(!text.contains(secret), "credentials in {}", path.display());
+        }
+    }
 }

@@ -655,6 +655,14 @@ pub fn parse_latest(text: &str) -> Result<Vec<LatestEntry>> {
     Ok(out)
 }
 
+/// The `# ts=EPOCH` line of a (verified) `latest-stage3*.txt` payload: when it was made.
+pub fn latest_ts(text: &str) -> Option<u64> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix('#'))
+        .find_map(|c| c.trim().strip_prefix("ts="))
+        .and_then(|ts| ts.trim().parse().ok())
+}
+
 /// The parts of a stage3 tarball name `stage3-<variant>-<TS>.tar.<ext>`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StageName {
@@ -1374,6 +1382,10 @@ mod tests {
         for (what, text, want) in ok {
             assert_eq!(parse_latest(text).expect(what), want, "{what}");
         }
+        assert_eq!(latest_ts(real), Some(1_771_088_733));
+        assert_eq!(latest_ts(&crlf), Some(1_771_088_733));
+        assert_eq!(latest_ts("# Latest as of\nx/y.tar.xz 1\n"), None);
+        assert_eq!(latest_ts("# ts=soon\n"), None);
         let bad = [
             ("no size", "# ts=1\nfoo/stage3.tar.xz\n", "line 2"),
             ("three fields", "a/b.tar.xz 12 34\n", "line 1"),

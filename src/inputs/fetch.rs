@@ -15,6 +15,9 @@
 //! answers are tried again with exponential backoff (`Retry-After` honoured), a download
 //! resuming from what is on disk. Plain HTTP is allowed (a local mirror); HTTPS is verified
 //! against the system's CA roots.
+//!
+//! Credentials in a URL (`http://user:password@host/`) are used for the requests and shown
+//! nowhere: messages, logs and the validators files have them replaced by `***`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
@@ -28,7 +31,7 @@ use reqwest::header::{self, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 
-use crate::net::{describe, is_tls_refusal, retry_after};
+use crate::net::{describe, is_tls_refusal, redact, retry_after};
 use crate::progress::{self, Verbosity};
 
 /// Extended attribute on a `.part` holding the version it is a prefix of (a strong ETag or
@@ -163,7 +166,10 @@ impl Failure {
 
 /// One large download in progress.
 struct Download<'a> {
+    /// The URL as shown (credentials redacted).
     url: &'a Url,
+    /// The URL as requested.
+    request: &'a Url,
     part_path: &'a Path,
     /// The `.part`, locked against other processes for the whole download.
     file: Flock<File>,
@@ -255,7 +261,7 @@ impl Fetcher {
                 resumed_from: None,
             });
         }
-        let parsed = parse_url(url)?;
+        let (request, parsed) = parse_url(url)?;
         let part_path = with_suffix(&dest, ".part");
         if let Some(dir) = dest.parent() {
             fs::create_dir_all(dir)
@@ -276,9 +282,10 @@ impl Fetcher {
         let label = dest
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| url.to_string());
+            .unwrap_or_else(|| parsed.to_string());
         let mut dl = Download {
             url: &parsed,
+            request: &request,
             part_path: &part_path,
             file,
             expected: expected_size,
@@ -300,14 +307,14 @@ impl Fetcher {
                 "kept for resuming"
             };
             return Err(failure.err.context(format!(
-                "cannot download {url} to {} ({kept})",
+                "cannot download {parsed} to {} ({kept})",
                 part_path.display()
             )));
         }
         let discard = |err: anyhow::Error| {
             let _ = fs::remove_file(&part_path);
             err.context(format!(
-                "{url}: the download {} was rejected and deleted",
+                "{parsed}: the download {} was rejected and deleted",
                 part_path.display()
             ))
         };
@@ -324,7 +331,7 @@ impl Fetcher {
         if let Err(err) = verify(&part_path) {
             // The verifier's message names the file and the failed check; say no more.
             let _ = fs::remove_file(&part_path);
-            tracing::info!("{url}: rejected, {} deleted", part_path.display());
+            tracing::info!("{parsed}: rejected, {} deleted", part_path.display());
             return Err(err);
         }
         // Durable before it is renamed into place (and not paid for a rejected download).
@@ -358,19 +365,19 @@ impl Fetcher {
         if !refresh && dest.is_file() {
             return read_small(&dest, limit);
         }
-        let parsed = parse_url(url)?;
+        let (request, parsed) = parse_url(url)?;
         let validators = if dest.is_file() {
             fs::read(&meta_path)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Validators>(&b).ok())
-                .filter(|v| v.url == url)
+                .filter(|v| v.url == parsed.as_str())
         } else {
             None
         };
         let got = self
             .runtime
             .block_on(self.retrying(&parsed, async || {
-                self.small_attempt(&parsed, validators.as_ref(), limit)
+                self.small_attempt(&parsed, &request, validators.as_ref(), limit)
                     .await
             }))
             .map_err(|f| f.err)?;
@@ -397,7 +404,7 @@ impl Fetcher {
                     }
                 } else {
                     let v = Validators {
-                        url: url.to_string(),
+                        url: parsed.to_string(),
                         etag,
                         last_modified,
                     };
@@ -506,7 +513,7 @@ impl Fetcher {
             offset = 0;
         }
         let (resp, total) = loop {
-            let mut req = self.client.get(dl.url.clone());
+            let mut req = self.client.get(dl.request.clone());
             if offset > 0 {
                 req = req.header(header::RANGE, format!("bytes={offset}-"));
                 // Only the rest of the same version: a changed file comes whole (200).
@@ -646,14 +653,15 @@ impl Fetcher {
         }
     }
 
-    /// One try of a small download.
+    /// One try of a small download of `request` (`url` is how it is shown).
     async fn small_attempt(
         &self,
         url: &Url,
+        request: &Url,
         validators: Option<&Validators>,
         limit: u64,
     ) -> Result<Small, Failure> {
-        let mut req = self.client.get(url.clone());
+        let mut req = self.client.get(request.clone());
         if let Some(v) = validators {
             if let Some(etag) = v
                 .etag
@@ -732,11 +740,21 @@ impl Fetcher {
     }
 }
 
-fn parse_url(url: &str) -> Result<Url> {
-    let parsed = Url::parse(url).with_context(|| format!("{url}: not a valid URL"))?;
+/// The URL to request, and the same URL to show: its credentials, if any, replaced by `***`.
+fn parse_url(url: &str) -> Result<(Url, Url)> {
+    let parsed = Url::parse(url).with_context(|| format!("{}: not a valid URL", redact(url)))?;
+    let mut shown = parsed.clone();
+    if !shown.username().is_empty() || shown.password().is_some() {
+        // Both only fail for URLs without a host, which http and https URLs always have.
+        let _ = shown.set_password(None);
+        let _ = shown.set_username("***");
+    }
     match parsed.scheme() {
-        "http" | "https" => Ok(parsed),
-        other => bail!("{url}: cannot download {other}: URLs (only http and https)"),
+        "http" | "https" => Ok((parsed, shown)),
+        other => bail!(
+            "{}: cannot download {other}: URLs (only http and https)",
+            redact(url)
+        ),
     }
 }
 
@@ -784,7 +802,7 @@ fn sync_dir(path: &Path) -> Result<()> {
 }
 
 /// Replace `path` with `data`: a temporary file in the same directory, synced, renamed.
-fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -893,6 +911,11 @@ mod tests {
         let err = parse_url("ftp://example.org/x").unwrap_err();
         assert!(err.to_string().contains("ftp://example.org/x"), "{err}");
         assert!(parse_url("not a url").is_err());
+        let (request, shown) = parse_url("https://u:s3cret@example.org/x").unwrap();
+        assert_eq!(request.as_str(), "https://u:s3cret@example.org/x");
+        assert_eq!(shown.as_str(), "https://***@example.org/x");
+        let err = parse_url("ftp://u:s3cret@example.org/x").unwrap_err();
+        assert!(!format!("{err:#}").contains("s3cret"), "{err:#}");
     }
 
     #[test]

@@ -4,9 +4,18 @@
 //!
 //! Downloads keep the mirror's layout under `CACHE/downloads/HOST/PATH`. A file is renamed
 //! into place only after it passed every check, and a `NAME.verified` record beside it
-//! holds the digest of the companions it was checked with: when a moving name
-//! (`gentoo-latest.tar.xz`) gets new companions on the mirror, the old file is dropped and
-//! the new one fetched; otherwise a verified file is never fetched again.
+//! holds the digest of the companions it was checked with and the file's own SHA-256: when
+//! a moving name (`gentoo-latest.tar.xz`) gets new companions on the mirror, or the file
+//! changed on disk, the old file is dropped and fetched (and verified) again; otherwise a
+//! verified file is never fetched again. `--no-verify` downloads go to
+//! `CACHE/unverified/HOST/PATH` instead, so nothing unverified is ever taken for verified.
+//!
+//! A `latest-stage3-VARIANT.txt` is trusted only if it is not older than the newest one
+//! verified before from the same mirror (recorded in `latest-stage3-VARIANT.txt.seen` beside
+//! its cached copy): an old signed list replayed by a mirror would pin an old stage.
+//!
+//! Credentials in a URL (`http://user:password@host/`) are used for the requests but appear
+//! in no message and no cache path.
 
 pub mod digests;
 pub mod fetch;
@@ -20,6 +29,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+use crate::net::redact;
 use crate::progress::Verbosity;
 use fetch::{FetchError, Fetcher};
 use pgp::{Fingerprint, Keyring};
@@ -35,6 +45,9 @@ pub const DEFAULT_SNAPSHOT: &str = "snapshot:latest";
 
 /// Where Gentoo installs its release keys (app-crypt/openpgp-keys-gentoo-release).
 pub const SYSTEM_KEYRING: &str = "/usr/share/openpgp-keys/gentoo-release.asc";
+
+/// Where `--no-verify` downloads go, beside the verified `downloads/`.
+const UNVERIFIED_DIR: &str = "unverified";
 
 /// The addresses whose keys WKD serves: releases and snapshots.
 const WKD_ADDRESSES: [&str; 2] = ["releng@gentoo.org", "infrastructure@gentoo.org"];
@@ -332,13 +345,27 @@ impl Inputs {
             payload
         };
         let entries = digests::parse_latest(&payload).with_context(|| latest_name.clone())?;
-        let entry = entries
+        let (entry, stage) = entries
             .iter()
-            .find(|e| {
+            .find_map(|e| {
                 let file = e.path.rsplit('/').next().unwrap_or(&e.path);
-                digests::parse_stage_name(file).is_some_and(|s| s.variant == variant)
+                digests::parse_stage_name(file)
+                    .filter(|s| s.variant == variant)
+                    .map(|s| (e, s))
             })
             .with_context(|| format!("{latest_name}: lists no stage3-{variant}-* file"))?;
+        if self.opts.verify != VerifyMode::Never {
+            let seen = self
+                .opts
+                .cache_dir
+                .join("downloads")
+                .join(cache_path(&format!("{latest_url}.seen"))?);
+            let this = Seen {
+                ts: digests::latest_ts(&payload),
+                stage: stage.timestamp,
+            };
+            this.check_and_record(&seen, &latest_name, variant)?;
+        }
         let (dir, name) = match entry.path.rsplit_once('/') {
             Some((d, n)) => (format!("{base}/{d}"), n.to_string()),
             None => (base.clone(), entry.path.clone()),
@@ -353,13 +380,18 @@ impl Inputs {
 
     fn download(&self, remote: Remote) -> Result<Input> {
         let fetcher = self.fetcher()?;
+        let unverified = self.opts.verify == VerifyMode::Never;
         let dest = self
             .opts
             .cache_dir
-            .join("downloads")
+            .join(if unverified {
+                UNVERIFIED_DIR
+            } else {
+                "downloads"
+            })
             .join(cache_path(&remote.url)?);
-        if self.opts.verify == VerifyMode::Never {
-            warn_unverified(&remote.name);
+        if unverified {
+            warn_unverified(&remote.name, "--no-verify");
             let got =
                 fetcher.fetch_verified(&remote.url, &dest, remote.expected_size, |_| Ok(()))?;
             return Ok(Input {
@@ -381,9 +413,10 @@ impl Inputs {
         }
         check_companions_present(&remote.name, &found)?;
         let record = record_path(&dest);
-        let fingerprint = companions_digest(&found);
-        if dest.is_file() && fs::read_to_string(&record).ok().as_deref() != Some(&fingerprint) {
-            // A moving name with new companions, or a file of unknown origin: fetch again.
+        let companions = companions_digest(&found);
+        if dest.is_file() && !self.is_recorded(&record, &companions, &dest)? {
+            // A moving name with new companions, a file changed since it was verified, or
+            // one of unknown origin: fetch again.
             fs::remove_file(&dest)
                 .with_context(|| format!("{}: cannot drop the outdated copy", dest.display()))?;
         }
@@ -396,7 +429,8 @@ impl Inputs {
         let got = fetcher.fetch_verified(&remote.url, &dest, remote.expected_size, |part| {
             checks = verify::check_file(part, &remote.name, &found, &trust);
             verify::ensure_trusted(&remote.name, &checks)?;
-            fs::write(&record, &fingerprint)
+            let text = self.record_text(&companions, part)?;
+            fs::write(&record, text)
                 .with_context(|| format!("{}: cannot record the verification", record.display()))
         })?;
         self.report(&remote.name, &checks);
@@ -421,14 +455,14 @@ impl Inputs {
             return Ok(plain); // a tree has no companions to check
         }
         if self.opts.verify == VerifyMode::Never {
-            warn_unverified(&path.display().to_string());
+            warn_unverified(&path.display().to_string(), "--no-verify");
             return Ok(plain);
         }
         let checks = self.check_local(path)?;
         if checks.is_empty() {
-            tracing::info!(
-                "{}: not verified (no companion files beside it; --verify requires them)",
-                path.display()
+            warn_unverified(
+                &path.display().to_string(),
+                "no companion files beside it; --verify requires them",
             );
             return Ok(plain);
         }
@@ -447,6 +481,33 @@ impl Inputs {
             return;
         }
         eprintln!("{name}: verified: {}", verify::summary(checks));
+    }
+
+    /// What the `.verified` record of `file` says: the digest of the companions it was
+    /// verified with, and its own SHA-256.
+    fn record_text(&self, companions: &str, file: &Path) -> Result<String> {
+        let size = fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        let bar =
+            crate::progress::Bytes::new(self.opts.verbosity, &format!("checking {name}"), size);
+        let hashes = digests::hash_file(file, &[digests::Algorithm::Sha256], |n| bar.set(n))?;
+        bar.finish();
+        let sha256 = hashes
+            .get(digests::Algorithm::Sha256)
+            .with_context(|| format!("{}: no SHA-256 computed", file.display()))?;
+        Ok(format!("companions {companions}\nsha256 {sha256}\n"))
+    }
+
+    /// Whether `record` says `file` was verified with these companions, and the file is
+    /// still what was verified.
+    fn is_recorded(&self, record: &Path, companions: &str, file: &Path) -> Result<bool> {
+        let Ok(text) = fs::read_to_string(record) else {
+            return Ok(false);
+        };
+        if text.lines().next() != Some(&format!("companions {companions}")) {
+            return Ok(false); // new companions: no need to hash the old file
+        }
+        Ok(text == self.record_text(companions, file)?)
     }
 
     /// The checks for a local file (for `verify` and local inputs); empty when there is
@@ -526,7 +587,7 @@ fn companions_digest(found: &[(Companion, Option<Vec<u8>>)]) -> String {
             h.update(c);
         }
     }
-    format!("{}\n", hex::encode(h.finalize()))
+    hex::encode(h.finalize())
 }
 
 fn record_path(dest: &Path) -> PathBuf {
@@ -535,10 +596,91 @@ fn record_path(dest: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn warn_unverified(what: &str) {
-    eprintln!(
-        "WARNING: {what} is NOT verified (--no-verify): its origin and integrity are unknown"
-    );
+fn warn_unverified(what: &str, why: &str) {
+    eprintln!("WARNING: {what} is NOT verified ({why}): its origin and integrity are unknown");
+}
+
+/// How new a verified `latest-stage3-VARIANT.txt` is: its `# ts=` line, and the timestamp of
+/// the stage it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    ts: Option<u64>,
+    stage: String,
+}
+
+impl Seen {
+    fn parse(text: &str) -> Option<Seen> {
+        let mut ts = None;
+        let mut stage = None;
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("ts", v)) => ts = Some(v.parse().ok()?),
+                Some(("stage", v)) => stage = Some(v.to_string()),
+                _ => return None,
+            }
+        }
+        Some(Seen { ts, stage: stage? })
+    }
+
+    fn text(&self) -> String {
+        let ts = self.ts.map(|t| format!("ts={t}\n")).unwrap_or_default();
+        format!("{ts}stage={}\n", self.stage)
+    }
+
+    /// Older than `other`: by `# ts=` when both have one (a list made later may name an
+    /// older stage when a broken one was withdrawn), else by the stage's timestamp.
+    fn is_older_than(&self, other: &Seen) -> bool {
+        match (self.ts, other.ts) {
+            (Some(a), Some(b)) => a < b,
+            _ => self.stage < other.stage,
+        }
+    }
+
+    /// Refuse this list if it is older than the one recorded in `record` (the newest seen
+    /// from this mirror), else record it.
+    fn check_and_record(&self, record: &Path, latest_name: &str, variant: &str) -> Result<()> {
+        let before = match fs::read_to_string(record) {
+            Ok(text) => Some(Seen::parse(&text).with_context(|| {
+                format!(
+                    "{}: not a record of a {latest_name} (delete it to start over)",
+                    record.display()
+                )
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(e).with_context(|| format!("{}: cannot read", record.display()));
+            }
+        };
+        if let Some(before) = &before {
+            if self.is_older_than(before) {
+                bail!(
+                    "{latest_name}: older than the one this mirror gave before ({} < {}, \
+                     recorded in {}): a stale mirror or a replayed old file, refused. Try again \
+                     later or another --mirror; to use an older stage on purpose, name it: \
+                     stage3:{variant}@{}",
+                    self.describe(),
+                    before.describe(),
+                    record.display(),
+                    self.stage
+                );
+            }
+            if before == self {
+                return Ok(());
+            }
+        }
+        if let Some(dir) = record.parent() {
+            fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create the directory {}", dir.display()))?;
+        }
+        fetch::write_atomic(record, self.text().as_bytes())
+    }
+
+    fn describe(&self) -> String {
+        match self.ts {
+            Some(ts) => format!("ts={ts}, stage {}", self.stage),
+            None => format!("stage {}", self.stage),
+        }
+    }
 }
 
 fn is_not_found(e: &anyhow::Error) -> bool {
@@ -570,16 +712,17 @@ fn split_url(url: &str) -> Result<(String, String)> {
         Some((dir, name)) if dir.len() >= path_start && !name.is_empty() => {
             Ok((dir.to_string(), name.to_string()))
         }
-        _ => bail!("{url}: the URL names no file"),
+        _ => bail!("{}: the URL names no file", redact(url)),
     }
 }
 
-/// The cache path for a URL: `HOST[_PORT]/PATH`, with nothing that could leave the cache.
+/// The cache path for a URL: `HOST[_PORT]/PATH`, with nothing that could leave the cache and
+/// no credentials.
 fn cache_path(url: &str) -> Result<PathBuf> {
     let rest = url
         .split_once("://")
         .map(|(_, r)| r)
-        .with_context(|| format!("{url}: not a URL"))?;
+        .with_context(|| format!("{}: not a URL", redact(url)))?;
     let rest = rest.split(['?', '#']).next().unwrap_or(rest);
     let mut out = PathBuf::new();
     for (i, part) in rest.split('/').enumerate() {
@@ -587,16 +730,17 @@ fn cache_path(url: &str) -> Result<PathBuf> {
             continue;
         }
         if part == ".." || part.contains('\0') {
-            bail!("{url}: refusing a URL with `..` in its path");
+            bail!("{}: refusing a URL with `..` in its path", redact(url));
         }
         out.push(if i == 0 {
-            part.replace(':', "_")
+            let host = part.rsplit_once('@').map_or(part, |(_, host)| host);
+            host.replace(':', "_")
         } else {
             part.to_string()
         });
     }
     if out.components().count() < 2 {
-        bail!("{url}: the URL names no file");
+        bail!("{}: the URL names no file", redact(url));
     }
     Ok(out)
 }
@@ -684,6 +828,61 @@ mod tests {
             ("http://h/a".to_string(), "b.tar.xz".to_string())
         );
         assert!(split_url("http://h/").is_err());
+    }
+
+    #[test]
+    fn cache_paths_and_errors_have_no_credentials() {
+        assert_eq!(
+            cache_path("http://user:s3cret@127.0.0.1:8080/a/b.txt").unwrap(),
+            Path::new("127.0.0.1_8080/a/b.txt")
+        );
+        for bad in ["http://u:s3cret@h/../x", "http://u:s3cret@h/"] {
+            let err = format!("{:#}", cache_path(bad).unwrap_err());
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+        let err = format!("{:#}", split_url("http://u:s3cret@h/").unwrap_err());
+        assert!(
+            !err.contains("s3cret") && err.contains("http://***@h/"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn latest_lists_are_ordered_by_ts_then_by_stage() {
+        let seen = |ts: Option<u64>, stage: &str| Seen {
+            ts,
+            stage: stage.to_string(),
+        };
+        let before = seen(Some(200), "20260101T000000Z");
+        assert!(seen(Some(199), "20260201T000000Z").is_older_than(&before));
+        // A newer list naming an older stage (a broken one withdrawn) is not a rollback.
+        assert!(!seen(Some(201), "20251201T000000Z").is_older_than(&before));
+        assert!(!before.is_older_than(&before));
+        assert!(seen(None, "20251231T235959Z").is_older_than(&before));
+        assert!(!seen(None, "20260101T000000Z").is_older_than(&before));
+        for s in [before.clone(), seen(None, "20171208")] {
+            assert_eq!(Seen::parse(&s.text()), Some(s));
+        }
+        assert_eq!(Seen::parse("ts=1\n"), None);
+        assert_eq!(Seen::parse("<html>\n"), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join("m/latest-stage3-x.txt.seen");
+        before.check_and_record(&record, "latest.txt", "x").unwrap();
+        let newer = seen(Some(300), "20260301T000000Z");
+        newer.check_and_record(&record, "latest.txt", "x").unwrap();
+        let err = before
+            .check_and_record(&record, "latest.txt", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("latest.txt: older") && err.contains("stage3:x@20260101T000000Z"),
+            "{err}"
+        );
+        assert_eq!(
+            Seen::parse(&fs::read_to_string(&record).unwrap()),
+            Some(newer)
+        );
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct Request {
     /// The `If-Range` header as sent.
     pub if_range: Option<String>,
     pub user_agent: Option<String>,
+    /// The `Authorization` header as sent (the mirror serves with or without one).
+    pub authorization: Option<String>,
     /// 0 until answered.
     pub status: u16,
     /// Body bytes actually written.
@@ -301,6 +303,7 @@ fn serve(conn: TcpStream, st: &State) -> io::Result<()> {
         if_range: head.header("If-Range"),
         if_modified_since: head.header("If-Modified-Since"),
         user_agent: head.header("User-Agent"),
+        authorization: head.header("Authorization"),
         status: 0,
         body_bytes: 0,
     };
