@@ -228,6 +228,11 @@ pub struct BuildArgs {
     /// rt images in the store keeps them and builds nothing.
     #[arg(long)]
     pub force: bool,
+    /// Start a new TAG's packages/TAG empty. Without it, a new TAG starts with hard links of
+    /// the binary packages of the newest earlier TAG built for the same profile, and
+    /// Portage rebuilds only those whose USE flags or dependencies changed.
+    #[arg(long)]
+    pub fresh_packages: bool,
     /// Compression of the image layers.
     #[arg(long, value_enum)]
     pub compression: Option<LayerCompression>,

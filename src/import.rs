@@ -46,6 +46,9 @@ pub struct Scan {
     pub has_portage: bool,
     /// Installed packages (`CAT/PF`) seen in `var/db/pkg`.
     pub packages: Vec<String>,
+    /// The profile `etc/portage/make.profile` points to, as under a repository's
+    /// `profiles/` (e.g. `default/linux/amd64/23.0/musl`).
+    pub profile: Option<String>,
 }
 
 /// How entries are rewritten on the way into the layer.
@@ -98,6 +101,11 @@ pub fn append_tar(
             if meta.path == b"usr/bin/emerge" {
                 scan.has_portage = true;
             }
+            if meta.path == b"etc/portage/make.profile"
+                && let EntryKind::Symlink { target } = &meta.kind
+            {
+                scan.profile = profile_name(target);
+            }
             if meta.kind == EntryKind::Directory
                 && let Some(pkg) = vdb::package_of_path(&meta.path)
             {
@@ -133,6 +141,14 @@ pub fn append_tar(
     }
     scan.packages.sort();
     Ok(scan)
+}
+
+/// The profile a make.profile link points to, from its target: what follows `profiles/`.
+fn profile_name(target: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(target).ok()?;
+    let (_, name) = text.rsplit_once("profiles/")?;
+    let name = name.trim_end_matches('/');
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 /// SOURCE_DATE_EPOCH, when set: a reproducible creation time.

@@ -188,6 +188,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 verbosity,
                 source_date_epoch: import::source_date_epoch()?,
                 force: args.force,
+                fresh_packages: args.fresh_packages,
             };
             let mut summary = build::build(&opts)?;
             summary

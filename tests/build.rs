@@ -2,7 +2,8 @@
 //! raw, dev and rt images with the right contents (the profile's merged-usr links, root and
 //! every acct user, /bin/sh and awk, gcc's runtime libraries without the compiler), nothing
 //! merged into the stage's / while the roots are made, an unchanged build that builds nothing
-//! (its build key), a forced rebuild that compiles nothing and gives the same digests,
+//! (its build key), a new TAG that starts from the binary packages of the last one, compiles
+//! nothing and gives the same layers,
 //! `check` on good images, the old README's container usage (a C++ program that needs an
 //! acct user, built in dev and installed in rt), failures that keep the binary packages and
 //! tag nothing (a package that fails, a program whose library is not in its RDEPEND),
@@ -56,11 +57,15 @@ fn mkimg(w: &Work) -> Command {
 }
 
 fn build(w: &Work, stage: &Path, extra: &[&str]) -> Output {
+    build_tag(w, stage, "t1", extra)
+}
+
+fn build_tag(w: &Work, stage: &Path, tag: &str, extra: &[&str]) -> Output {
     mkimg(w)
         .arg("build")
         .arg(stage)
         .arg(&w.snapshot)
-        .args(["localhost", "fixture", "t1", "--rt-packages"])
+        .args(["localhost", "fixture", tag, "--rt-packages"])
         .arg(common::RT_PACKAGES.join(" "))
         .args(extra)
         .output()
@@ -388,9 +393,12 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
     );
 
     // A build with the same inputs: the images of the store carry its build key, so nothing
-    // runs: no session (the build log stays as it was), the same tags.
+    // runs: no session (the build log stays as it was), the snapshot is not extracted again,
+    // the same tags.
     let log = w.dir.join("logs/t1/build.log");
     let logged = std::fs::read(&log).unwrap();
+    let marker = w.dir.join("portage/t1/.gentoo-mkimg-snapshot");
+    let extracted_at = std::fs::metadata(&marker).unwrap().modified().unwrap();
     let out = build(&w, &stage.xz(), &[]);
     let summary = ok(&out, "unchanged build");
     assert!(
@@ -402,6 +410,11 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
         logged,
         "the unchanged build ran"
     );
+    assert_eq!(
+        std::fs::metadata(&marker).unwrap().modified().unwrap(),
+        extracted_at
+    );
+    assert!(summary.contains("snapshot (ready)"), "{summary}");
     assert_eq!(tags(&w.store), first, "tags changed on an unchanged build");
     assert!(
         summary.contains("localhost/fixture-rt:t1")
@@ -409,24 +422,47 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
         "{summary}"
     );
 
-    // --force: a rebuild with the same inputs: nothing compiled, snapshot not extracted
-    // again, same digests.
-    let marker = w.dir.join("portage/t1/.gentoo-mkimg-snapshot");
-    let extracted_at = std::fs::metadata(&marker).unwrap().modified().unwrap();
-    let out = build(&w, &stage.xz(), &["--force"]);
-    let summary = ok(&out, "rebuild");
+    // A new TAG, same inputs otherwise: packages/t2 starts as hard links of packages/t1 (the
+    // same profile), so nothing is compiled, and dev and rt get the very layers of t1: the
+    // roots are reproducible.
+    let out = build_tag(&w, &stage.xz(), "t2", &[]);
+    let summary = ok(&out, "build of a new TAG");
+    assert!(
+        summary.contains(&format!(
+            "started from {}",
+            w.dir.join("packages/t1").display()
+        )),
+        "the new TAG did not start from packages/t1: {summary}"
+    );
     assert_eq!(
-        compiled(&w.dir),
+        compiled_in(&w.dir, "t2"),
         Vec::<String>::new(),
-        "the rebuild compiled packages"
+        "the new TAG compiled packages"
     );
-    assert_eq!(
-        std::fs::metadata(&marker).unwrap().modified().unwrap(),
-        extracted_at
-    );
-    assert!(summary.contains("snapshot (ready)"), "{summary}");
+    let linked = common::binpkgs(&w.dir.join("packages/t2"));
+    let (name, files) = linked.iter().next().expect("no binary package in t2");
+    {
+        use std::os::unix::fs::MetadataExt;
+        let a = std::fs::metadata(&files[0]).unwrap();
+        let b = std::fs::metadata(
+            w.dir
+                .join("packages/t1")
+                .join(files[0].strip_prefix(w.dir.join("packages/t2")).unwrap()),
+        )
+        .unwrap();
+        assert_eq!(a.ino(), b.ino(), "{name}: copied, not linked");
+    }
     let second = tags(&w.store);
-    assert_eq!(first, second, "digests changed on an unchanged rebuild");
+    for kind in ["dev", "rt"] {
+        let layers = |tag: &str| {
+            let manifest = json(&blob(
+                &w.store,
+                &second[&format!("localhost/fixture-{kind}:{tag}")],
+            ));
+            manifest["layers"].clone()
+        };
+        assert_eq!(layers("t1"), layers("t2"), "{kind}: the roots differ");
+    }
 
     // `check` on the good images: no problem, exit 0.
     let out = mkimg(&w)

@@ -162,7 +162,10 @@ phase build
 # shellcheck disable=SC2086 # word splitting of package lists is intended
 # --with-bdeps=y: the build dependencies are merged into / even when their users come from
 # binary packages (the stage starts pristine every run), so the roots' merges find them there.
-logged emerge --emptytree --usepkg --binpkg-respect-use=y --with-bdeps=y --buildpkg \
+# A binary package is used only if built with today's USE flags and today's dependencies
+# (those carried from an earlier TAG were built from another snapshot).
+logged emerge --emptytree --usepkg --binpkg-respect-use=y --binpkg-changed-deps=y \
+	--with-bdeps=y --buildpkg \
 	--color=n --nospinner $keep_going @system @world $MKIMG_DEV_PACKAGES
 # baselayout once more with USE=build, as a binary package of its own (binpkg-multi-instance
 # keeps both, and --binpkg-respect-use=y makes every merge take the one whose USE flags

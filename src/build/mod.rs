@@ -13,6 +13,7 @@
 //! Nothing is tagged for dev or rt unless the whole build succeeded; binary packages built
 //! before a failure stay in `packages/TAG`.
 
+mod carry;
 mod key;
 pub mod lock;
 
@@ -33,7 +34,6 @@ use crate::image::reference::Reference;
 use crate::image::store::Store;
 use crate::image::{StoredImage, commit_image, walk};
 use crate::import::{self, ImportOptions, standard_labels};
-use crate::portage::vdb;
 use crate::progress::Verbosity;
 use crate::snapshot;
 
@@ -58,6 +58,8 @@ pub struct BuildOptions {
     pub source_date_epoch: Option<i64>,
     /// Build even when the images in the store carry this build's key.
     pub force: bool,
+    /// Start a new TAG with no binary packages instead of those of an earlier TAG.
+    pub fresh_packages: bool,
 }
 
 /// One finished image of the build.
@@ -79,6 +81,8 @@ pub struct BuildSummary {
     /// The build key; `unchanged`: the store had dev and rt of this key, nothing was built.
     pub key: String,
     pub unchanged: bool,
+    /// The earlier package dir a new TAG's binary packages were linked from.
+    pub carried: Option<carry::Carried>,
 }
 
 /// The layer made from one exported root, waiting to be tagged.
@@ -253,9 +257,26 @@ fn unchanged_images(
     Ok(Some((raw, dev, rt)))
 }
 
+/// A file the session wrote into the logs dir, as text (at most `limit` bytes): never
+/// through a symlink the session left in its place, never a FIFO or device.
+fn read_session_file(path: &Path, limit: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit).read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 /// The failing package and its build log, from the driver's full log.
 fn explain_failure(log: &Path, host_logs: &Path) -> String {
-    let Ok(text) = fs::read_to_string(log) else {
+    let Ok(text) = read_session_file(log, 256 << 20) else {
         return String::new();
     };
     let failed = text.lines().rev().find_map(|l| {
@@ -285,7 +306,7 @@ fn explain_failure(log: &Path, host_logs: &Path) -> String {
 
 /// Per-phase durations from the driver's `phases` file (`NAME EPOCH` lines).
 fn driver_phases(path: &Path) -> Vec<(String, Duration)> {
-    let text = fs::read_to_string(path).unwrap_or_default();
+    let text = read_session_file(path, 1 << 20).unwrap_or_default();
     let marks: Vec<(String, u64)> = text
         .lines()
         .filter_map(|l| {
@@ -307,11 +328,16 @@ fn driver_phases(path: &Path) -> Vec<(String, Duration)> {
 /// The time the driver clamped the roots' mtimes to (SOURCE_DATE_EPOCH or the newest binary
 /// package): also the images' creation time, so an unchanged rebuild gives the same digests.
 fn read_clamp(path: &Path) -> Result<u64> {
-    let text = fs::read_to_string(path)
+    let text = read_session_file(path, 64)
         .with_context(|| format!("{}: the build did not record its timestamp", path.display()))?;
-    text.trim()
-        .parse()
-        .with_context(|| format!("{}: not a timestamp: {text:?}", path.display()))
+    let text = text.trim();
+    text.parse().with_context(|| {
+        format!(
+            "{}: not a timestamp: {:?}",
+            path.display(),
+            text.chars().take(24).collect::<String>()
+        )
+    })
 }
 
 fn count_binary_packages(dir: &Path) -> usize {
@@ -524,6 +550,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             binary_packages: count_binary_packages(&packages),
             key,
             unchanged: true,
+            carried: None,
         });
     }
     phases.push(("build key".to_string(), t.elapsed()));
@@ -553,7 +580,19 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         .clone()
         .ok_or_else(|| anyhow!("{}: architecture unknown", plan.stage3.display()))?;
 
-    // 2. the build inside the stage
+    // 2. the build inside the stage, a new TAG starting with the binary packages of the
+    // newest earlier TAG of the same profile
+    let carried = match plan.profile.as_ref().or(scan.profile.as_ref()) {
+        Some(profile) if carry::is_fresh(&packages) && !opts.fresh_packages => {
+            let t = Instant::now();
+            let carried = carry::carry(&work.join("packages"), &plan.tag, profile)?;
+            if carried.is_some() {
+                phases.push(("binary packages carried".to_string(), t.elapsed()));
+            }
+            carried
+        }
+        _ => None,
+    };
     let distfiles = work.join("distfiles");
     let logs = work.join("logs").join(&plan.tag);
     let input = work.join("build").join(&plan.tag).join("input");
@@ -633,9 +672,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         let clamp = read_clamp(&logs.join("clamp"))?;
         let mut layer = LayerWriter::new(&opts.store, plan.compression)?;
         let Export::Dir(dir) = export;
-        walk::append_dir(dir, &mut layer, Some(clamp))
-            .with_context(|| format!("the {name} root"))?;
-        let packages = vdb::installed(dir)?;
+        let packages = walk::append_dir(dir, &mut layer, Some(clamp))
+            .with_context(|| format!("the {name} root"))?
+            .packages;
         let info = layer.finish(&opts.store)?;
         roots.insert(
             name.to_string(),
@@ -744,6 +783,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         binary_packages: count_binary_packages(&packages),
         key,
         unchanged: false,
+        carried,
     })
 }
 
@@ -768,6 +808,14 @@ impl BuildSummary {
             "\nbinary packages in the cache: {}",
             self.binary_packages
         );
+        if let Some(c) = &self.carried {
+            let _ = writeln!(
+                s,
+                "  started from {} ({} files, hard links)",
+                c.from.display(),
+                c.files
+            );
+        }
         let _ = writeln!(
             s,
             "{:<44} {:>9} {:>10}  digest",

@@ -26,6 +26,8 @@ pub struct WalkStats {
     pub bytes: u64,
     pub newest_mtime: u64,
     pub skipped_sockets: u64,
+    /// `CAT/PF` of every package directory in the tree's `var/db/pkg`, sorted.
+    pub packages: Vec<String>,
 }
 
 /// Append every entry below `root` (and `root` itself as `./`) to `layer`.
@@ -48,6 +50,7 @@ pub fn append_dir(
     let st = dir.stat()?;
     walker.entry(&dir, b".", Vec::new(), &st)?;
     walker.dir(&dir, Vec::new())?;
+    walker.stats.packages.sort();
     Ok(walker.stats)
 }
 
@@ -92,7 +95,12 @@ impl Walker<'_> {
         let shown = || dir.display(name);
         let ft = file_type(st);
         let mut kind = match ft {
-            SFlag::S_IFDIR => EntryKind::Directory,
+            SFlag::S_IFDIR => {
+                if let Some(package) = crate::portage::vdb::package_of_path(&rel) {
+                    self.stats.packages.push(package);
+                }
+                EntryKind::Directory
+            }
             SFlag::S_IFLNK => {
                 let target = readlinkat(dir.fd(), name)
                     .map_err(|e| anyhow!("{}: cannot read the link: {e}", shown()))?;
@@ -301,5 +309,31 @@ mod tests {
         append_dir(&root, &mut w, None).unwrap();
         let info = w.finish(&store).unwrap();
         assert_eq!(names_in_layer(&store, &info.digest), ["./", "etc"]);
+    }
+
+    #[test]
+    fn the_walk_lists_the_package_database_without_following_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let root = tmp.path().join("root");
+        for p in [
+            "app-misc/hello-1",
+            "sys-libs/libdemo-1.0",
+            "sys-libs/-MERGING-x-1",
+        ] {
+            fs::create_dir_all(root.join("var/db/pkg").join(p)).unwrap();
+        }
+        fs::write(root.join("var/db/pkg/app-misc/hello-1/SLOT"), "0\n").unwrap();
+        let mut w = LayerWriter::new(&store, LayerCompression::None).unwrap();
+        let stats = append_dir(&root, &mut w, None).unwrap();
+        assert_eq!(stats.packages, ["app-misc/hello-1", "sys-libs/libdemo-1.0"]);
+
+        // A category that links to a host directory lists nothing of that directory.
+        let host = tempfile::tempdir().unwrap();
+        fs::create_dir(host.path().join("secret-1")).unwrap();
+        std::os::unix::fs::symlink(host.path(), root.join("var/db/pkg/dev-libs")).unwrap();
+        let mut w = LayerWriter::new(&store, LayerCompression::None).unwrap();
+        let stats = append_dir(&root, &mut w, None).unwrap();
+        assert_eq!(stats.packages, ["app-misc/hello-1", "sys-libs/libdemo-1.0"]);
     }
 }
