@@ -326,9 +326,10 @@ struct Body {
 impl Read for Body {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.chunk.is_empty() {
+            let (stall, resp) = (self.stall, &mut self.resp);
             let next = self
                 .runtime
-                .block_on(tokio::time::timeout(self.stall, self.resp.chunk()));
+                .block_on(async move { tokio::time::timeout(stall, resp.chunk()).await });
             match next {
                 Err(_) => {
                     return Err(io::Error::new(
