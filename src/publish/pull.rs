@@ -198,19 +198,17 @@ impl Puller {
             }
             Ok(resp)
         })?;
-        Ok(Box::new(CheckedBody {
-            body: Body {
+        Ok(Box::new(CheckedBody::new(
+            Body {
                 runtime: self.runtime.clone(),
                 resp,
                 chunk: Bytes::new(),
                 stall: registry.stall,
             },
-            what: format!("{}/{repo}: blob {}", registry.host, desc.digest),
-            digest: desc.digest.clone(),
-            size: desc.size,
-            hasher: Sha256::new(),
-            count: 0,
-        }))
+            format!("{}/{repo}: blob {}", registry.host, desc.digest),
+            desc.digest.clone(),
+            desc.size,
+        )))
     }
 }
 
@@ -350,8 +348,8 @@ impl Read for Body {
 }
 
 /// Checks a blob's size and digest as it streams.
-struct CheckedBody {
-    body: Body,
+struct CheckedBody<R> {
+    body: R,
     what: String,
     digest: Digest,
     size: u64,
@@ -359,7 +357,20 @@ struct CheckedBody {
     count: u64,
 }
 
-impl Read for CheckedBody {
+impl<R: Read> CheckedBody<R> {
+    fn new(body: R, what: String, digest: Digest, size: u64) -> Self {
+        CheckedBody {
+            body,
+            what,
+            digest,
+            size,
+            hasher: Sha256::new(),
+            count: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for CheckedBody<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self
             .body
@@ -420,5 +431,26 @@ mod tests {
         assert!(amd.digest.as_str().ends_with("2222"));
         let manifest = br#"{"schemaVersion":2,"config":{},"layers":[]}"#;
         assert!(index_entries(manifest).unwrap().is_none());
+    }
+
+    #[test]
+    fn blobs_are_checked_against_their_digest_and_size() {
+        let data = vec![7u8; 100_000];
+        let digest = Digest::of(&data);
+        let read = |body: &[u8], size: u64| {
+            let mut out = Vec::new();
+            CheckedBody::new(body, "blob".into(), digest.clone(), size)
+                .read_to_end(&mut out)
+                .map(|_| out)
+        };
+        assert_eq!(read(&data, 100_000).unwrap(), data);
+        let err = read(&data[..99_999], 100_000).unwrap_err().to_string();
+        assert!(err.contains("ends after 99999 of 100000"), "{err}");
+        let err = read(&data, 99_999).unwrap_err().to_string();
+        assert!(err.contains("longer than"), "{err}");
+        let mut other = data.clone();
+        other[50_000] = 8;
+        let err = read(&other, 100_000).unwrap_err().to_string();
+        assert!(err.contains("digest is sha256:"), "{err}");
     }
 }
