@@ -82,6 +82,10 @@ pub enum Command {
     /// Remove from the store every blob no image uses (and temporary files of killed runs),
     /// printing what went and the bytes freed.
     Gc(GcArgs),
+    /// Show an image's platform, layers and installed packages (from its own /var/db/pkg:
+    /// CAT/PF, SLOT, USE, LICENSE, size, repository), read from the layers without
+    /// extracting them; from the store, or from its registry with --remote.
+    Inspect(InspectArgs),
 }
 
 /// Where inputs come from and how they are verified (build, shell, import, fetch, verify).
@@ -309,4 +313,25 @@ pub struct ImportArgs {
 
     #[command(flatten)]
     pub inputs: InputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The image, e.g. localhost/gentoo-musl-rt:20260214 (no tag: latest).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+
+    /// Read the image from the registry its name says instead of the store (an index
+    /// resolves to this host's platform).
+    #[arg(long)]
+    pub remote: bool,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// With --remote: allow plain HTTP and unverified TLS for HOST or HOST:PORT (repeatable;
+    /// loopback hosts are always allowed).
+    #[arg(long = "insecure-registry", value_name = "HOST", requires = "remote")]
+    pub insecure_registries: Vec<String>,
 }

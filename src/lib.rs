@@ -17,6 +17,7 @@ pub mod image;
 pub mod images;
 pub mod import;
 pub mod inputs;
+pub mod inspect;
 pub mod net;
 pub mod portage;
 pub mod progress;

@@ -11,7 +11,7 @@ use gentoo_mkimg::config::InputSettings;
 use gentoo_mkimg::image::store::Store;
 use gentoo_mkimg::inputs::{self, InputOptions, Inputs, Source, VerifyMode};
 use gentoo_mkimg::progress::Verbosity;
-use gentoo_mkimg::{audit, build, config, engine, images, import, publish, shell};
+use gentoo_mkimg::{audit, build, config, engine, images, import, inspect, publish, shell};
 
 fn main() -> ExitCode {
     // The sandbox engine re-executes this binary as its helper inside new namespaces.
@@ -316,6 +316,25 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 if verbosity != Verbosity::Quiet {
                     eprintln!("{report}");
                 }
+            }
+        }
+        Command::Inspect(args) => {
+            let report = if args.remote {
+                let opts = publish::registry::PushOptions {
+                    insecure_registries: args.insecure_registries.clone(),
+                    verbosity,
+                    ..Default::default()
+                };
+                let mut puller = publish::pull::Puller::new(opts)?;
+                inspect::inspect_remote(&mut puller, &args.reference)
+            } else {
+                inspect::inspect_store(&store, &args.reference)
+            }
+            .with_context(|| format!("cannot inspect {}", args.reference))?;
+            if args.json {
+                println!("{}", report.to_json()?);
+            } else {
+                print!("{}", report.render_table());
             }
         }
         Command::Images => {

@@ -3,4 +3,5 @@
 pub mod auth;
 pub mod daemon;
 pub mod docker_archive;
+pub mod pull;
 pub mod registry;

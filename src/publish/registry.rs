@@ -212,20 +212,7 @@ impl Pusher {
             .enable_all()
             .build()
             .context("cannot start the async runtime")?;
-        let tls = tls_config(&opts.ca_files)?;
-        let secure = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .connect_timeout(opts.connect_timeout)
-            .user_agent(concat!("gentoo-mkimg/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("cannot set up the HTTP client")?;
-        let insecure = reqwest::Client::builder()
-            .tls_backend_rustls()
-            .tls_danger_accept_invalid_certs(true)
-            .connect_timeout(opts.connect_timeout)
-            .user_agent(concat!("gentoo-mkimg/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("cannot set up the HTTP client")?;
+        let (secure, insecure) = http_clients(&opts)?;
         let bars = (opts.verbosity != Verbosity::Quiet && std::io::stderr().is_terminal())
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
         Ok(Pusher {
@@ -296,8 +283,27 @@ impl Pusher {
     }
 }
 
+/// The verified and the unverified (insecure hosts only) HTTP clients.
+pub(super) fn http_clients(opts: &PushOptions) -> Result<(reqwest::Client, reqwest::Client)> {
+    let tls = tls_config(&opts.ca_files)?;
+    let secure = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(opts.connect_timeout)
+        .user_agent(concat!("gentoo-mkimg/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("cannot set up the HTTP client")?;
+    let insecure = reqwest::Client::builder()
+        .tls_backend_rustls()
+        .tls_danger_accept_invalid_certs(true)
+        .connect_timeout(opts.connect_timeout)
+        .user_agent(concat!("gentoo-mkimg/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("cannot set up the HTTP client")?;
+    Ok((secure, insecure))
+}
+
 /// The host credentials and known blobs are filed under (Docker Hub's aliases as one).
-fn auth_host(host: &str) -> &str {
+pub(super) fn auth_host(host: &str) -> &str {
     match host {
         "docker.io" | "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
             "docker.io"
@@ -450,7 +456,7 @@ async fn exchange(
 }
 
 /// The start of an answer's body, for error messages (registries answer with JSON errors).
-async fn body_text(resp: reqwest::Response, stall: Duration) -> String {
+pub(super) async fn body_text(resp: reqwest::Response, stall: Duration) -> String {
     let status = resp.status();
     let text = match tokio::time::timeout(stall, resp.bytes()).await {
         Ok(Ok(b)) => String::from_utf8_lossy(&b[..b.len().min(400)])
@@ -490,11 +496,11 @@ enum AuthMode {
 }
 
 /// One registry: where it is, how to authenticate, tokens per repository.
-struct Registry {
+pub(super) struct Registry {
     /// As in references (`docker.io` for Docker Hub).
-    host: String,
+    pub(super) host: String,
     base: Url,
-    client: reqwest::Client,
+    pub(super) client: reqwest::Client,
     /// For token realms on hosts that are not insecure.
     secure: reqwest::Client,
     insecure: reqwest::Client,
@@ -507,7 +513,7 @@ struct Registry {
     /// One token request at a time, so blobs pushed together share one token.
     token_fetch: tokio::sync::Mutex<()>,
     retry: RetryPolicy,
-    stall: Duration,
+    pub(super) stall: Duration,
 }
 
 fn sensitive(value: &str) -> Result<HeaderValue> {
@@ -518,7 +524,7 @@ fn sensitive(value: &str) -> Result<HeaderValue> {
 }
 
 impl Registry {
-    async fn connect(
+    pub(super) async fn connect(
         host: &str,
         opts: &PushOptions,
         secure: &reqwest::Client,
@@ -571,7 +577,7 @@ impl Registry {
         Ok(registry)
     }
 
-    fn url(&self, path: &str) -> Result<Url> {
+    pub(super) fn url(&self, path: &str) -> Result<Url> {
         self.base
             .join(path)
             .with_context(|| format!("{}: cannot make a URL of {path:?}", self.host))
@@ -681,6 +687,19 @@ impl Registry {
     fn set_scopes(&self, repo: &str, sources: &[String]) {
         let mut scopes = vec![auth::repository_scope(repo, "pull,push")];
         scopes.extend(sources.iter().map(|s| auth::repository_scope(s, "pull")));
+        let mut map = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(repo) != Some(&scopes) {
+            map.insert(repo.to_string(), scopes);
+            self.tokens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(repo);
+        }
+    }
+
+    /// Scopes for reading `repo` only (`inspect --remote`).
+    pub(super) fn set_pull_scope(&self, repo: &str) {
+        let scopes = vec![auth::repository_scope(repo, "pull")];
         let mut map = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
         if map.get(repo) != Some(&scopes) {
             map.insert(repo.to_string(), scopes);
@@ -884,7 +903,7 @@ impl Registry {
 
     /// Send a request built by `build` (again for each try), retrying transient failures
     /// and re-authenticating once on 401 when `handle_auth`; 403 is an authentication error.
-    async fn send(
+    pub(super) async fn send(
         &self,
         repo: Option<&str>,
         what: &str,
