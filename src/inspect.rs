@@ -10,12 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::archive::decompress::{self, Compression};
 use crate::archive::entries::{TrailerCheck, display_path, entry_meta};
 use crate::image::layer::EntryKind;
 use crate::image::store::{Descriptor, Store};
@@ -137,8 +136,11 @@ pub fn inspect_store(store: &Store, reference: &str) -> Result<Inspection> {
             )
         };
         let blob = store.open_blob(layer).with_context(what)?;
-        vdb.apply_layer(open_layer(&layer.media_type, blob).with_context(what)?, i)
-            .with_context(what)?;
+        vdb.apply_layer(
+            crate::image::layer::open_stream(&layer.media_type, blob).with_context(what)?,
+            i,
+        )
+        .with_context(what)?;
     }
     Ok(Inspection {
         reference,
@@ -170,8 +172,11 @@ pub fn inspect_remote(puller: &mut Puller, reference: &str) -> Result<Inspection
             )
         };
         let blob = puller.open_blob(&image, layer).with_context(what)?;
-        vdb.apply_layer(open_layer(&layer.media_type, blob).with_context(what)?, i)
-            .with_context(what)?;
+        vdb.apply_layer(
+            crate::image::layer::open_stream(&layer.media_type, blob).with_context(what)?,
+            i,
+        )
+        .with_context(what)?;
     }
     Ok(Inspection {
         reference: name,
@@ -193,30 +198,6 @@ pub fn layer_rows(layers: &[Descriptor]) -> Vec<Layer> {
             size: l.size,
         })
         .collect()
-}
-
-/// The decompressed tar stream of a layer blob: the compression from the media type, or
-/// sniffed from the data when the media type does not say.
-pub fn open_layer(
-    media_type: &str,
-    blob: impl Read + Send + 'static,
-) -> Result<Box<dyn Read + Send>> {
-    let mut input = BufReader::with_capacity(1 << 20, blob);
-    let compression = if media_type.ends_with("gzip") {
-        Compression::Gzip
-    } else if media_type.ends_with("zstd") {
-        Compression::Zstd
-    } else if media_type.ends_with(".tar") {
-        Compression::None
-    } else {
-        let head = input.fill_buf().context("cannot read the layer")?;
-        match decompress::sniff(head) {
-            Some(c) => c,
-            None => bail!("media type {media_type} and content are not a known layer format"),
-        }
-    };
-    decompress::decoder(compression, input)
-        .with_context(|| format!("cannot start the {compression} decoder"))
 }
 
 /// One package directory as the layers so far leave it.

@@ -25,12 +25,11 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 
 use anyhow::{Context, Result};
 use goblin::elf::header::{ET_DYN, ET_EXEC};
 
-use crate::archive::decompress::{self, Compression};
 use crate::image::store::{Descriptor, Store};
 use elf::ElfInfo;
 use tree::{Content, Kind, Tree};
@@ -162,34 +161,13 @@ pub fn installed_packages(store: &Store, layers: &[Descriptor]) -> Result<Vec<St
     Ok(packages)
 }
 
-/// The decompressed tar stream of a layer blob: the compression from the media type, or
-/// sniffed from the data when the media type does not say.
+/// The decompressed tar stream of a layer blob of the store, checked against its size and
+/// digest while it streams.
 fn open_layer(store: &Store, layer: &Descriptor) -> Result<Box<dyn Read + Send>> {
     let path = store.blob_path(&layer.digest);
-    // Checked while streaming: a corrupt blob fails with its size and digest.
     let file = store.open_blob(layer)?;
-    let mut input = BufReader::with_capacity(1 << 20, file);
-    let media = layer.media_type.as_str();
-    let compression = if media.ends_with("gzip") {
-        Compression::Gzip
-    } else if media.ends_with("zstd") {
-        Compression::Zstd
-    } else if media.ends_with(".tar") {
-        Compression::None
-    } else {
-        let head = input
-            .fill_buf()
-            .with_context(|| format!("{}: cannot read", path.display()))?;
-        match decompress::sniff(head) {
-            Some(c) => c,
-            None => anyhow::bail!(
-                "{}: media type {media} and content are not a known layer format",
-                path.display()
-            ),
-        }
-    };
-    decompress::decoder(compression, input)
-        .with_context(|| format!("{}: cannot start the {compression} decoder", path.display()))
+    crate::image::layer::open_stream(&layer.media_type, file)
+        .with_context(|| path.display().to_string())
 }
 
 /// Where commands are looked up by `env` (the PATH of our images).

@@ -13,9 +13,11 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+
+use crate::archive::decompress::{self, Compression};
 use sha2::{Digest as _, Sha256};
 
 use crate::image::store::{Digest, PendingBlob, Store};
@@ -369,6 +371,30 @@ impl Read for Exact<'_> {
         self.remaining -= n as u64;
         Ok(n)
     }
+}
+
+/// The decompressed tar stream of a layer blob: the compression from the media type, or
+/// sniffed from the data when the media type does not say.
+pub fn open_stream(
+    media_type: &str,
+    blob: impl Read + Send + 'static,
+) -> Result<Box<dyn Read + Send>> {
+    let mut input = BufReader::with_capacity(1 << 20, blob);
+    let compression = if media_type.ends_with("gzip") {
+        Compression::Gzip
+    } else if media_type.ends_with("zstd") {
+        Compression::Zstd
+    } else if media_type.ends_with(".tar") {
+        Compression::None
+    } else {
+        let head = input.fill_buf().context("cannot read the layer")?;
+        match decompress::sniff(head) {
+            Some(c) => c,
+            None => bail!("media type {media_type} and content are not a known layer format"),
+        }
+    };
+    decompress::decoder(compression, input)
+        .with_context(|| format!("cannot start the {compression} decoder"))
 }
 
 #[cfg(test)]
