@@ -12,7 +12,6 @@
 //! with the same inputs finds the same key before it starts.
 
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -61,20 +60,8 @@ impl KeyBuilder {
         if meta.is_dir() {
             return self.listing(name, path);
         }
-        let mut file =
-            fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-        let mut content = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file
-                .read(&mut buf)
-                .with_context(|| format!("{}: cannot read", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            content.update(&buf[..n]);
-        }
-        self.field(name, &content.finalize());
+        let digest = crate::engine::sandbox::sha256_file(path)?;
+        self.field(name, digest.as_bytes());
         Ok(())
     }
 
