@@ -811,7 +811,18 @@ fn failing_package_keeps_packages_and_tags_nothing(w: &Work, stage: &Path) {
         stderr.contains("app-misc/broken"),
         "the failing package is not named: {stderr}"
     );
-    assert!(stderr.contains("build log"), "no build log path: {stderr}");
+    // The package's own log, as the host has it (not a path inside the ended session).
+    let named = stderr
+        .split("build log: ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("no build log path: {stderr}"));
+    let text = std::fs::read_to_string(named.trim())
+        .unwrap_or_else(|e| panic!("the build log named, {named}, cannot be read: {e}"));
+    assert!(
+        text.contains("this package is meant to fail"),
+        "{named} is not the failing package's log"
+    );
     assert_eq!(tags(&w.store), before, "a failed build changed tags");
     assert!(
         count_binpkgs(&w.dir.join("packages/t1")) >= binpkgs,

@@ -284,14 +284,15 @@ fn explain_failure(log: &Path, host_logs: &Path) -> String {
         let rest = l.strip_prefix("ERROR: ")?;
         rest.contains(" failed").then(|| rest.to_string())
     });
+    // The package's log as the host has it: emerge names it in quotes ("Failed to emerge
+    // ..., Log file:" and the line after it) under PORTAGE_LOGDIR, which is logs/TAG/portage;
+    // the build dir's copy ("build log is located at") goes with the session.
     let build_log = text.lines().rev().find_map(|l| {
-        let i = l.find("build log is located at '")?;
-        let rest = &l[i + "build log is located at '".len()..];
-        let path = rest.split('\'').next()?;
-        Some(match path.strip_prefix(LOG_DIR) {
-            Some(inside) => host_logs.join(inside.trim_start_matches('/')),
-            None => PathBuf::from(path),
-        })
+        let start = l.find(&format!("'{LOG_DIR}/"))? + 1;
+        let path = l[start..].split('\'').next()?;
+        let inside = path.strip_prefix(LOG_DIR)?.trim_start_matches('/');
+        (!inside.is_empty() && !inside.split('/').any(|c| c == ".."))
+            .then(|| host_logs.join(inside))
     });
     let mut s = String::new();
     if let Some(f) = failed {
@@ -842,6 +843,36 @@ impl BuildSummary {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// A failed build names the package and its log as the host has it.
+    #[test]
+    fn a_failure_names_the_package_and_its_log_on_the_host() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = tmp.path().join("build.log");
+        fs::write(
+            &log,
+            " * ERROR: app-shells/bash-5.2.15::gentoo failed (install phase):\n\
+             >>> Failed to emerge app-shells/bash-5.2.15, Log file:\n\
+             >>>  '/var/log/gentoo-mkimg/portage/app-shells:bash-5.2.15:20261204-223959.log'\n\
+             * The complete build log is located at \
+             '/var/tmp/portage/app-shells/bash-5.2.15/temp/build.log'.\n",
+        )
+        .unwrap();
+        let text = explain_failure(&log, Path::new("/w/logs/t1"));
+        assert!(
+            text.starts_with(": app-shells/bash-5.2.15::gentoo failed (install phase):"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "; build log: /w/logs/t1/portage/app-shells:bash-5.2.15:20261204-223959.log;"
+            ),
+            "{text}"
+        );
+        // A path that climbs out of the logs dir is not named.
+        fs::write(&log, ">>>  '/var/log/gentoo-mkimg/../../etc/shadow'\n").unwrap();
+        assert!(!explain_failure(&log, Path::new("/w/logs/t1")).contains("build log"));
+    }
 
     /// A writer that pads its tar stream past a pipe's capacity (as tar's record padding
     /// can outlast what the pipe holds) must see every byte taken, not EPIPE.
