@@ -124,6 +124,8 @@ pub fn shell(opts: &ShellOptions) -> Result<i32> {
         .parse()
         .with_context(|| format!("--tag {tag:?}"))?;
     let work = absolute(&opts.work_dir)?;
+    // packages/TAG and portage/TAG are this session's until it ends (a build waits).
+    let _lock = crate::build::lock::lock_tag(&work, &tag, "shell")?;
     let packages = work.join("packages").join(&tag);
     let distfiles = work.join("distfiles");
     for dir in [&packages, &distfiles] {

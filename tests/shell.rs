@@ -195,6 +195,44 @@ fn exit_status_is_the_commands_and_failures_leave_nothing() {
     assert_nothing_left(&ws, "/no/such/program");
 }
 
+/// A shell on a TAG whose work dirs a build holds waits for it, saying for whom, touching
+/// nothing of the TAG, and runs once the build is done.
+#[test]
+fn a_shell_waits_for_the_build_of_its_tag() {
+    let stage = common::stage();
+    let ws = workspace();
+    let held = gentoo_mkimg::build::lock::lock_tag(&ws.work, "t1", "build").unwrap();
+    let mut child = shell(&ws, &stage.xz(), &[], &["sh", "-c", "echo @@ ran"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the shell did not wait"
+    );
+    assert!(
+        !ws.work.join("packages/t1").exists(),
+        "the waiting shell made packages/t1"
+    );
+    drop(held);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("@@ ran"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "waiting for build (pid {}) to finish with TAG t1",
+            std::process::id()
+        )),
+        "{stderr}"
+    );
+}
+
 /// The command starts with no signal ignored: `yes | head` ends `yes` by SIGPIPE, as on any
 /// shell, instead of making it report write errors (the tool itself ignores SIGPIPE).
 #[test]
