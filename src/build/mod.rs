@@ -274,14 +274,36 @@ fn read_session_file(path: &Path, limit: u64) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// `line` without its terminal colour sequences (ESC `[` ... letter).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The failing package and its build log, from the driver's full log.
 fn explain_failure(log: &Path, host_logs: &Path) -> String {
     let Ok(text) = read_session_file(log, 256 << 20) else {
         return String::new();
     };
+    // " * ERROR: CAT/PF::REPO failed (PHASE phase):", the star coloured even with --color=n.
     let failed = text.lines().rev().find_map(|l| {
-        let l = l.trim_start_matches([' ', '*']).trim();
-        let rest = l.strip_prefix("ERROR: ")?;
+        let plain = strip_ansi(l);
+        let rest = plain.trim_start_matches([' ', '*']).trim();
+        let rest = rest.strip_prefix("ERROR: ")?;
         rest.contains(" failed").then(|| rest.to_string())
     });
     // The package's log as the host has it: emerge names it in quotes ("Failed to emerge
@@ -851,7 +873,7 @@ mod tests {
         let log = tmp.path().join("build.log");
         fs::write(
             &log,
-            " * ERROR: app-shells/bash-5.2.15::gentoo failed (install phase):\n\
+            " \x1b[31;01m*\x1b[0m ERROR: app-shells/bash-5.2.15::gentoo failed (install phase):\n\
              >>> Failed to emerge app-shells/bash-5.2.15, Log file:\n\
              >>>  '/var/log/gentoo-mkimg/portage/app-shells:bash-5.2.15:20261204-223959.log'\n\
              * The complete build log is located at \
