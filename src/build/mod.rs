@@ -303,7 +303,7 @@ fn explain_failure(log: &Path, host_logs: &Path) -> String {
     let failed = text.lines().rev().find_map(|l| {
         let plain = strip_ansi(l);
         let rest = plain.trim_start_matches([' ', '*']).trim();
-        let rest = rest.strip_prefix("ERROR: ")?;
+        let rest = rest.strip_prefix("ERROR: ")?.trim_end_matches(':');
         rest.contains(" failed").then(|| rest.to_string())
     });
     // The package's log as the host has it: emerge names it in quotes ("Failed to emerge
@@ -882,7 +882,9 @@ mod tests {
         .unwrap();
         let text = explain_failure(&log, Path::new("/w/logs/t1"));
         assert!(
-            text.starts_with(": app-shells/bash-5.2.15::gentoo failed (install phase):"),
+            text.starts_with(
+                ": app-shells/bash-5.2.15::gentoo failed (install phase); build log: "
+            ),
             "{text}"
         );
         assert!(
