@@ -15,7 +15,7 @@ use std::io::Read;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::archive::entries::{TrailerCheck, display_path, entry_meta};
+use crate::archive::entries::walk_layer;
 use crate::image::layer::EntryKind;
 use crate::image::store::{Descriptor, Store};
 use crate::images::human_size;
@@ -287,90 +287,68 @@ impl Vdb {
 
     /// Apply one layer (a tar stream) on top of what is there.
     pub fn apply_layer(&mut self, input: impl Read, layer: usize) -> Result<()> {
-        let mut checked = TrailerCheck::new(input);
-        let mut last = String::from("(start of layer)");
-        let mut any = false;
-        {
-            let mut archive = tar::Archive::new(&mut checked);
-            let entries = archive
-                .entries()
-                .map_err(|e| anyhow!("cannot read the tar stream: {e}"))?;
-            for entry in entries {
-                let mut entry = entry
-                    .map_err(|e| anyhow!("corrupt or truncated data after entry {last:?}: {e}"))?;
-                let meta = entry_meta(&mut entry)?;
-                last = display_path(&meta.path);
-                any = true;
-                let (parent, name) = split_parent(&meta.path);
-                if name == b".wh..wh..opq" {
-                    if let Some((dir, b"")) = split_package(parent) {
-                        self.touch(dir, layer);
-                    }
-                    self.hide_lower(parent, true, layer);
-                    continue;
+        walk_layer(input, |meta, mut entry, last| {
+            let (parent, name) = split_parent(&meta.path);
+            if name == b".wh..wh..opq" {
+                if let Some((dir, b"")) = split_package(parent) {
+                    self.touch(dir, layer);
                 }
-                if let Some(hidden) = name.strip_prefix(b".wh.") {
-                    if !hidden.starts_with(b".wh.") {
-                        self.hide_lower(&join(parent, hidden), false, layer);
-                    }
-                    continue;
+                self.hide_lower(parent, true, layer);
+                return Ok(());
+            }
+            if let Some(hidden) = name.strip_prefix(b".wh.") {
+                if !hidden.starts_with(b".wh.") {
+                    self.hide_lower(&join(parent, hidden), false, layer);
                 }
-                if meta.kind != EntryKind::Directory {
-                    // A file, link or device hides any directory of that name below.
-                    self.hide_lower(&meta.path, true, layer);
+                return Ok(());
+            }
+            if meta.kind != EntryKind::Directory {
+                // A file, link or device hides any directory of that name below.
+                self.hide_lower(&meta.path, true, layer);
+            }
+            let Some((dir, below)) = split_package(&meta.path) else {
+                return Ok(());
+            };
+            if below.is_empty() {
+                if meta.kind == EntryKind::Directory {
+                    self.touch(dir, layer);
+                } else {
+                    // Not a directory: no package there any more.
+                    self.packages.remove(dir);
                 }
-                let Some((dir, below)) = split_package(&meta.path) else {
-                    continue;
-                };
-                if below.is_empty() {
-                    if meta.kind == EntryKind::Directory {
-                        self.touch(dir, layer);
-                    } else {
-                        // Not a directory: no package there any more.
-                        self.packages.remove(dir);
-                    }
-                    continue;
+                return Ok(());
+            }
+            let key = key_of(below);
+            let value = match (&meta.kind, key) {
+                (EntryKind::Regular { size }, Some(_)) => {
+                    let mut value = Vec::new();
+                    (&mut entry)
+                        .take(VALUE_MAX.min(*size))
+                        .read_to_end(&mut value)
+                        .map_err(|e| anyhow!("entry {last:?}: cannot read: {e}"))?;
+                    Some(value)
                 }
-                let key = key_of(below);
-                let value = match (&meta.kind, key) {
-                    (EntryKind::Regular { size }, Some(_)) => {
-                        let mut value = Vec::new();
-                        (&mut entry)
-                            .take(VALUE_MAX.min(*size))
-                            .read_to_end(&mut value)
-                            .map_err(|e| anyhow!("entry {last:?}: cannot read: {e}"))?;
-                        Some(value)
+                (EntryKind::HardLink { target }, Some(_)) => {
+                    split_package(target).and_then(|(d, b)| {
+                        let k = key_of(b)?;
+                        self.packages.get(d)?.values.get(k).map(|(v, _)| v.clone())
+                    })
+                }
+                _ => None,
+            };
+            let package = self.touch(dir, layer);
+            if let Some(key) = key {
+                match value {
+                    Some(v) => {
+                        package.values.insert(key, (v, layer));
                     }
-                    (EntryKind::HardLink { target }, Some(_)) => {
-                        split_package(target).and_then(|(d, b)| {
-                            let k = key_of(b)?;
-                            self.packages.get(d)?.values.get(k).map(|(v, _)| v.clone())
-                        })
-                    }
-                    _ => None,
-                };
-                let package = self.touch(dir, layer);
-                if let Some(key) = key {
-                    match value {
-                        Some(v) => {
-                            package.values.insert(key, (v, layer));
-                        }
-                        None => {
-                            package.values.remove(key);
-                        }
+                    None => {
+                        package.values.remove(key);
                     }
                 }
             }
-        }
-        if any && !checked.saw_end_marker() {
-            bail!(
-                "truncated: the layer ends after entry {last:?} without tar's end-of-archive marker"
-            );
-        }
-        // Read what follows the end marker, so that a checking reader sees the whole blob.
-        std::io::copy(&mut checked, &mut std::io::sink())
-            .map_err(|e| anyhow!("after the end of the tar stream: {e}"))?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// The packages, sorted by CAT/PF.

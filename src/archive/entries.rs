@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::io::{self, Read};
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 
 use crate::image::layer::{EntryKind, EntryMeta};
 
@@ -160,6 +160,39 @@ impl TopDirStripper {
         meta.path = rest;
         Ok(!meta.path.is_empty() || meta.kind == EntryKind::Directory)
     }
+}
+
+/// Walk one image layer's tar stream: `each` gets every entry's metadata, its data and its
+/// name for messages. Fails on corrupt data and on a stream that ends without tar's
+/// end-of-archive marker; what follows the marker is read too, so a reader that checks a
+/// blob's digest as it streams sees all of it.
+pub fn walk_layer<R: Read>(
+    input: R,
+    mut each: impl FnMut(EntryMeta, &mut dyn Read, &str) -> Result<()>,
+) -> Result<()> {
+    let mut checked = TrailerCheck::new(input);
+    let mut last = String::from("(start of layer)");
+    let mut any = false;
+    {
+        let mut archive = tar::Archive::new(&mut checked);
+        let entries = archive
+            .entries()
+            .map_err(|e| anyhow!("cannot read the tar stream: {e}"))?;
+        for entry in entries {
+            let mut entry = entry
+                .map_err(|e| anyhow!("corrupt or truncated data after entry {last:?}: {e}"))?;
+            let meta = entry_meta(&mut entry)?;
+            last = display_path(&meta.path);
+            any = true;
+            each(meta, &mut entry, &last)?;
+        }
+    }
+    if any && !checked.saw_end_marker() {
+        bail!("truncated: the layer ends after entry {last:?} without tar's end-of-archive marker");
+    }
+    io::copy(&mut checked, &mut io::sink())
+        .map_err(|e| anyhow!("after the end of the tar stream: {e}"))?;
+    Ok(())
 }
 
 /// Passes bytes through and remembers whether the stream ended with a zero block, so that

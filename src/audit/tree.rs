@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 
-use crate::archive::entries::{TrailerCheck, display_path, entry_meta};
+use crate::archive::entries::walk_layer;
 use crate::audit::elf::{ElfInfo, SHEBANG_MAX, Shebang, parse_shebang};
 use crate::image::layer::EntryKind;
 use crate::portage::contents;
@@ -206,69 +206,48 @@ impl Tree {
 
     /// Apply one layer (a tar stream) on top of what is there.
     pub fn apply_layer(&mut self, input: impl Read, layer: usize) -> Result<()> {
-        let mut checked = TrailerCheck::new(input);
-        let mut last = String::from("(start of layer)");
-        let mut any = false;
-        {
-            let mut archive = tar::Archive::new(&mut checked);
-            let entries = archive
-                .entries()
-                .map_err(|e| anyhow!("cannot read the tar stream: {e}"))?;
-            for entry in entries {
-                let mut entry = entry
-                    .map_err(|e| anyhow!("corrupt or truncated data after entry {last:?}: {e}"))?;
-                let meta = entry_meta(&mut entry)?;
-                last = display_path(&meta.path);
-                any = true;
-                let (parent, name) = split_parent(&meta.path);
-                if name == b".wh..wh..opq" {
-                    self.remove_lower(parent, true, layer);
-                    continue;
-                }
-                if let Some(hidden) = name.strip_prefix(b".wh.") {
-                    if !hidden.starts_with(b".wh.") {
-                        self.remove_lower(&join(parent, hidden), false, layer);
-                    }
-                    continue;
-                }
-                let kind = match meta.kind {
-                    EntryKind::Directory => Kind::Dir,
-                    EntryKind::Symlink { target } => Kind::Symlink(target),
-                    EntryKind::HardLink { target } => match self.nodes.get(&target) {
-                        // The same inode: what is known of the target holds for the link.
-                        Some(Node {
-                            kind: Kind::File { content, .. },
-                            ..
-                        }) => Kind::File {
-                            mode: meta.mode,
-                            content: content.clone(),
-                        },
-                        _ => Kind::File {
-                            mode: meta.mode,
-                            content: Content::Plain,
-                        },
-                    },
-                    EntryKind::Regular { size } => {
-                        let content = read_content(&meta.path, size, &mut entry)
-                            .map_err(|e| anyhow!("entry {last:?}: cannot read: {e}"))?;
-                        Kind::File {
-                            mode: meta.mode,
-                            content,
-                        }
-                    }
-                    EntryKind::Char { .. } | EntryKind::Block { .. } | EntryKind::Fifo => {
-                        Kind::Other
-                    }
-                };
-                self.insert(meta.path, kind, layer);
+        walk_layer(input, |meta, mut entry, last| {
+            let (parent, name) = split_parent(&meta.path);
+            if name == b".wh..wh..opq" {
+                self.remove_lower(parent, true, layer);
+                return Ok(());
             }
-        }
-        if any && !checked.saw_end_marker() {
-            bail!(
-                "truncated: the layer ends after entry {last:?} without tar's end-of-archive marker"
-            );
-        }
-        Ok(())
+            if let Some(hidden) = name.strip_prefix(b".wh.") {
+                if !hidden.starts_with(b".wh.") {
+                    self.remove_lower(&join(parent, hidden), false, layer);
+                }
+                return Ok(());
+            }
+            let kind = match meta.kind {
+                EntryKind::Directory => Kind::Dir,
+                EntryKind::Symlink { target } => Kind::Symlink(target),
+                EntryKind::HardLink { target } => match self.nodes.get(&target) {
+                    // The same inode: what is known of the target holds for the link.
+                    Some(Node {
+                        kind: Kind::File { content, .. },
+                        ..
+                    }) => Kind::File {
+                        mode: meta.mode,
+                        content: content.clone(),
+                    },
+                    _ => Kind::File {
+                        mode: meta.mode,
+                        content: Content::Plain,
+                    },
+                },
+                EntryKind::Regular { size } => {
+                    let content = read_content(&meta.path, size, &mut entry)
+                        .map_err(|e| anyhow!("entry {last:?}: cannot read: {e}"))?;
+                    Kind::File {
+                        mode: meta.mode,
+                        content,
+                    }
+                }
+                EntryKind::Char { .. } | EntryKind::Block { .. } | EntryKind::Fifo => Kind::Other,
+            };
+            self.insert(meta.path, kind, layer);
+            Ok(())
+        })
     }
 
     /// Resolve `path` inside the image root, following symbolic links (the last component's
