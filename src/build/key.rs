@@ -22,6 +22,7 @@ use sha2::{Digest as _, Sha256};
 pub const LABEL: &str = "org.gentoo-mkimg.build-key";
 
 /// Collects the parts of a key; each part is named, so two parts cannot run together.
+#[derive(Clone)]
 pub struct KeyBuilder {
     hasher: Sha256,
 }

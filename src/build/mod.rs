@@ -192,13 +192,10 @@ fn write_inputs(
     Ok(())
 }
 
-/// The build key of `opts` with the binary packages now in `packages` and the raw image now
-/// in the store (see [`key`]).
-fn build_key(
-    opts: &BuildOptions,
-    refs: &BTreeMap<&str, Reference>,
-    packages: &Path,
-) -> Result<String> {
+/// The part of the build key that the build does not change: the stage, the snapshot, the
+/// repositories, the driver's inputs, the names and image settings (see [`key`]). Hashed
+/// once per build.
+fn input_key(opts: &BuildOptions, refs: &BTreeMap<&str, Reference>) -> Result<key::KeyBuilder> {
     let plan = &opts.plan;
     let mut k = key::KeyBuilder::new();
     k.path("stage", &plan.stage3)
@@ -217,7 +214,18 @@ fn build_key(
     }
     k.text("compression", &format!("{:?}", plan.compression));
     k.text("check", &plan.check.to_string());
-    let raw = match opts.store.resolve(&refs["raw"].to_string()) {
+    Ok(k)
+}
+
+/// The build key: `inputs` with the raw image now in the store and the binary packages now
+/// in `packages`.
+fn build_key(
+    mut k: key::KeyBuilder,
+    store: &Store,
+    raw: &Reference,
+    packages: &Path,
+) -> Result<String> {
+    let raw = match store.resolve(&raw.to_string()) {
         Ok(desc) => desc.digest.to_string(),
         Err(_) => String::new(),
     };
@@ -555,7 +563,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     // Nothing changed since the build that made dev and rt: they are the result.
     let packages = work.join("packages").join(&plan.tag);
     let t = Instant::now();
-    let key = build_key(opts, &refs, &packages)?;
+    let inputs_key = input_key(opts, &refs)?;
+    let key = build_key(inputs_key.clone(), &opts.store, &refs["raw"], &packages)?;
     if !opts.force
         && let Some((raw, dev, rt)) = unchanged_images(&opts.store, &refs, &key)?
     {
@@ -764,7 +773,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
 
     // 4. images, labelled with the key of this build taken with the binary packages it left
     let t = Instant::now();
-    let key = build_key(opts, &refs, &packages)?;
+    let key = build_key(inputs_key, &opts.store, &refs["raw"], &packages)?;
     let created = opts
         .source_date_epoch
         .unwrap_or(read_clamp(&logs.join("clamp"))? as i64);
