@@ -20,6 +20,12 @@ fn main() -> ExitCode {
         let code = engine::sandbox::init_main(std::path::Path::new(&args[2]));
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
+    // An ordinary user's sandbox runs this binary again in a user namespace (see
+    // engine::userns): that second run enters it here, before anything else.
+    if let Err(err) = engine::userns::enter_if_reexecuted() {
+        eprintln!("gentoo-mkimg: error: {err:#}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     let verbosity = if cli.quiet {
         Verbosity::Quiet
@@ -36,6 +42,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(code.clamp(0, 255) as u8)
 }
 
 fn init_logging(verbosity: Verbosity, level: u8) {
@@ -121,6 +131,9 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
     match &cli.command {
         Command::Shell(args) => {
             if args.engine == engine::EngineKind::Sandbox {
+                if let Some(code) = engine::userns::reexec_for_user()? {
+                    return Ok(exit_code(code));
+                }
                 engine::sandbox::check_usable()?; // before anything is downloaded
             }
             let inputs = inputs(&cli, settings(&args.inputs), verbosity)?;
@@ -172,6 +185,9 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
             // Refuse an unusable engine before anything is downloaded.
             let engine = config::engine(args.engine, file.as_ref().map(|(_, f)| f));
             if engine == engine::EngineKind::Sandbox {
+                if let Some(code) = engine::userns::reexec_for_user()? {
+                    return Ok(exit_code(code));
+                }
                 engine::sandbox::check_usable()?;
             }
             let merged = settings(&args.inputs).merge_file(file.as_ref().map(|(p, f)| (*p, f)));

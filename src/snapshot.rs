@@ -40,6 +40,7 @@ pub fn prepare(snapshot: &Path, dest: &Path, verbosity: Verbosity) -> Result<(Pa
     let opts = extract::ExtractOptions {
         preserve_owners: nix::unistd::geteuid().is_root(),
         strip_top_dir: true,
+        ..Default::default()
     };
     if squashfs::is_squashfs(snapshot)? {
         // A squashfs snapshot's root is the tree: nothing to strip.

@@ -473,3 +473,56 @@ fn the_extracted_stage_and_run_dirs_are_private() {
     );
     let _ = fs::remove_dir_all(&runs[0]);
 }
+
+/// Finding 4: inside a session the stage's root is no root of the host. Its user namespace
+/// maps 0 to an unprivileged range; it cannot make a block device or write /sys; it runs
+/// with no_new_privs; what it writes into a bound host directory belongs to that range.
+#[test]
+fn the_sessions_root_is_no_root_of_the_host() {
+    let ws = workspace();
+    let stage = ws.tmp.path().join("stage.tar");
+    Tar::new().dir("./").busybox(None).write(&stage);
+    let out = shell(
+        &ws,
+        &stage,
+        &[],
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "/bin/busybox cat /proc/self/uid_map; \
+             /bin/busybox grep NoNewPrivs /proc/self/status; \
+             /bin/busybox mknod /blockdev b 8 0 && echo MKNOD-WORKED; \
+             /bin/busybox touch /sys/kernel/probe 2>&1 || echo SYS-REFUSED; \
+             /bin/busybox touch /var/cache/binpkgs/by-root; \
+             /bin/busybox chown 250:250 /var/cache/binpkgs/by-root; \
+             echo done",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stdout.contains("done"), "{}", text(&out));
+    let map: Vec<u64> = stdout
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(map.len(), 3, "{}", text(&out));
+    assert_eq!(map[0], 0, "{}", text(&out));
+    assert_ne!(map[1], 0, "root inside is the host's root:\n{}", text(&out));
+    assert_eq!(map[2], 65536, "{}", text(&out));
+    assert!(stdout.contains("NoNewPrivs:\t1"), "{}", text(&out));
+    assert!(!stdout.contains("MKNOD-WORKED"), "{}", text(&out));
+    assert!(
+        stdout.contains("Read-only file system") && stdout.contains("SYS-REFUSED"),
+        "{}",
+        text(&out)
+    );
+    // On the host, the file is owned by the range's id 250, not by root or the portage user.
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(ws.work.join("packages/t1/by-root")).unwrap();
+    assert_eq!(u64::from(meta.uid()), map[1] + 250);
+    assert_eq!(u64::from(meta.gid()), map[1] + 250);
+}

@@ -27,6 +27,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, linkat, symlinkat, unlinkat};
 
 use crate::archive::entries::{TopDirStripper, TrailerCheck, display_path, entry_meta};
+use crate::archive::ids::IdShift;
 use crate::archive::pinned::Dir;
 use crate::image::layer::{EntryKind, EntryMeta};
 
@@ -35,6 +36,8 @@ use crate::image::layer::{EntryKind, EntryMeta};
 pub struct Extracted {
     pub entries: u64,
     pub bytes: u64,
+    /// Device nodes and `trusted.*` attributes left out ([`ExtractOptions::unprivileged`]).
+    pub skipped: u64,
 }
 
 /// Options for [`extract`].
@@ -44,6 +47,11 @@ pub struct ExtractOptions {
     pub preserve_owners: bool,
     /// Drop one leading path component (a snapshot's `portage/` or `gentoo-YYYYMMDD/`).
     pub strip_top_dir: bool,
+    /// Owners are written shifted into the sandbox's range of host ids.
+    pub ids: IdShift,
+    /// Running in a user namespace, which cannot make device nodes or set `trusted.*`
+    /// attributes: those are skipped (and counted) instead of failing the extraction.
+    pub unprivileged: bool,
 }
 
 impl Default for ExtractOptions {
@@ -51,6 +59,8 @@ impl Default for ExtractOptions {
         ExtractOptions {
             preserve_owners: true,
             strip_top_dir: false,
+            ids: IdShift::NONE,
+            unprivileged: false,
         }
     }
 }
@@ -95,6 +105,7 @@ pub fn extract(
         );
     }
     state.finish()?;
+    done.skipped = state.skipped.get();
     Ok(done)
 }
 
@@ -114,6 +125,7 @@ pub struct Unpacker {
     /// Directory mtimes, applied last (writing into a directory changes its mtime).
     dir_times: Vec<(Vec<u8>, u64)>,
     opts: ExtractOptions,
+    skipped: std::cell::Cell<u64>,
 }
 
 /// Split `rel` into its parent and last name; the root itself is `("", ".")`.
@@ -145,6 +157,7 @@ impl Unpacker {
             last_parent: None,
             dir_times: Vec::new(),
             opts,
+            skipped: std::cell::Cell::new(0),
         })
     }
 
@@ -283,6 +296,10 @@ impl Unpacker {
                 })?;
                 return Ok(()); // shares the target's inode and metadata
             }
+            EntryKind::Char { .. } | EntryKind::Block { .. } if self.opts.unprivileged => {
+                self.skipped.set(self.skipped.get() + 1);
+                return Ok(());
+            }
             EntryKind::Char { major, minor } | EntryKind::Block { major, minor } => {
                 self.clear(&at, false)?;
                 let kind = if matches!(meta.kind, EntryKind::Char { .. }) {
@@ -306,18 +323,24 @@ impl Unpacker {
     fn set_metadata(&self, meta: &EntryMeta, at: &At<'_>) -> Result<()> {
         let is_link = matches!(meta.kind, EntryKind::Symlink { .. });
         if self.opts.preserve_owners {
+            let uid = self.opts.ids.to_host(meta.uid)?;
+            let gid = self.opts.ids.to_host(meta.gid)?;
             fchownat(
                 at.dir.fd(),
                 at.name,
-                Some(Uid::from_raw(meta.uid as u32)),
-                Some(Gid::from_raw(meta.gid as u32)),
+                Some(Uid::from_raw(uid)),
+                Some(Gid::from_raw(gid)),
                 AtFlags::AT_SYMLINK_NOFOLLOW,
             )
             .with_context(|| format!("cannot set the owner of {}", at.show()))?;
         }
         for (name, value) in &meta.xattrs {
-            if name.starts_with("trusted.overlay.") {
+            if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
                 continue; // would steer the overlay filesystem a session runs on
+            }
+            if self.opts.unprivileged && name.starts_with("trusted.") {
+                self.skipped.set(self.skipped.get() + 1);
+                continue;
             }
             // lsetxattr on /proc/self/fd/N/NAME: the pinned directory, the name not followed.
             if let Err(e) = xattr::set(at.dir.proc_child(at.name), name, value) {
@@ -486,6 +509,7 @@ mod tests {
         let opts = ExtractOptions {
             preserve_owners: false,
             strip_top_dir: false,
+            ..Default::default()
         };
         let err = extract(&data[..], dir.path(), opts, || {}).unwrap_err();
         assert!(format!("{err:#}").contains("symlink"), "{err:#}");
@@ -518,6 +542,7 @@ mod tests {
             let opts = ExtractOptions {
                 preserve_owners: false,
                 strip_top_dir: false,
+                ..Default::default()
             };
             let err = extract(&data[..], &dest, opts, || {}).unwrap_err();
             assert!(
@@ -555,6 +580,7 @@ mod tests {
         let opts = ExtractOptions {
             preserve_owners: false,
             strip_top_dir: false,
+            ..Default::default()
         };
         let err = extract(&data[..], dir.path(), opts, || {}).unwrap_err();
         assert!(format!("{err:#}").contains("symlink"), "{err:#}");
@@ -577,6 +603,7 @@ mod tests {
         let opts = ExtractOptions {
             preserve_owners: false,
             strip_top_dir: true,
+            ..Default::default()
         };
         let err = extract(&data[..], dir.path(), opts, || {}).unwrap_err();
         assert!(

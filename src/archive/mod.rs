@@ -4,5 +4,6 @@
 pub mod decompress;
 pub mod entries;
 pub mod extract;
+pub mod ids;
 pub mod pinned;
 pub mod squashfs;

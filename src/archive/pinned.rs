@@ -121,7 +121,7 @@ impl Dir {
 
     /// Open the directory `path` as seen from inside this tree: `/` is this directory,
     /// symlinks are followed but never out of it. With `create`, missing directories are
-    /// made (mode 0755) below real directories of the tree. Unless `cross_mounts`, a path
+    /// made (mode 0755, owned as their parent) below real directories of the tree. Unless `cross_mounts`, a path
     /// that passes through a mount point is refused (another mount in a session's root is a
     /// host directory, not the stage).
     pub fn in_root(&self, path: &str, create: bool, cross_mounts: bool) -> Result<Dir> {
@@ -170,7 +170,20 @@ impl Dir {
                 Ok(d) => d,
                 Err(Errno::ENOENT) => {
                     match nix::sys::stat::mkdirat(dir.fd(), name, Mode::from_bits_truncate(0o755)) {
-                        Ok(()) | Err(Errno::EEXIST) => {}
+                        Ok(()) => {
+                            // Owned as its parent: in a session's root, by the stage's root
+                            // (shifted), not by whoever runs the tool.
+                            let parent = dir.stat()?;
+                            nix::unistd::fchownat(
+                                dir.fd(),
+                                name,
+                                Some(nix::unistd::Uid::from_raw(parent.st_uid)),
+                                Some(nix::unistd::Gid::from_raw(parent.st_gid)),
+                                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                            )
+                            .map_err(|e| anyhow!("{path}: cannot set the owner of {next}: {e}"))?;
+                        }
+                        Err(Errno::EEXIST) => {}
                         Err(e) => {
                             bail!("{path}: cannot create {next} in {}: {e}", self.display(b""))
                         }

@@ -703,8 +703,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         let started = Instant::now();
         let clamp = read_clamp(&logs.join("clamp"))?;
         let mut layer = LayerWriter::new(&opts.store, plan.compression)?;
-        let Export::Dir(dir) = export;
-        let packages = walk::append_dir(dir, &mut layer, Some(clamp))
+        let Export::Dir(dir, ids) = export;
+        let packages = walk::append_dir(dir, &mut layer, Some(clamp), ids)
             .with_context(|| format!("the {name} root"))?
             .packages;
         let info = layer.finish(&opts.store)?;

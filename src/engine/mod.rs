@@ -3,7 +3,7 @@
 //!
 //! - [`sandbox`]: built in, no daemon. The stage is extracted once per stage digest into a
 //!   cache and each session runs on an overlayfs view of it, in new mount, pid, uts and ipc
-//!   namespaces (root only).
+//!   namespaces, as the root of a user namespace that is no root of the host.
 //! - [`docker`]: the Docker Engine API, for Docker and Podman alike. The raw image comes from
 //!   the image store and is loaded into the engine when it lacks it.
 //!
@@ -12,6 +12,7 @@
 
 pub mod docker;
 pub mod sandbox;
+pub mod userns;
 
 use std::path::PathBuf;
 
@@ -25,7 +26,8 @@ use crate::progress::Verbosity;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
-    /// Built-in namespaces + overlayfs sandbox (needs root; no daemon).
+    /// Built-in sandbox: namespaces, a user namespace, overlayfs (root, or a user with
+    /// /etc/subuid ids; no daemon).
     Sandbox,
     /// Docker or Podman through the Docker Engine API (DOCKER_HOST or the default socket).
     Docker,
@@ -65,9 +67,10 @@ pub struct Session {
     pub verbosity: Verbosity,
 }
 
-/// A directory handed back from a finished session: readable on the host (sandbox).
+/// A directory handed back from a finished session: readable on the host (sandbox), its
+/// owners shifted as the session's user namespace shifted them.
 pub enum Export<'a> {
-    Dir(&'a std::path::Path),
+    Dir(&'a std::path::Path, crate::archive::ids::IdShift),
 }
 
 /// Run `session` with the chosen engine; the command's exit status (128+N for a signal).

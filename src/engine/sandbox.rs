@@ -1,15 +1,25 @@
-//! The built-in sandbox engine: no daemon, root only.
+//! The built-in sandbox engine: no daemon; root, or an ordinary user with subordinate ids.
 //!
-//! The stage is extracted once per stage digest into `CACHE/stages/<sha256>/rootfs` (owners,
-//! modes, xattrs, devices and hard links kept) and never changed afterwards: each session
-//! runs on an overlayfs whose upper dir lives in `CACHE/runs/<id>/` and is removed at the end.
+//! The stage is extracted once per stage digest into `CACHE/stages/<sha256>-ids<base>/rootfs`
+//! (owners shifted into the session's id range, modes, xattrs, devices and hard links kept)
+//! and never changed afterwards: each session runs on an overlayfs whose upper dir lives in
+//! `CACHE/runs/<id>/` and is removed at the end.
+//!
+//! The command runs as root of a user namespace that maps the stage's ids 0..65535 to host
+//! ids `base..base+65535` ([`super::userns`]): it is no root of the host, holds no capability
+//! over the host's files, cannot make device nodes, mount over the host's mounts or clear
+//! their read-only flags, and runs with no_new_privs (setuid files and file capabilities give
+//! nothing). The host directories bound into a session that it may write are handed to its
+//! root first (their owners shifted into the range).
 //!
 //! Process layout:
 //! - this process (the tool) spawns a helper — itself, re-executed as `__sandbox-init SPEC` —
-//!   in new mount, uts and ipc namespaces, with a new pid namespace for its children;
-//! - the helper forks the namespace's pid 1, which mounts the overlay, the binds, /proc,
-//!   /sys, /dev, writes resolv.conf, sets the hostname, pivots into the new root, and runs
-//!   the command as its child, reaping until it ends;
+//!   with a new pid namespace for its children;
+//! - the helper forks the namespace's pid 1, which, still the tool's user, takes new mount,
+//!   uts and ipc namespaces, mounts the overlay, the binds, /proc, /sys (read-only), /dev,
+//!   writes resolv.conf, sets the hostname and pivots into the new root; then it enters a
+//!   new user namespace, whose id maps the helper writes, becomes its root, and runs the
+//!   command as its child, reaping until it ends;
 //! - when pid 1 exits, the kernel kills whatever else runs in the namespace, and the mounts,
 //!   made only inside the private mount namespace, go with it: nothing of the session is left
 //!   on the host. pid 1 and the helper die with their parent (PR_SET_PDEATHSIG).
@@ -20,7 +30,9 @@
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -36,7 +48,8 @@ use nix::unistd::{ForkResult, Pid, fork};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::Session;
+use super::{Session, userns};
+use crate::archive::ids::IdShift;
 use crate::archive::{decompress, extract, pinned};
 use crate::progress;
 
@@ -61,17 +74,16 @@ struct Spec {
     resolv_conf: Option<Vec<u8>>,
     /// Setup errors are written here for the tool to report.
     error_file: PathBuf,
+    /// The host ids of the stage's ids.
+    ids: IdShift,
+    /// The tool itself runs in a user namespace: overlayfs keeps its bookkeeping in `user.*`
+    /// attributes, and sysfs cannot be mounted anew.
+    userxattr: bool,
 }
 
 /// Fail early, in one line, when the sandbox cannot work here.
 pub fn check_usable() -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!(
-            "the sandbox engine needs root (it creates namespaces and mounts an overlay); \
-             run as root, or use --engine docker"
-        );
-    }
-    Ok(())
+    userns::session_shift().map(|_| ())
 }
 
 /// Run `session` in the sandbox; the command's exit status.
@@ -87,8 +99,8 @@ pub fn run_exporting(
     exports: &[&str],
     on_export: &mut dyn FnMut(&str, super::Export<'_>) -> Result<()>,
 ) -> Result<i32> {
-    check_usable()?;
-    let rootfs = prepare_stage(&session.stage, &session.cache_dir, session.verbosity)?;
+    let ids = userns::session_shift()?;
+    let rootfs = prepare_stage(&session.stage, &session.cache_dir, session.verbosity, ids)?;
     let runs = session.cache_dir.join("runs");
     fs::create_dir_all(&runs).with_context(|| format!("{}: cannot create", runs.display()))?;
     remove_stale_runs(&runs);
@@ -98,11 +110,11 @@ pub fn run_exporting(
         .permissions(fs::Permissions::from_mode(0o700))
         .tempdir_in(&runs)
         .with_context(|| format!("{}: cannot create a run directory", runs.display()))?;
-    let mut result = run_in(session, &rootfs, run_dir.path());
+    let mut result = run_in(session, &rootfs, run_dir.path(), ids);
     if let Ok(0) = result {
         for path in exports {
             let exported = export_dir(&run_dir.path().join("upper"), path)
-                .and_then(|dir| on_export(path, super::Export::Dir(&dir)));
+                .and_then(|dir| on_export(path, super::Export::Dir(&dir, ids)));
             if let Err(e) = exported {
                 result = Err(e);
                 break;
@@ -146,7 +158,7 @@ fn export_dir(upper: &Path, path: &str) -> Result<PathBuf> {
     }
 }
 
-fn run_in(session: &Session, rootfs: &Path, run_dir: &Path) -> Result<i32> {
+fn run_in(session: &Session, rootfs: &Path, run_dir: &Path, ids: IdShift) -> Result<i32> {
     let spec = Spec {
         lower: rootfs.to_path_buf(),
         upper: run_dir.join("upper"),
@@ -162,16 +174,28 @@ fn run_in(session: &Session, rootfs: &Path, run_dir: &Path) -> Result<i32> {
         hostname: session.hostname.clone(),
         resolv_conf: fs::read("/etc/resolv.conf").ok(),
         error_file: run_dir.join("setup-error"),
+        ids,
+        userxattr: !userns::in_initial_namespace(),
     };
     for dir in [&spec.upper, &spec.work, &spec.merged] {
         fs::create_dir(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     }
-    for (source, _, _) in &spec.mounts {
+    // The session's root directory is the upper dir's: the stage root's owner and mode.
+    let top = fs::symlink_metadata(rootfs)
+        .with_context(|| format!("{}: cannot read", rootfs.display()))?;
+    std::os::unix::fs::lchown(&spec.upper, Some(top.uid()), Some(top.gid()))
+        .with_context(|| format!("{}: cannot set the owner", spec.upper.display()))?;
+    fs::set_permissions(&spec.upper, fs::Permissions::from_mode(top.mode() & 0o7777))
+        .with_context(|| format!("{}: cannot set the mode", spec.upper.display()))?;
+    for (source, _, read_only) in &spec.mounts {
         if !source.is_dir() {
             bail!(
                 "{}: not a directory, cannot mount it in the sandbox",
                 source.display()
             );
+        }
+        if !read_only {
+            adopt(source, ids)?;
         }
     }
     let spec_path = run_dir.join("spec.json");
@@ -185,13 +209,7 @@ fn run_in(session: &Session, rootfs: &Path, run_dir: &Path) -> Result<i32> {
     unsafe {
         cmd.pre_exec(|| {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-            unshare(
-                CloneFlags::CLONE_NEWNS
-                    | CloneFlags::CLONE_NEWPID
-                    | CloneFlags::CLONE_NEWUTS
-                    | CloneFlags::CLONE_NEWIPC,
-            )
-            .map_err(std::io::Error::from)
+            unshare(CloneFlags::CLONE_NEWPID).map_err(std::io::Error::from)
         });
     }
     let signals = SignalWatch::install(!session.interactive)?;
@@ -315,6 +333,60 @@ fn remove_stale_runs(runs: &Path) {
     }
 }
 
+/// Hand the host directory `dir`, bound writable into a session, to the session's root: every
+/// entry owned by an id outside the session's range gets the shifted owner (its own id if
+/// below 65536, else root's), so the stage's root and users can write what they wrote in an
+/// earlier session or another engine. Nothing is followed: the walk goes by directory fd.
+fn adopt(dir: &Path, ids: IdShift) -> Result<()> {
+    if ids == IdShift::NONE {
+        return Ok(());
+    }
+    fn walk(dir: &pinned::Dir, ids: IdShift) -> Result<()> {
+        use nix::fcntl::AtFlags;
+        use nix::sys::stat::{FchmodatFlags, Mode, SFlag, fchmodat, fstatat};
+        for name in std::iter::once(b".".to_vec()).chain(dir.names()?) {
+            let st = fstatat(dir.fd(), name.as_slice(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(|e| anyhow!("{}: cannot read: {e}", dir.display(&name)))?;
+            let shift = |id: u32| match ids.to_inside(id) {
+                Some(_) => id,
+                None => ids.to_host(u64::from(id)).unwrap_or(ids.base),
+            };
+            let (uid, gid) = (shift(st.st_uid), shift(st.st_gid));
+            if (uid, gid) != (st.st_uid, st.st_gid) {
+                nix::unistd::fchownat(
+                    dir.fd(),
+                    name.as_slice(),
+                    Some(nix::unistd::Uid::from_raw(uid)),
+                    Some(nix::unistd::Gid::from_raw(gid)),
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| anyhow!("{}: cannot change the owner: {e}", dir.display(&name)))?;
+                let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+                if kind != SFlag::S_IFLNK && st.st_mode & 0o6000 != 0 {
+                    // chown cleared setuid and setgid (a setgid DISTDIR keeps its group so).
+                    fchmodat(
+                        dir.fd(),
+                        name.as_slice(),
+                        Mode::from_bits_truncate(st.st_mode & 0o7777),
+                        FchmodatFlags::NoFollowSymlink,
+                    )
+                    .map_err(|e| anyhow!("{}: cannot set the mode: {e}", dir.display(&name)))?;
+                }
+            }
+            let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+            if name != b"." && kind == SFlag::S_IFDIR {
+                let sub = dir
+                    .child(&name)
+                    .map_err(|e| anyhow!("{}: cannot open: {e}", dir.display(&name)))?;
+                walk(&sub, ids)?;
+            }
+        }
+        Ok(())
+    }
+    walk(&pinned::Dir::open(dir)?, ids)
+        .with_context(|| format!("{}: cannot hand it to the sandbox's root", dir.display()))
+}
+
 /// Hash a file with SHA-256 (hex).
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
@@ -332,13 +404,15 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// The extracted stage for `stage`: `CACHE/stages/<sha256>/rootfs`, extracted on first use.
+/// The extracted stage for `stage`: `CACHE/stages/<sha256>-ids<base>/rootfs`, extracted on
+/// first use with its owners shifted by `ids`.
 pub fn prepare_stage(
     stage: &Path,
     cache_dir: &Path,
     verbosity: progress::Verbosity,
+    ids: IdShift,
 ) -> Result<PathBuf> {
-    let digest = sha256_file(stage)?;
+    let digest = format!("{}-ids{}", sha256_file(stage)?, ids.base);
     let stages = cache_dir.join("stages");
     fs::create_dir_all(&stages).with_context(|| format!("{}: cannot create", stages.display()))?;
     let done = stages.join(&digest);
@@ -367,17 +441,34 @@ pub fn prepare_stage(
         .with_context(|| format!("{}: cannot create a temporary dir", stages.display()))?;
     let tmp_root = tmp.path().join("rootfs");
     fs::create_dir(&tmp_root).with_context(|| format!("{}: cannot create", tmp_root.display()))?;
+    // The stage's root, if its archive has no `./` entry to say otherwise.
+    let root_id = ids.to_host(0)?;
+    std::os::unix::fs::lchown(&tmp_root, Some(root_id), Some(root_id))
+        .with_context(|| format!("{}: cannot set the owner", tmp_root.display()))?;
     let input = decompress::open(stage)?;
     let bar = progress::Bytes::new(verbosity, "extracting stage", input.size);
     let consumed = input.consumed.clone();
-    extract::extract(
+    let unprivileged = !userns::in_initial_namespace();
+    let extracted = extract::extract(
         input.reader,
         &tmp_root,
-        extract::ExtractOptions::default(),
+        extract::ExtractOptions {
+            ids,
+            unprivileged,
+            ..Default::default()
+        },
         || bar.set(consumed.load(Ordering::Relaxed)),
     )
     .with_context(|| format!("{}: cannot extract", stage.display()))?;
     bar.finish();
+    if extracted.skipped > 0 {
+        tracing::info!(
+            "{}: left out {} device nodes and trusted.* attributes (a user namespace cannot \
+             make them; sessions get their own /dev)",
+            stage.display(),
+            extracted.skipped
+        );
+    }
     fs::write(tmp.path().join(".complete"), stage.as_os_str().as_bytes())
         .context("cannot mark the extracted stage complete")?;
     let kept = tmp.keep();
@@ -444,15 +535,41 @@ pub fn init_main(spec_path: &Path) -> i32 {
             &SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty()),
         )
     };
+    // pid 1 says when it has entered its user namespace (ready), and waits for the maps (go).
+    let pipes = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .and_then(|ready| Ok((ready, nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)));
+    let ((ready_r, ready_w), (go_r, go_w)) = match pipes {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = writeln!(&error_file, "cannot make a pipe: {e}");
+            return SETUP_FAILED;
+        }
+    };
     // SAFETY: this process is single-threaded (freshly exec'd, no threads started).
     match unsafe { fork() } {
         Ok(ForkResult::Parent { child }) => {
+            drop((ready_w, go_r));
             FORWARD_TO.store(child.as_raw(), Ordering::SeqCst);
             let _ = set_forwarding(&[Signal::SIGTERM, Signal::SIGHUP]);
+            let mut byte = [0u8; 1];
+            if File::from(ready_r).read(&mut byte).unwrap_or(0) == 1 {
+                // This helper is in the host's mount namespace: /proc/PID is pid 1's.
+                let proc_dir = PathBuf::from(format!("/proc/{}", child.as_raw()));
+                match userns::write_maps(&proc_dir, spec.ids) {
+                    Ok(()) => {
+                        let _ = File::from(go_w).write_all(b"1");
+                    }
+                    Err(e) => {
+                        let _ = writeln!(&error_file, "{e:#}");
+                        drop(go_w); // pid 1 ends on EOF
+                    }
+                }
+            }
             wait_for(child)
         }
         Ok(ForkResult::Child) => {
-            let code = pid1(&spec, &error_file);
+            drop((ready_r, go_w));
+            let code = pid1(&spec, &error_file, ready_w, go_r);
             std::process::exit(code)
         }
         Err(e) => {
@@ -474,9 +591,14 @@ fn wait_for(pid: Pid) -> i32 {
 }
 
 /// pid 1 of the session's pid namespace.
-fn pid1(spec: &Spec, error_file: &File) -> i32 {
+fn pid1(spec: &Spec, error_file: &File, ready: OwnedFd, go: OwnedFd) -> i32 {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    if let Err(e) = setup_root(spec) {
+    let entered =
+        unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC)
+            .context("cannot create namespaces")
+            .and_then(|()| setup_root(spec))
+            .and_then(|()| enter_user_namespace(ready, go));
+    if let Err(e) = entered {
         let _ = writeln!(&*error_file, "{e:#}");
         return SETUP_FAILED;
     }
@@ -507,6 +629,12 @@ fn pid1(spec: &Spec, error_file: &File) -> i32 {
                 // SAFETY: signal(2) is async-signal-safe; a plain default disposition.
                 unsafe { libc::signal(sig, libc::SIG_DFL) };
             }
+            // Nothing the command runs gains privileges: no setuid, no file capabilities.
+            if let Err(e) = nix::sys::prctl::set_no_new_privs() {
+                let _ = writeln!(&*error_file, "cannot set no_new_privs: {e}");
+                // SAFETY: exit without running the parent's destructors in the forked child.
+                unsafe { libc::_exit(SETUP_FAILED) }
+            }
             let err = nix::unistd::execve(&program, &argv, &envp).unwrap_err();
             let _ = writeln!(
                 &*error_file,
@@ -536,6 +664,23 @@ fn pid1(spec: &Spec, error_file: &File) -> i32 {
             SETUP_FAILED
         }
     }
+}
+
+/// In pid 1, after the root is built: enter a new user namespace, have the helper write its
+/// id maps, and become its root. From here on nothing of the host is this process's.
+fn enter_user_namespace(ready: OwnedFd, go: OwnedFd) -> Result<()> {
+    unshare(CloneFlags::CLONE_NEWUSER).context("cannot create a user namespace")?;
+    File::from(ready)
+        .write_all(b"1")
+        .context("cannot signal the helper")?;
+    let mut byte = [0u8; 1];
+    if File::from(go).read(&mut byte).unwrap_or(0) != 1 {
+        bail!("the helper did not map the session's ids");
+    }
+    userns::become_root()?;
+    // A change of credentials clears the parent-death signal.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("cannot set the death signal")?;
+    Ok(())
 }
 
 /// Resolve the program (PATH of the session's environment, inside the new root) and build
@@ -621,12 +766,15 @@ fn setup_root(spec: &Spec) -> Result<()> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None,
     )?;
-    let options = format!(
+    let mut options = format!(
         "lowerdir={},upperdir={},workdir={}",
         spec.lower.display(),
         spec.upper.display(),
         spec.work.display()
     );
+    if spec.userxattr {
+        options.push_str(",userxattr");
+    }
     mnt(
         Some(Path::new("overlay")),
         &spec.merged,
@@ -662,7 +810,7 @@ fn setup_root(spec: &Spec) -> Result<()> {
                 &top,
                 target,
                 None,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | kept_flags(&top),
                 None,
             )?;
         }
@@ -687,12 +835,22 @@ fn setup_root(spec: &Spec) -> Result<()> {
     )
     .is_err()
     {
+        // In a user namespace sysfs cannot be mounted anew: the host's, read-only.
         mnt_at(
             Some(Path::new("/sys")),
             &sys,
             "/sys",
             None,
             MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+        let top = root.in_root("/sys", false, true)?;
+        mnt_at(
+            none,
+            &top,
+            "/sys",
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nosuid | kept_flags(&top),
             None,
         )?;
     }
@@ -707,6 +865,29 @@ fn setup_root(spec: &Spec) -> Result<()> {
     umount2(".", MntFlags::MNT_DETACH).context("cannot detach the old root")?;
     std::env::set_current_dir("/").context("cannot enter /")?;
     Ok(())
+}
+
+/// The flags of the mount at `dir` that a bind remount must repeat: in a user namespace the
+/// kernel refuses a remount that would drop them (they are locked).
+fn kept_flags(dir: &pinned::Dir) -> MsFlags {
+    use nix::sys::statvfs::{FsFlags, fstatvfs};
+    let Ok(st) = fstatvfs(dir.fd()) else {
+        return MsFlags::empty();
+    };
+    let mut flags = MsFlags::empty();
+    for (have, keep) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if st.flags().contains(have) {
+            flags |= keep;
+        }
+    }
+    flags
 }
 
 /// Replace `resolv.conf` in the (pinned) `etc` with a new file holding `content`; a

@@ -16,6 +16,7 @@ use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat2, readlinkat};
 use nix::sys::stat::{FileStat, SFlag, fstat, fstatat};
 use std::os::unix::ffi::OsStrExt;
 
+use crate::archive::ids::IdShift;
 use crate::archive::pinned::{Dir, same_file};
 use crate::image::layer::{EntryKind, EntryMeta, LayerWriter};
 
@@ -32,6 +33,9 @@ pub struct WalkStats {
 
 /// Append every entry below `root` (and `root` itself as `./`) to `layer`.
 ///
+/// Owners are read back through `ids`: a tree a sandbox session made in its user namespace
+/// has host owners shifted by the namespace's base; the layer gets the stage's own ids.
+///
 /// The tree is walked by directory file descriptor and no symlink in it is ever followed:
 /// `root` itself must be a directory, not a link to one, and a link inside the tree
 /// becomes a symlink entry, whatever it points at.
@@ -39,11 +43,13 @@ pub fn append_dir(
     root: &Path,
     layer: &mut LayerWriter,
     clamp_mtime: Option<u64>,
+    ids: IdShift,
 ) -> Result<WalkStats> {
     let dir = Dir::open(root)?;
     let mut walker = Walker {
         layer,
         clamp_mtime,
+        ids,
         links: HashMap::new(),
         stats: WalkStats::default(),
     };
@@ -57,6 +63,7 @@ pub fn append_dir(
 struct Walker<'a> {
     layer: &'a mut LayerWriter,
     clamp_mtime: Option<u64>,
+    ids: IdShift,
     /// (device, inode) -> first path of a multiply-linked file.
     links: HashMap<(u64, u64), Vec<u8>>,
     stats: WalkStats,
@@ -152,12 +159,17 @@ impl Walker<'_> {
         names.sort();
         for attr in names {
             let Some(text) = attr.to_str() else { continue };
-            if text.starts_with("trusted.overlay.") {
+            if text.starts_with("trusted.overlay.") || text.starts_with("user.overlay.") {
                 continue; // overlayfs bookkeeping of the directory the root was built in
             }
             if let Some(value) = xattr::get(&at, &attr)
                 .with_context(|| format!("{}: cannot read the attribute {text}", shown()))?
             {
+                let value = if text == "security.capability" {
+                    self.ids.unshift_capability(&value)
+                } else {
+                    value
+                };
                 xattrs.push((text.to_string(), value));
             }
         }
@@ -167,12 +179,20 @@ impl Walker<'_> {
         }
         self.stats.entries += 1;
         self.stats.newest_mtime = self.stats.newest_mtime.max(mtime);
+        let owner = |id: u32| {
+            self.ids.to_inside(id).ok_or_else(|| {
+                anyhow!(
+                    "{}: owned by host id {id}, which is none of the session's ids",
+                    shown()
+                )
+            })
+        };
         let entry = EntryMeta {
             path: rel,
             kind,
             mode: st.st_mode & 0o7777,
-            uid: u64::from(st.st_uid),
-            gid: u64::from(st.st_gid),
+            uid: u64::from(owner(st.st_uid)?),
+            gid: u64::from(owner(st.st_gid)?),
             uname: Vec::new(),
             gname: Vec::new(),
             mtime,
@@ -234,7 +254,7 @@ mod tests {
         let store = Store::new(tmp.path().join("store"));
         let digest_of = |clamp| {
             let mut w = LayerWriter::new(&store, LayerCompression::None).unwrap();
-            let stats = append_dir(&root, &mut w, clamp).unwrap();
+            let stats = append_dir(&root, &mut w, clamp, IdShift::NONE).unwrap();
             (w.finish(&store).unwrap(), stats)
         };
         let (info, stats) = digest_of(Some(1000));
@@ -298,7 +318,7 @@ mod tests {
         let linked = tmp.path().join("dev");
         std::os::unix::fs::symlink(host.path(), &linked).unwrap();
         let mut w = LayerWriter::new(&store, LayerCompression::None).unwrap();
-        let err = append_dir(&linked, &mut w, None).unwrap_err();
+        let err = append_dir(&linked, &mut w, None, IdShift::NONE).unwrap_err();
         assert!(format!("{err:#}").contains("not a directory"), "{err:#}");
 
         // Links inside the tree stay links.
@@ -306,7 +326,7 @@ mod tests {
         fs::create_dir(&root).unwrap();
         std::os::unix::fs::symlink(host.path(), root.join("etc")).unwrap();
         let mut w = LayerWriter::new(&store, LayerCompression::None).unwrap();
-        append_dir(&root, &mut w, None).unwrap();
+        append_dir(&root, &mut w, None, IdShift::NONE).unwrap();
         let info = w.finish(&store).unwrap();
         assert_eq!(names_in_layer(&store, &info.digest), ["./", "etc"]);
     }
@@ -325,7 +345,7 @@ mod tests {
         }
         fs::write(root.join("var/db/pkg/app-misc/hello-1/SLOT"), "0\n").unwrap();
         let mut w = LayerWriter::new(&store, LayerCompression::None).unwrap();
-        let stats = append_dir(&root, &mut w, None).unwrap();
+        let stats = append_dir(&root, &mut w, None, IdShift::NONE).unwrap();
         assert_eq!(stats.packages, ["app-misc/hello-1", "sys-libs/libdemo-1.0"]);
 
         // A category that links to a host directory lists nothing of that directory.
@@ -333,7 +353,7 @@ mod tests {
         fs::create_dir(host.path().join("secret-1")).unwrap();
         std::os::unix::fs::symlink(host.path(), root.join("var/db/pkg/dev-libs")).unwrap();
         let mut w = LayerWriter::new(&store, LayerCompression::None).unwrap();
-        let stats = append_dir(&root, &mut w, None).unwrap();
+        let stats = append_dir(&root, &mut w, None, IdShift::NONE).unwrap();
         assert_eq!(stats.packages, ["app-misc/hello-1", "sys-libs/libdemo-1.0"]);
     }
 }
