@@ -34,6 +34,8 @@ pub struct ImportOptions {
     /// SOURCE_DATE_EPOCH; otherwise the newest mtime in the stage is the creation time.
     pub source_date_epoch: Option<i64>,
     pub verbosity: Verbosity,
+    /// The stage's SHA-256 (hex) when the caller hashed it already; otherwise hashed here.
+    pub stage_digest: Option<String>,
 }
 
 /// What a pass over a tarball learned besides the layer itself.
@@ -172,7 +174,10 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<StoredImage> {
 pub fn import_scanned(store: &Store, opts: &ImportOptions) -> Result<(StoredImage, Scan)> {
     let blobs = store.session(); // a failure below removes the blobs written here
     let file = opts.stage.display().to_string();
-    let stage_digest = crate::engine::sandbox::sha256_file(&opts.stage)?;
+    let stage_digest = match &opts.stage_digest {
+        Some(known) => known.clone(),
+        None => crate::archive::digest::sha256_file(&opts.stage)?,
+    };
     let input = decompress::open(&opts.stage)?;
     tracing::info!(
         "importing {file} ({}, {} bytes) as {}",

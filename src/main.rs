@@ -244,6 +244,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 platform: args.platform.as_deref().map(str::parse).transpose()?,
                 source_date_epoch: import::source_date_epoch()?,
                 verbosity,
+                stage_digest: None,
             };
             let image = import::import(&store, &opts)?;
             if let Some(path) = &args.archive {

@@ -157,8 +157,11 @@ pub fn shell(opts: &ShellOptions) -> Result<i32> {
     } else {
         opts.command.clone()
     };
+    let stage = absolute(&opts.stage)?;
+    let stage_digest = crate::archive::digest::sha256_file(&stage)?;
     let session = Session {
-        stage: absolute(&opts.stage)?,
+        stage,
+        stage_digest,
         store: opts.store.clone(),
         raw_reference,
         mounts,

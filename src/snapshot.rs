@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result, bail};
 
+use crate::archive::digest::sha256_file;
 use crate::archive::{decompress, extract, squashfs};
-use crate::engine::sandbox::sha256_file;
 use crate::progress::{self, Verbosity};
 
 const MARKER: &str = ".gentoo-mkimg-snapshot";

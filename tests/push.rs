@@ -66,6 +66,7 @@ impl Work {
                 platform: None,
                 source_date_epoch: Some(1_700_000_000),
                 verbosity: Verbosity::Quiet,
+                stage_digest: None,
             },
         )
         .unwrap_or_else(|e| panic!("import {reference}: {e:#}"))

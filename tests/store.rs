@@ -70,6 +70,7 @@ fn import_lib(store: &Store, stage: &Path, reference: &str) -> StoredImage {
             platform: None,
             source_date_epoch: Some(1_700_000_000),
             verbosity: Verbosity::Quiet,
+            stage_digest: None,
         },
     )
     .unwrap_or_else(|e| panic!("import {reference}: {e:#}"))

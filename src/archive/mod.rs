@@ -2,6 +2,7 @@
 //! safety before anything else sees them.
 
 pub mod decompress;
+pub mod digest;
 pub mod entries;
 pub mod extract;
 pub mod ids;

@@ -61,7 +61,7 @@ impl KeyBuilder {
         if meta.is_dir() {
             return self.listing(name, path);
         }
-        let digest = crate::engine::sandbox::sha256_file(path)?;
+        let digest = crate::archive::digest::sha256_file(path)?;
         self.field(name, digest.as_bytes());
         Ok(())
     }

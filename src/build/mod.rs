@@ -195,11 +195,14 @@ fn write_inputs(
 /// The part of the build key that the build does not change: the stage, the snapshot, the
 /// repositories, the driver's inputs, the names and image settings (see [`key`]). Hashed
 /// once per build.
-fn input_key(opts: &BuildOptions, refs: &BTreeMap<&str, Reference>) -> Result<key::KeyBuilder> {
+fn input_key(
+    opts: &BuildOptions,
+    refs: &BTreeMap<&str, Reference>,
+    stage_digest: &str,
+) -> Result<key::KeyBuilder> {
     let plan = &opts.plan;
     let mut k = key::KeyBuilder::new();
-    k.path("stage", &plan.stage3)
-        .context("the build key: the stage")?;
+    k.text("stage", stage_digest);
     k.path("snapshot", &plan.snapshot)
         .context("the build key: the snapshot")?;
     for repo in &plan.repos {
@@ -563,7 +566,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     // Nothing changed since the build that made dev and rt: they are the result.
     let packages = work.join("packages").join(&plan.tag);
     let t = Instant::now();
-    let inputs_key = input_key(opts, &refs)?;
+    // The stage is hashed here once: the key, the raw image's label and the engines use it.
+    let stage_digest = crate::archive::digest::sha256_file(&stage)
+        .with_context(|| format!("{}: the build key", plan.stage3.display()))?;
+    let inputs_key = input_key(opts, &refs, &stage_digest)?;
     let key = build_key(inputs_key.clone(), &opts.store, &refs["raw"], &packages)?;
     if !opts.force
         && let Some((raw, dev, rt)) = unchanged_images(&opts.store, &refs, &key)?
@@ -598,6 +604,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             platform: None,
             source_date_epoch: opts.source_date_epoch,
             verbosity: opts.verbosity,
+            stage_digest: Some(stage_digest.clone()),
         },
     )?;
     phases.push(("raw image".to_string(), t.elapsed()));
@@ -681,6 +688,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     }
     let session = Session {
         stage,
+        stage_digest,
         store: opts.store.clone(),
         raw_reference: refs["raw"].clone(),
         mounts,

@@ -42,7 +42,6 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use self::owner::Owner;
 use super::Session;
-use crate::engine::sandbox::sha256_file;
 use crate::image::layer::LayerCompression;
 use crate::image::store::Store;
 use crate::image::{StoredImage, open_image};
@@ -318,7 +317,7 @@ fn stored_image(session: &Session) -> Result<StoredImage> {
         .any(|d| d.ref_name() == Some(reference.as_str()))
     {
         let image = open_image(&session.store, &reference)?;
-        let want = format!("sha256:{}", sha256_file(&session.stage)?);
+        let want = format!("sha256:{}", session.stage_digest);
         match stage_of(&session.store, &image)? {
             Some(found) if found == want => return Ok(image),
             found => tracing::warn!(
@@ -337,6 +336,7 @@ fn stored_image(session: &Session) -> Result<StoredImage> {
         platform: None,
         source_date_epoch: crate::import::source_date_epoch()?,
         verbosity: session.verbosity,
+        stage_digest: Some(session.stage_digest.clone()),
     };
     import(&session.store, &opts).with_context(|| format!("cannot import {stage} as {reference}"))
 }

@@ -48,6 +48,9 @@ pub struct Mount {
 pub struct Session {
     /// The stage3 tarball.
     pub stage: PathBuf,
+    /// Its SHA-256 (hex), hashed once by whoever made the session: it names the extracted
+    /// stage (sandbox) and is checked against the raw image's label (docker).
+    pub stage_digest: String,
     /// The image store, where the docker engine finds (or imports) the raw image.
     pub store: Store,
     /// Name of the raw image made from `stage` (the docker engine's image).

@@ -46,7 +46,6 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, kill, sig
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
 use super::{Session, userns};
 use crate::archive::ids::IdShift;
@@ -100,7 +99,13 @@ pub fn run_exporting(
     on_export: &mut dyn FnMut(&str, super::Export<'_>) -> Result<()>,
 ) -> Result<i32> {
     let ids = userns::session_shift()?;
-    let rootfs = prepare_stage(&session.stage, &session.cache_dir, session.verbosity, ids)?;
+    let rootfs = prepare_stage(
+        &session.stage,
+        &session.stage_digest,
+        &session.cache_dir,
+        session.verbosity,
+        ids,
+    )?;
     let runs = session.cache_dir.join("runs");
     fs::create_dir_all(&runs).with_context(|| format!("{}: cannot create", runs.display()))?;
     remove_stale_runs(&runs);
@@ -387,32 +392,16 @@ fn adopt(dir: &Path, ids: IdShift) -> Result<()> {
         .with_context(|| format!("{}: cannot hand it to the sandbox's root", dir.display()))
 }
 
-/// Hash a file with SHA-256 (hex).
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
-}
-
 /// The extracted stage for `stage`: `CACHE/stages/<sha256>-ids<base>/rootfs`, extracted on
 /// first use with its owners shifted by `ids`.
 pub fn prepare_stage(
     stage: &Path,
+    stage_digest: &str,
     cache_dir: &Path,
     verbosity: progress::Verbosity,
     ids: IdShift,
 ) -> Result<PathBuf> {
-    let digest = format!("{}-ids{}", sha256_file(stage)?, ids.base);
+    let digest = format!("{stage_digest}-ids{}", ids.base);
     let stages = cache_dir.join("stages");
     fs::create_dir_all(&stages).with_context(|| format!("{}: cannot create", stages.display()))?;
     let done = stages.join(&digest);
