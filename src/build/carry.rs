@@ -12,7 +12,9 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::archive::pinned::Dir;
 
 /// Where a new TAG's binary packages came from.
 #[derive(Debug, Clone)]
@@ -27,14 +29,20 @@ pub fn is_fresh(dir: &Path) -> bool {
 }
 
 /// The `PROFILE:` of a package dir's `Packages` index (its header ends at the first empty
-/// line), and the index's mtime.
+/// line), and the index's mtime. The index is opened without following a symlink: a build
+/// writes these dirs.
 fn profile_of(dir: &Path) -> Option<(String, i64)> {
+    use std::os::unix::fs::OpenOptionsExt;
     let index = dir.join("Packages");
-    let meta = fs::symlink_metadata(&index).ok()?;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&index)
+        .ok()?;
+    let meta = file.metadata().ok()?;
     if !meta.is_file() {
         return None;
     }
-    let file = fs::File::open(&index).ok()?;
     for line in BufReader::new(file).lines() {
         let line = line.ok()?;
         if line.is_empty() {
@@ -77,48 +85,57 @@ pub fn carry(packages_root: &Path, tag: &str, profile: &str) -> Result<Option<Ca
 
 /// Recreate `from`'s directories under `to` and hard-link its regular files; symlinks and
 /// anything else are left out (a package dir holds neither). The number of files linked.
+///
+/// `from` was written by an earlier build, which may still be running (another TAG): both
+/// trees are walked by directory fd and nothing in them is followed, so a directory swapped
+/// for a symlink cannot make this link a host file into `to`.
 fn link_tree(from: &Path, to: &Path) -> Result<usize> {
-    fs::create_dir_all(to).with_context(|| format!("{}: cannot create", to.display()))?;
-    let mut linked = 0;
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = from.join(&rel);
-        for entry in
-            fs::read_dir(&dir).with_context(|| format!("{}: cannot list", dir.display()))?
-        {
-            let entry = entry.with_context(|| format!("{}: cannot list", dir.display()))?;
-            let rel = rel.join(entry.file_name());
-            let kind = entry
-                .file_type()
-                .with_context(|| format!("{}: cannot read", entry.path().display()))?;
-            let target = to.join(&rel);
-            if kind.is_dir() {
-                match fs::create_dir(&target) {
-                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-                        return Err(e)
-                            .with_context(|| format!("{}: cannot create", target.display()));
+    use nix::fcntl::AtFlags;
+    use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
+    fn walk(from: &Dir, to: &Dir) -> Result<usize> {
+        let mut linked = 0;
+        for name in from.names()? {
+            let st = fstatat(from.fd(), name.as_slice(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(|e| anyhow!("{}: cannot read: {e}", from.display(&name)))?;
+            match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+                SFlag::S_IFDIR => {
+                    match mkdirat(to.fd(), name.as_slice(), Mode::from_bits_truncate(0o755)) {
+                        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                        Err(e) => bail!("{}: cannot create: {e}", to.display(&name)),
                     }
-                    _ => {}
+                    let sub_from = from
+                        .child(&name)
+                        .map_err(|e| anyhow!("{}: cannot open: {e}", from.display(&name)))?;
+                    let sub_to = to
+                        .child(&name)
+                        .map_err(|e| anyhow!("{}: cannot open: {e}", to.display(&name)))?;
+                    linked += walk(&sub_from, &sub_to)?;
                 }
-                stack.push(rel);
-            } else if kind.is_file() {
-                match fs::hard_link(entry.path(), &target) {
-                    Ok(()) => linked += 1,
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                    Err(e) => {
-                        return Err(e).with_context(|| {
-                            format!(
-                                "{}: cannot link to {}",
-                                target.display(),
-                                entry.path().display()
-                            )
-                        });
+                SFlag::S_IFREG => {
+                    // linkat without AT_SYMLINK_FOLLOW: the name itself is never followed.
+                    match nix::unistd::linkat(
+                        from.fd(),
+                        name.as_slice(),
+                        to.fd(),
+                        name.as_slice(),
+                        AtFlags::empty(),
+                    ) {
+                        Ok(()) => linked += 1,
+                        Err(nix::errno::Errno::EEXIST) => {}
+                        Err(e) => bail!(
+                            "{}: cannot link to {}: {e}",
+                            to.display(&name),
+                            from.display(&name)
+                        ),
                     }
                 }
+                _ => {}
             }
         }
+        Ok(linked)
     }
-    Ok(linked)
+    fs::create_dir_all(to).with_context(|| format!("{}: cannot create", to.display()))?;
+    walk(&Dir::open(from)?, &Dir::open(to)?)
 }
 
 #[cfg(test)]
@@ -168,5 +185,29 @@ mod tests {
                 .is_none()
         );
         assert!(!root.join("x").exists());
+    }
+
+    #[test]
+    fn links_and_a_linked_index_in_the_source_are_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("packages");
+        package_dir(&root, "old", "p");
+        let host = tmp.path().join("host");
+        fs::create_dir_all(&host).unwrap();
+        fs::write(host.join("secret"), "host file").unwrap();
+        std::os::unix::fs::symlink(&host, root.join("old/app-admin")).unwrap();
+        std::os::unix::fs::symlink(host.join("secret"), root.join("old/stolen")).unwrap();
+        let carried = carry(&root, "new", "p").unwrap().unwrap();
+        assert_eq!(carried.files, 2, "only the index and the package");
+        assert!(fs::symlink_metadata(root.join("new/app-admin")).is_err());
+        assert!(fs::symlink_metadata(root.join("new/stolen")).is_err());
+        assert_eq!(fs::metadata(host.join("secret")).unwrap().nlink(), 1);
+
+        // A Packages index that is a symlink gives no profile.
+        package_dir(&root, "linked", "p");
+        fs::remove_file(root.join("linked/Packages")).unwrap();
+        std::os::unix::fs::symlink(root.join("old/Packages"), root.join("linked/Packages"))
+            .unwrap();
+        assert!(profile_of(&root.join("linked")).is_none());
     }
 }
