@@ -53,11 +53,13 @@ fn user() -> User {
     }
 }
 
-/// A directory owned by the user, with the fixture stage in it.
+/// A directory owned by the user, with the fixture stage and the tool in it (the build tree
+/// may be where the user cannot reach it, under /root say).
 struct Home {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
     stage: PathBuf,
+    tool: PathBuf,
 }
 
 fn home(user: &User) -> Home {
@@ -69,10 +71,13 @@ fn home(user: &User) -> Home {
     if fs::hard_link(&fixture, &stage).is_err() {
         fs::copy(&fixture, &stage).unwrap();
     }
+    let tool = dir.join("gentoo-mkimg");
+    fs::copy(env!("CARGO_BIN_EXE_gentoo-mkimg"), &tool).unwrap();
     Home {
         _tmp: tmp,
         dir,
         stage,
+        tool,
     }
 }
 
@@ -82,7 +87,7 @@ fn mkimg(user: &User, home: &Home) -> Command {
     cmd.arg(format!("--reuid={}", user.uid))
         .arg(format!("--regid={}", user.gid))
         .args(["--init-groups", "--"])
-        .arg(env!("CARGO_BIN_EXE_gentoo-mkimg"))
+        .arg(&home.tool)
         .arg("--work-dir")
         .arg(home.dir.join("work"))
         .arg("--store")
