@@ -823,6 +823,32 @@ fn failing_package_keeps_packages_and_tags_nothing(w: &Work, stage: &Path) {
         text.contains("this package is meant to fail"),
         "{named} is not the failing package's log"
     );
+    // The driver's result file names the package, its phase and its log; the error says
+    // what it says.
+    let result = json(&w.dir.join("logs/t1/result.json"));
+    let failed = &result["failed"];
+    assert_eq!(failed["package"], "app-misc/broken-1", "{result}");
+    assert_eq!(failed["phase"], "compile", "{result}");
+    let log = w.dir.join("logs/t1").join(
+        failed["log"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no log: {result}")),
+    );
+    assert!(
+        stderr.contains(&format!(
+            ": app-misc/broken-1 failed (compile phase); build log: {}; full log: ",
+            log.display()
+        )),
+        "the error is not the result file's: {stderr}"
+    );
+    assert_eq!(result["clamp"], Value::Null, "{result}");
+    let phases: Vec<&str> = result["phases"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no phases: {result}"))
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(phases, ["configure", "build"], "{result}");
     assert_eq!(tags(&w.store), before, "a failed build changed tags");
     assert!(
         count_binpkgs(&w.dir.join("packages/t1")) >= binpkgs,

@@ -4,7 +4,7 @@
 #   /var/db/repos/gentoo         the Portage tree (read-only)
 #   /var/cache/binpkgs           packages/TAG: binary packages, kept across runs
 #   /var/cache/distfiles         the shared distfiles cache
-#   /var/log/gentoo-mkimg        logs/TAG: the full log, emerge's build logs, phase times
+#   /var/log/gentoo-mkimg        logs/TAG: the full log, emerge's build logs, result.json
 #   /var/tmp/gentoo-mkimg/export named pipes dev.fifo and rt.fifo, only with the docker engine
 #   /var/tmp/gentoo-mkimg/input  what the tool wrote for this build (read-only):
 #       make.conf                extra make.conf lines
@@ -31,31 +31,100 @@
 #
 # Output: with MKIMG_VERBOSE=1 everything emerge prints; otherwise only the phases and
 # emerge's ">>> Emerging ..." lines. Everything goes to $LOG as well.
+#
+# Result: $LOGDIR/result.json, rewritten (whole, by rename) when a phase starts, when the
+# clamp is known and when the script exits, also on failure:
+#   {"phases":[{"name":"configure","start":EPOCH},...],"clamp":EPOCH or null,
+#    "failed":null or {"package":"CAT/PF","phase":"compile","log":"portage/CAT:PF:DATE.log"}}
+# "failed" names the package an emerge failed on and its build log (relative to $LOGDIR,
+# null when Portage wrote none), as Portage recorded them (see note_failure).
 set -eu
 
 IN=/var/tmp/gentoo-mkimg/input
 OUT=/var/tmp/gentoo-mkimg
 LOGDIR=/var/log/gentoo-mkimg
 LOG=$LOGDIR/build.log
-PHASES=$LOGDIR/phases
+RESULT=$LOGDIR/result.json
 REPO=/var/db/repos/gentoo
 
 # shellcheck source=/dev/null # written by the tool for each build
 . "$IN/settings"
 
 : > "$LOG"
-: > "$PHASES"
+rm -f "$RESULT" "$OUT"/failed-*
+
+# The result file (above). Every value is a number or a string of the characters that
+# note_failure lets through, so nothing needs escaping.
+PHASES_JSON=
+CLAMP=
+write_result() {
+	failed=null
+	for f in "$OUT/failed-build" "$OUT/failed-dev" "$OUT/failed-rt"; do
+		[ -f "$f" ] || continue
+		{ read -r pkg && read -r ph && read -r plog; } < "$f" || continue
+		if [ -n "$plog" ]; then plog="\"$plog\""; else plog=null; fi
+		failed="{\"package\":\"$pkg\",\"phase\":\"$ph\",\"log\":$plog}"
+		break
+	done
+	printf '{"phases":[%s],"clamp":%s,"failed":%s}\n' "$PHASES_JSON" "${CLAMP:-null}" \
+		"$failed" > "$RESULT.tmp" && mv -f "$RESULT.tmp" "$RESULT"
+}
 
 phase() {
-	echo "$1 $(date +%s)" >> "$PHASES"
+	PHASES_JSON="${PHASES_JSON:+$PHASES_JSON,}{\"name\":\"$1\",\"start\":$(date +%s)}"
+	write_result
 	echo ">>> gentoo-mkimg: $1" | tee -a "$LOG"
 }
 
+# After an emerge failed: the package it failed on, from what Portage wrote under
+# PORTAGE_LOGDIR since the stamp file $1 was made, into $OUT/failed-$2 (package, phase,
+# build log, one a line; the first failure of each part is kept). Portage's elog "save"
+# module writes each package's messages to elog/CAT:PF:DATE.log (elog/CAT/PF:DATE.log with
+# FEATURES=split-elog), every phase's messages of each class under a line "CLASS: PHASE";
+# die() reports with eerror, so the failed package's file has an "ERROR: PHASE" line, and
+# the newest such file is the failure. Its build log is PORTAGE_LOGDIR's newest
+# CAT:PF:DATE.log (build/CAT/PF:DATE.log with split-log), maybe compressed.
+note_failure() {
+	dir=${PORTAGE_LOGDIR:-}
+	out=$OUT/failed-$2
+	[ -n "$dir" ] && [ -d "$dir/elog" ] && [ ! -e "$out" ] || return 0
+	elog=$(find "$dir/elog" -type f -name '*.log' -newer "$1" -printf '%T@ %p\n' |
+		sort -rn | cut -d' ' -f2- | while read -r f; do
+			if grep -qE '^ERROR: [a-z_]+$' "$f"; then
+				echo "$f"
+				break
+			fi
+		done)
+	[ -n "$elog" ] || return 0
+	ph=$(grep -E '^ERROR: [a-z_]+$' "$elog" | tail -n 1 | cut -d' ' -f2)
+	rel=${elog#"$dir/elog/"}
+	case $rel in
+	*/*) cat=${rel%%/*} pf=${rel#*/} ;;
+	*) cat=${rel%%:*} pf=${rel#*:} ;;
+	esac
+	pf=${pf%%:*}
+	# Only what a package name can hold: no quote or control character gets into the JSON.
+	case "$cat/$pf" in
+	*[!A-Za-z0-9+_./-]* | /* | */ | */*/*) return 0 ;;
+	esac
+	plog=$(find "$dir" -path "$dir/elog" -prune -o -type f -newer "$1" \
+		\( -name "$cat:$pf:*.log*" -o -path "*/$cat/$pf:*.log*" \) -printf '%T@ %p\n' |
+		sort -rn | head -n 1 | cut -d' ' -f2-)
+	plog=${plog#"$LOGDIR/"}
+	case $plog in
+	*[!A-Za-z0-9+_.:/-]* | /*) plog= ;;
+	esac
+	printf '%s\n%s\n%s\n' "$cat/$pf" "$ph" "$plog" > "$out.tmp" && mv -f "$out.tmp" "$out"
+}
+
 # Run a command with its output in a log (LOGTO, default $LOG); on the terminal in full
-# (verbose) or only its ">>> " lines. Keeps the command's exit status.
+# (verbose) or only its ">>> " lines. Keeps the command's exit status; when it fails, notes
+# the package it failed on (note_failure) for the part FAILED_AS (build, dev or rt).
 logged() {
 	log=${LOGTO:-$LOG}
 	status=$log.status
+	stamp=$OUT/stamp-${FAILED_AS:-build}
+	: > "$stamp"
 	{
 		rc=0
 		"$@" 2>&1 || rc=$?
@@ -69,6 +138,8 @@ logged() {
 	}
 	rc=$(cat "$status")
 	rm -f "$status"
+	[ "$rc" = 0 ] || note_failure "$stamp" "${FAILED_AS:-build}"
+	rm -f "$stamp"
 	return "$rc"
 }
 
@@ -81,7 +152,12 @@ hand_back() {
 	[ -z "$MKIMG_OWNER" ] && return 0
 	chown -R "$MKIMG_OWNER" /var/cache/binpkgs /var/cache/distfiles /var/log/gentoo-mkimg || true
 }
-trap hand_back EXIT
+# On every exit: the result file as it ends, then the files back to their user.
+finish() {
+	write_result || true
+	hand_back
+}
+trap finish EXIT
 
 # --- configure Portage ------------------------------------------------------------------
 # make.conf gets what the images should keep (they carry /etc/portage): buildpkg, accepting
@@ -180,14 +256,14 @@ fi
 # --- one time for everything the roots carry ------------------------------------------------
 # Merging stamps files with the time of the merge. So that an unchanged rebuild gives the same
 # images, no mtime in the roots is later than CLAMP: SOURCE_DATE_EPOCH, or the newest binary
-# package (unchanged while the packages are). The tool reads it back from $LOGDIR/clamp.
+# package (unchanged while the packages are). The tool reads it back from the result file.
 CLAMP=$MKIMG_SOURCE_DATE_EPOCH
 if [ -z "$CLAMP" ]; then
 	CLAMP=$(find /var/cache/binpkgs -type f \( -name '*.gpkg.tar' -o -name '*.xpak' -o -name '*.tbz2' \) \
 		-printf '%T@\n' | cut -d. -f1 | sort -n | tail -n 1)
 	CLAMP=${CLAMP:-0}
 fi
-echo "$CLAMP" > "$LOGDIR/clamp"
+write_result
 
 # Settle a root for reproducibility: drop caches that record merge times and inode numbers,
 # record symlinks in the package database with CLAMP as their mtime (what they will have),
@@ -264,12 +340,13 @@ phase roots
 	PORTAGE_TMPDIR=$OUT/tmp-rt
 	PORTAGE_LOGDIR=$LOGDIR/portage/rt
 	LOGTO=$LOGDIR/rt.log
+	FAILED_AS=rt
 	export PORTAGE_TMPDIR PORTAGE_LOGDIR
 	mkdir -p "$PORTAGE_TMPDIR" "$PORTAGE_LOGDIR" && merge_rt
 ) &
 rt_pid=$!
 dev_rc=0
-LOGTO=$LOGDIR/dev.log merge_dev || dev_rc=$?
+LOGTO=$LOGDIR/dev.log FAILED_AS=dev merge_dev || dev_rc=$?
 rt_rc=0
 wait "$rt_pid" || rt_rc=$?
 cat "$LOGDIR/dev.log" "$LOGDIR/rt.log" >> "$LOG"
