@@ -159,6 +159,54 @@ finish() {
 }
 trap finish EXIT
 
+# emerge --pretend with the arguments: true when its plan (kept in $LOG) installs binary
+# packages only.
+nothing_to_compile() {
+	plan=$OUT/plan
+	rc=0
+	emerge --pretend "$@" > "$plan" 2>&1 || rc=$?
+	cat "$plan" >> "$LOG"
+	[ "$rc" = 0 ] && grep -q '^\[binary' "$plan" &&
+		! grep -qE '^\[(ebuild|blocks|uninstall)' "$plan"
+}
+
+# Merge into / what the merges of the roots (below) would merge there: the install-time
+# dependencies (IDEPEND) of their packages, which Portage wants in / whatever ROOT is: e.g.
+# sys-apps/shadow, whose useradd the acct-* packages run. Asked of Portage with one plan of
+# both roots' packages into an empty root, from binary packages; its packages for / (the
+# lines not ending in "to ROOT") are merged, from binary packages, one time, before dev and
+# rt merge at the same time.
+root_needs() {
+	probe=$OUT/probe
+	rm -rf "$probe" && mkdir -p "$probe/var/lib/portage" || return
+	if [ -f /var/lib/portage/world ]; then
+		cp /var/lib/portage/world "$probe/var/lib/portage/world" || return
+	fi
+	rc=0
+	# shellcheck disable=SC2086
+	ROOT=$probe emerge --pretend --quiet --usepkgonly --binpkg-respect-use=y --root-deps \
+		--with-bdeps=n --color=n --nospinner @system @world $MKIMG_DEV_PACKAGES \
+		$MKIMG_RT_PACKAGES > "$OUT/plan" 2>&1 || rc=$?
+	cat "$OUT/plan" >> "$LOG"
+	rm -rf "$probe"
+	# A plan that fails fails the roots too, which say why.
+	[ "$rc" = 0 ] || return 0
+	# "[binary  N    ] CAT/PF[-BUILD_ID][::REPO]", BUILD_ID when the package is one of several
+	# builds (binpkg-multi-instance: PKGDIR/CAT/PN/PF-BUILD_ID.gpkg.tar).
+	needs=$(grep '^\[binary' "$OUT/plan" | grep -v " to $probe" |
+		sed -E 's/^\[[^]]*\] +([^ ]+).*/\1/; s/::.*//' | while read -r p; do
+			for f in "$PKGDIR/${p%%/*}"/*/"${p#*/}".*; do
+				[ -f "$f" ] && p=${p%-[0-9]*}
+				break
+			done
+			printf ' =%s' "$p"
+		done)
+	[ -n "$needs" ] || return 0
+	# shellcheck disable=SC2086
+	logged emerge --usepkgonly --binpkg-respect-use=y --oneshot --with-bdeps=n --color=n \
+		--nospinner $needs
+}
+
 # --- configure Portage ------------------------------------------------------------------
 # make.conf gets what the images should keep (they carry /etc/portage): buildpkg, accepting
 # our own unsigned binary packages (Portage verifies binary-package signatures by default),
@@ -235,14 +283,25 @@ fi
 
 # --- build every package of the system, reusing binary packages -----------------------------
 phase build
-# shellcheck disable=SC2086 # word splitting of package lists is intended
 # --with-bdeps=y: the build dependencies are merged into / even when their users come from
-# binary packages (the stage starts pristine every run), so the roots' merges find them there.
+# binary packages (the stage starts pristine every run), so that what is compiled finds them.
 # A binary package is used only if built with today's USE flags and today's dependencies
 # (those carried from an earlier TAG were built from another snapshot).
-logged emerge --emptytree --usepkg --binpkg-respect-use=y --binpkg-changed-deps=y \
-	--with-bdeps=y --buildpkg \
-	--color=n --nospinner $keep_going @system @world $MKIMG_DEV_PACKAGES
+# shellcheck disable=SC2086 # word splitting of package lists is intended
+set -- --emptytree --usepkg --binpkg-respect-use=y --binpkg-changed-deps=y --with-bdeps=y \
+	--buildpkg --color=n --nospinner $keep_going @system @world $MKIMG_DEV_PACKAGES
+# When every package of that graph has its binary package already (an unchanged rebuild, a
+# new TAG started from the packages of an earlier one), nothing is compiled, and merging them
+# all into / again would only cost time: / then gets only what the roots' merges need there
+# (root_needs). Anything else in the plan (a package to compile, a blocker, an uninstall, an
+# error) and the whole graph is merged, as the first time.
+if nothing_to_compile "$@"; then
+	echo ">>> gentoo-mkimg: nothing needs compiling: the build root / is not reinstalled from binary packages" |
+		tee -a "$LOG"
+	root_needs
+else
+	logged emerge "$@"
+fi
 # baselayout once more with USE=build, as a binary package of its own (binpkg-multi-instance
 # keeps both, and --binpkg-respect-use=y makes every merge take the one whose USE flags
 # match: without it, --usepkgonly takes a binary package whatever its flags). It is the
@@ -303,9 +362,11 @@ merge_dev() {
 		mkdir -p "$OUT/dev/var/lib/portage" &&
 			cp /var/lib/portage/world "$OUT/dev/var/lib/portage/world" || return
 	fi
+	# --root-deps: the build dependencies go into the root (they are what dev is for), and
+	# with --with-bdeps=n not into / as well (where only an unchanged build lacks them).
 	# shellcheck disable=SC2086
 	logged env ROOT="$OUT/dev" emerge --usepkgonly --binpkg-respect-use=y --color=n \
-		--nospinner --jobs=1 --root-deps --with-bdeps=y @system @world $MKIMG_DEV_PACKAGES
+		--nospinner --jobs=1 --root-deps --with-bdeps=n @system @world $MKIMG_DEV_PACKAGES
 }
 
 # The rt root: the runtime closure of the base set, without docs and headers. Its make.conf
