@@ -177,6 +177,20 @@ fn merges_into_the_stage(work_dir: &Path, tag: &str) -> Vec<String> {
         .collect()
 }
 
+/// What the driver says when the build phase has nothing to compile.
+const NOT_REINSTALLED: &str = ">>> gentoo-mkimg: nothing needs compiling: the build root / is not reinstalled from binary packages";
+
+/// The merges into the stage's / in the build phase: emerge names no root for them.
+fn build_phase_merges(work_dir: &Path, tag: &str) -> Vec<String> {
+    let log = std::fs::read_to_string(work_dir.join(format!("logs/{tag}/build.log"))).unwrap();
+    log.lines()
+        .skip_while(|l| *l != ">>> gentoo-mkimg: build")
+        .take_while(|l| *l != ">>> gentoo-mkimg: roots")
+        .filter(|l| l.starts_with(">>> Emerging") && !l.contains(" for /"))
+        .map(str::to_string)
+        .collect()
+}
+
 /// @system of the test repository's profiles: the `*CAT/PN` lines of every `packages` file.
 fn system_set() -> BTreeSet<String> {
     let out = Command::new("find")
@@ -438,6 +452,44 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
         compiled_in(&w.dir, "t2"),
         Vec::<String>::new(),
         "the new TAG compiled packages"
+    );
+    // Nothing to compile, so the build root / is not reinstalled from binary packages, and
+    // a line says so: the build phase merges into / only what the roots' merges need there
+    // at install time (the acct-* packages' IDEPEND on sys-apps/shadow, whose useradd they
+    // run, with its libraries; a real stage3 has it registered already, the stand-in stage
+    // only its C library), none of @world or of the build dependencies, which t1 merged.
+    let into_stage = build_phase_merges(&w.dir, "t2");
+    assert!(
+        into_stage.len() < build_phase_merges(&w.dir, "t1").len() / 2,
+        "the build root was reinstalled: {into_stage:?}"
+    );
+    for line in &into_stage {
+        assert!(
+            line.starts_with(">>> Emerging binary (")
+                && !["app-misc/", "dev-util/devtool", "sys-devel/gcc"]
+                    .iter()
+                    .any(|p| line.contains(p)),
+            "merged into / in the build phase of t2: {line}"
+        );
+    }
+    assert!(
+        into_stage.iter().any(|l| l.contains(" sys-apps/shadow-")),
+        "{into_stage:?}"
+    );
+    let log = std::fs::read_to_string(w.dir.join("logs/t2/build.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l == NOT_REINSTALLED),
+        "no line says the build root was not reinstalled"
+    );
+    let t1_log = std::fs::read_to_string(w.dir.join("logs/t1/build.log")).unwrap();
+    assert!(
+        !t1_log.lines().any(|l| l == NOT_REINSTALLED),
+        "t1 compiled, yet its build root was not reinstalled"
+    );
+    let stray = merges_into_the_stage(&w.dir, "t2");
+    assert!(
+        stray.is_empty(),
+        "merged into / in the root phases of t2: {stray:?}"
     );
     let linked = common::binpkgs(&w.dir.join("packages/t2"));
     let (name, files) = linked.iter().next().expect("no binary package in t2");
@@ -823,6 +875,32 @@ fn failing_package_keeps_packages_and_tags_nothing(w: &Work, stage: &Path) {
         text.contains("this package is meant to fail"),
         "{named} is not the failing package's log"
     );
+    // The driver's result file names the package, its phase and its log; the error says
+    // what it says.
+    let result = json(&w.dir.join("logs/t1/result.json"));
+    let failed = &result["failed"];
+    assert_eq!(failed["package"], "app-misc/broken-1", "{result}");
+    assert_eq!(failed["phase"], "compile", "{result}");
+    let log = w.dir.join("logs/t1").join(
+        failed["log"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no log: {result}")),
+    );
+    assert!(
+        stderr.contains(&format!(
+            ": app-misc/broken-1 failed (compile phase); build log: {}; full log: ",
+            log.display()
+        )),
+        "the error is not the result file's: {stderr}"
+    );
+    assert_eq!(result["clamp"], Value::Null, "{result}");
+    let phases: Vec<&str> = result["phases"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no phases: {result}"))
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(phases, ["configure", "build"], "{result}");
     assert_eq!(tags(&w.store), before, "a failed build changed tags");
     assert!(
         count_binpkgs(&w.dir.join("packages/t1")) >= binpkgs,

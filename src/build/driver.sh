@@ -4,7 +4,7 @@
 #   /var/db/repos/gentoo         the Portage tree (read-only)
 #   /var/cache/binpkgs           packages/TAG: binary packages, kept across runs
 #   /var/cache/distfiles         the shared distfiles cache
-#   /var/log/gentoo-mkimg        logs/TAG: the full log, emerge's build logs, phase times
+#   /var/log/gentoo-mkimg        logs/TAG: the full log, emerge's build logs, result.json
 #   /var/tmp/gentoo-mkimg/export named pipes dev.fifo and rt.fifo, only with the docker engine
 #   /var/tmp/gentoo-mkimg/input  what the tool wrote for this build (read-only):
 #       make.conf                extra make.conf lines
@@ -31,31 +31,100 @@
 #
 # Output: with MKIMG_VERBOSE=1 everything emerge prints; otherwise only the phases and
 # emerge's ">>> Emerging ..." lines. Everything goes to $LOG as well.
+#
+# Result: $LOGDIR/result.json, rewritten (whole, by rename) when a phase starts, when the
+# clamp is known and when the script exits, also on failure:
+#   {"phases":[{"name":"configure","start":EPOCH},...],"clamp":EPOCH or null,
+#    "failed":null or {"package":"CAT/PF","phase":"compile","log":"portage/CAT:PF:DATE.log"}}
+# "failed" names the package an emerge failed on and its build log (relative to $LOGDIR,
+# null when Portage wrote none), as Portage recorded them (see note_failure).
 set -eu
 
 IN=/var/tmp/gentoo-mkimg/input
 OUT=/var/tmp/gentoo-mkimg
 LOGDIR=/var/log/gentoo-mkimg
 LOG=$LOGDIR/build.log
-PHASES=$LOGDIR/phases
+RESULT=$LOGDIR/result.json
 REPO=/var/db/repos/gentoo
 
 # shellcheck source=/dev/null # written by the tool for each build
 . "$IN/settings"
 
 : > "$LOG"
-: > "$PHASES"
+rm -f "$RESULT" "$OUT"/failed-*
+
+# The result file (above). Every value is a number or a string of the characters that
+# note_failure lets through, so nothing needs escaping.
+PHASES_JSON=
+CLAMP=
+write_result() {
+	failed=null
+	for f in "$OUT/failed-build" "$OUT/failed-dev" "$OUT/failed-rt"; do
+		[ -f "$f" ] || continue
+		{ read -r pkg && read -r ph && read -r plog; } < "$f" || continue
+		if [ -n "$plog" ]; then plog="\"$plog\""; else plog=null; fi
+		failed="{\"package\":\"$pkg\",\"phase\":\"$ph\",\"log\":$plog}"
+		break
+	done
+	printf '{"phases":[%s],"clamp":%s,"failed":%s}\n' "$PHASES_JSON" "${CLAMP:-null}" \
+		"$failed" > "$RESULT.tmp" && mv -f "$RESULT.tmp" "$RESULT"
+}
 
 phase() {
-	echo "$1 $(date +%s)" >> "$PHASES"
+	PHASES_JSON="${PHASES_JSON:+$PHASES_JSON,}{\"name\":\"$1\",\"start\":$(date +%s)}"
+	write_result
 	echo ">>> gentoo-mkimg: $1" | tee -a "$LOG"
 }
 
+# After an emerge failed: the package it failed on, from what Portage wrote under
+# PORTAGE_LOGDIR since the stamp file $1 was made, into $OUT/failed-$2 (package, phase,
+# build log, one a line; the first failure of each part is kept). Portage's elog "save"
+# module writes each package's messages to elog/CAT:PF:DATE.log (elog/CAT/PF:DATE.log with
+# FEATURES=split-elog), every phase's messages of each class under a line "CLASS: PHASE";
+# die() reports with eerror, so the failed package's file has an "ERROR: PHASE" line, and
+# the newest such file is the failure. Its build log is PORTAGE_LOGDIR's newest
+# CAT:PF:DATE.log (build/CAT/PF:DATE.log with split-log), maybe compressed.
+note_failure() {
+	dir=${PORTAGE_LOGDIR:-}
+	out=$OUT/failed-$2
+	[ -n "$dir" ] && [ -d "$dir/elog" ] && [ ! -e "$out" ] || return 0
+	elog=$(find "$dir/elog" -type f -name '*.log' -newer "$1" -printf '%T@ %p\n' |
+		sort -rn | cut -d' ' -f2- | while read -r f; do
+			if grep -qE '^ERROR: [a-z_]+$' "$f"; then
+				echo "$f"
+				break
+			fi
+		done)
+	[ -n "$elog" ] || return 0
+	ph=$(grep -E '^ERROR: [a-z_]+$' "$elog" | tail -n 1 | cut -d' ' -f2)
+	rel=${elog#"$dir/elog/"}
+	case $rel in
+	*/*) cat=${rel%%/*} pf=${rel#*/} ;;
+	*) cat=${rel%%:*} pf=${rel#*:} ;;
+	esac
+	pf=${pf%%:*}
+	# Only what a package name can hold: no quote or control character gets into the JSON.
+	case "$cat/$pf" in
+	*[!A-Za-z0-9+_./-]* | /* | */ | */*/*) return 0 ;;
+	esac
+	plog=$(find "$dir" -path "$dir/elog" -prune -o -type f -newer "$1" \
+		\( -name "$cat:$pf:*.log*" -o -path "*/$cat/$pf:*.log*" \) -printf '%T@ %p\n' |
+		sort -rn | head -n 1 | cut -d' ' -f2-)
+	plog=${plog#"$LOGDIR/"}
+	case $plog in
+	*[!A-Za-z0-9+_.:/-]* | /*) plog= ;;
+	esac
+	printf '%s\n%s\n%s\n' "$cat/$pf" "$ph" "$plog" > "$out.tmp" && mv -f "$out.tmp" "$out"
+}
+
 # Run a command with its output in a log (LOGTO, default $LOG); on the terminal in full
-# (verbose) or only its ">>> " lines. Keeps the command's exit status.
+# (verbose) or only its ">>> " lines. Keeps the command's exit status; when it fails, notes
+# the package it failed on (note_failure) for the part FAILED_AS (build, dev or rt).
 logged() {
 	log=${LOGTO:-$LOG}
 	status=$log.status
+	stamp=$OUT/stamp-${FAILED_AS:-build}
+	: > "$stamp"
 	{
 		rc=0
 		"$@" 2>&1 || rc=$?
@@ -69,6 +138,8 @@ logged() {
 	}
 	rc=$(cat "$status")
 	rm -f "$status"
+	[ "$rc" = 0 ] || note_failure "$stamp" "${FAILED_AS:-build}"
+	rm -f "$stamp"
 	return "$rc"
 }
 
@@ -81,7 +152,60 @@ hand_back() {
 	[ -z "$MKIMG_OWNER" ] && return 0
 	chown -R "$MKIMG_OWNER" /var/cache/binpkgs /var/cache/distfiles /var/log/gentoo-mkimg || true
 }
-trap hand_back EXIT
+# On every exit: the result file as it ends, then the files back to their user.
+finish() {
+	write_result || true
+	hand_back
+}
+trap finish EXIT
+
+# emerge --pretend with the arguments: true when its plan (kept in $LOG) installs binary
+# packages only.
+nothing_to_compile() {
+	plan=$OUT/plan
+	rc=0
+	emerge --pretend "$@" > "$plan" 2>&1 || rc=$?
+	cat "$plan" >> "$LOG"
+	[ "$rc" = 0 ] && grep -q '^\[binary' "$plan" &&
+		! grep -qE '^\[(ebuild|blocks|uninstall)' "$plan"
+}
+
+# Merge into / what the merges of the roots (below) would merge there: the install-time
+# dependencies (IDEPEND) of their packages, which Portage wants in / whatever ROOT is: e.g.
+# sys-apps/shadow, whose useradd the acct-* packages run. Asked of Portage with one plan of
+# both roots' packages into an empty root, from binary packages; its packages for / (the
+# lines not ending in "to ROOT") are merged, from binary packages, one time, before dev and
+# rt merge at the same time.
+root_needs() {
+	probe=$OUT/probe
+	rm -rf "$probe" && mkdir -p "$probe/var/lib/portage" || return
+	if [ -f /var/lib/portage/world ]; then
+		cp /var/lib/portage/world "$probe/var/lib/portage/world" || return
+	fi
+	rc=0
+	# shellcheck disable=SC2086
+	ROOT=$probe emerge --pretend --quiet --usepkgonly --binpkg-respect-use=y --root-deps \
+		--with-bdeps=n --color=n --nospinner @system @world $MKIMG_DEV_PACKAGES \
+		$MKIMG_RT_PACKAGES > "$OUT/plan" 2>&1 || rc=$?
+	cat "$OUT/plan" >> "$LOG"
+	rm -rf "$probe"
+	# A plan that fails fails the roots too, which say why.
+	[ "$rc" = 0 ] || return 0
+	# "[binary  N    ] CAT/PF[-BUILD_ID][::REPO]", BUILD_ID when the package is one of several
+	# builds (binpkg-multi-instance: PKGDIR/CAT/PN/PF-BUILD_ID.gpkg.tar).
+	needs=$(grep '^\[binary' "$OUT/plan" | grep -v " to $probe" |
+		sed -E 's/^\[[^]]*\] +([^ ]+).*/\1/; s/::.*//' | while read -r p; do
+			for f in "$PKGDIR/${p%%/*}"/*/"${p#*/}".*; do
+				[ -f "$f" ] && p=${p%-[0-9]*}
+				break
+			done
+			printf ' =%s' "$p"
+		done)
+	[ -n "$needs" ] || return 0
+	# shellcheck disable=SC2086
+	logged emerge --usepkgonly --binpkg-respect-use=y --oneshot --with-bdeps=n --color=n \
+		--nospinner $needs
+}
 
 # --- configure Portage ------------------------------------------------------------------
 # make.conf gets what the images should keep (they carry /etc/portage): buildpkg, accepting
@@ -159,14 +283,25 @@ fi
 
 # --- build every package of the system, reusing binary packages -----------------------------
 phase build
-# shellcheck disable=SC2086 # word splitting of package lists is intended
 # --with-bdeps=y: the build dependencies are merged into / even when their users come from
-# binary packages (the stage starts pristine every run), so the roots' merges find them there.
+# binary packages (the stage starts pristine every run), so that what is compiled finds them.
 # A binary package is used only if built with today's USE flags and today's dependencies
 # (those carried from an earlier TAG were built from another snapshot).
-logged emerge --emptytree --usepkg --binpkg-respect-use=y --binpkg-changed-deps=y \
-	--with-bdeps=y --buildpkg \
-	--color=n --nospinner $keep_going @system @world $MKIMG_DEV_PACKAGES
+# shellcheck disable=SC2086 # word splitting of package lists is intended
+set -- --emptytree --usepkg --binpkg-respect-use=y --binpkg-changed-deps=y --with-bdeps=y \
+	--buildpkg --color=n --nospinner $keep_going @system @world $MKIMG_DEV_PACKAGES
+# When every package of that graph has its binary package already (an unchanged rebuild, a
+# new TAG started from the packages of an earlier one), nothing is compiled, and merging them
+# all into / again would only cost time: / then gets only what the roots' merges need there
+# (root_needs). Anything else in the plan (a package to compile, a blocker, an uninstall, an
+# error) and the whole graph is merged, as the first time.
+if nothing_to_compile "$@"; then
+	echo ">>> gentoo-mkimg: nothing needs compiling: the build root / is not reinstalled from binary packages" |
+		tee -a "$LOG"
+	root_needs
+else
+	logged emerge "$@"
+fi
 # baselayout once more with USE=build, as a binary package of its own (binpkg-multi-instance
 # keeps both, and --binpkg-respect-use=y makes every merge take the one whose USE flags
 # match: without it, --usepkgonly takes a binary package whatever its flags). It is the
@@ -180,14 +315,14 @@ fi
 # --- one time for everything the roots carry ------------------------------------------------
 # Merging stamps files with the time of the merge. So that an unchanged rebuild gives the same
 # images, no mtime in the roots is later than CLAMP: SOURCE_DATE_EPOCH, or the newest binary
-# package (unchanged while the packages are). The tool reads it back from $LOGDIR/clamp.
+# package (unchanged while the packages are). The tool reads it back from the result file.
 CLAMP=$MKIMG_SOURCE_DATE_EPOCH
 if [ -z "$CLAMP" ]; then
 	CLAMP=$(find /var/cache/binpkgs -type f \( -name '*.gpkg.tar' -o -name '*.xpak' -o -name '*.tbz2' \) \
 		-printf '%T@\n' | cut -d. -f1 | sort -n | tail -n 1)
 	CLAMP=${CLAMP:-0}
 fi
-echo "$CLAMP" > "$LOGDIR/clamp"
+write_result
 
 # Settle a root for reproducibility: drop caches that record merge times and inode numbers,
 # record symlinks in the package database with CLAMP as their mtime (what they will have),
@@ -227,9 +362,11 @@ merge_dev() {
 		mkdir -p "$OUT/dev/var/lib/portage" &&
 			cp /var/lib/portage/world "$OUT/dev/var/lib/portage/world" || return
 	fi
+	# --root-deps: the build dependencies go into the root (they are what dev is for), and
+	# with --with-bdeps=n not into / as well (where only an unchanged build lacks them).
 	# shellcheck disable=SC2086
 	logged env ROOT="$OUT/dev" emerge --usepkgonly --binpkg-respect-use=y --color=n \
-		--nospinner --jobs=1 --root-deps --with-bdeps=y @system @world $MKIMG_DEV_PACKAGES
+		--nospinner --jobs=1 --root-deps --with-bdeps=n @system @world $MKIMG_DEV_PACKAGES
 }
 
 # The rt root: the runtime closure of the base set, without docs and headers. Its make.conf
@@ -264,12 +401,13 @@ phase roots
 	PORTAGE_TMPDIR=$OUT/tmp-rt
 	PORTAGE_LOGDIR=$LOGDIR/portage/rt
 	LOGTO=$LOGDIR/rt.log
+	FAILED_AS=rt
 	export PORTAGE_TMPDIR PORTAGE_LOGDIR
 	mkdir -p "$PORTAGE_TMPDIR" "$PORTAGE_LOGDIR" && merge_rt
 ) &
 rt_pid=$!
 dev_rc=0
-LOGTO=$LOGDIR/dev.log merge_dev || dev_rc=$?
+LOGTO=$LOGDIR/dev.log FAILED_AS=dev merge_dev || dev_rc=$?
 rt_rc=0
 wait "$rt_pid" || rt_rc=$?
 cat "$LOGDIR/dev.log" "$LOGDIR/rt.log" >> "$LOG"

@@ -285,93 +285,141 @@ fn read_session_file(path: &Path, limit: u64) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// `line` without its terminal colour sequences (ESC `[` ... letter).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
+/// What the driver reports in `result.json` (see driver.sh): when each of its phases
+/// started, the time it clamped the roots' mtimes to, and the package an emerge failed on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DriverResult {
+    phases: Vec<PhaseMark>,
+    clamp: Option<u64>,
+    failed: Option<FailedPackage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PhaseMark {
+    name: String,
+    start: u64,
+}
+
+/// The package an emerge failed on: `CAT/PF`, the ebuild phase, and its build log relative
+/// to the logs dir (none when Portage wrote none).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailedPackage {
+    package: String,
+    phase: String,
+    log: Option<String>,
+}
+
+/// The result file of the driver.
+const RESULT_FILE: &str = "result.json";
+
+/// `text` is one name of a package, phase or file as the driver writes them: not empty,
+/// printable ASCII without spaces or quotes.
+fn plain(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+_.-:/".contains(&b))
+}
+
+/// Parse the driver's result file (its text, `path` for the messages), checking every
+/// name in it: a package is `CAT/PF`, a phase a word, a log a path inside the logs dir.
+fn parse_result(path: &Path, text: &str) -> Result<DriverResult> {
+    let result: DriverResult = serde_json::from_str(text)
+        .with_context(|| format!("{}: not the driver's result", path.display()))?;
+    for mark in &result.phases {
+        if !plain(&mark.name) {
+            bail!("{}: a phase named {:?}", path.display(), mark.name);
         }
     }
-    out
+    if let Some(f) = &result.failed {
+        let parts: Vec<&str> = f.package.split('/').collect();
+        if !(plain(&f.package) && parts.len() == 2 && parts.iter().all(|p| !p.is_empty())) {
+            bail!(
+                "{}: not a package (CAT/PF): {:?}",
+                path.display(),
+                f.package
+            );
+        }
+        if f.phase.is_empty() || !f.phase.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            bail!("{}: not an ebuild phase: {:?}", path.display(), f.phase);
+        }
+        if let Some(log) = &f.log
+            && !(plain(log)
+                && !log.starts_with('/')
+                && log
+                    .split('/')
+                    .all(|c| !c.is_empty() && c != "." && c != ".."))
+        {
+            bail!(
+                "{}: not a log file inside the logs dir: {log:?}",
+                path.display()
+            );
+        }
+    }
+    Ok(result)
 }
 
-/// The failing package and its build log, from the driver's full log.
-fn explain_failure(log: &Path, host_logs: &Path) -> String {
-    let Ok(text) = read_session_file(log, 256 << 20) else {
-        return String::new();
-    };
-    // " * ERROR: CAT/PF::REPO failed (PHASE phase):", the star coloured even with --color=n.
-    let failed = text.lines().rev().find_map(|l| {
-        let plain = strip_ansi(l);
-        let rest = plain.trim_start_matches([' ', '*']).trim();
-        let rest = rest.strip_prefix("ERROR: ")?.trim_end_matches(':');
-        rest.contains(" failed").then(|| rest.to_string())
-    });
-    // The package's log as the host has it: emerge names it in quotes ("Failed to emerge
-    // ..., Log file:" and the line after it) under PORTAGE_LOGDIR, which is logs/TAG/portage;
-    // the build dir's copy ("build log is located at") goes with the session.
-    let build_log = text.lines().rev().find_map(|l| {
-        let start = l.find(&format!("'{LOG_DIR}/"))? + 1;
-        let path = l[start..].split('\'').next()?;
-        let inside = path.strip_prefix(LOG_DIR)?.trim_start_matches('/');
-        (!inside.is_empty() && !inside.split('/').any(|c| c == ".."))
-            .then(|| host_logs.join(inside))
-    });
-    let mut s = String::new();
-    if let Some(f) = failed {
-        let _ = write!(s, ": {f}");
-    }
-    if let Some(p) = build_log {
-        let _ = write!(s, "; build log: {}", p.display());
-    }
-    let _ = write!(s, "; full log: {}", log.display());
-    s
-}
-
-/// Per-phase durations from the driver's `phases` file (`NAME EPOCH` lines).
-fn driver_phases(path: &Path) -> Vec<(String, Duration)> {
-    let text = read_session_file(path, 1 << 20).unwrap_or_default();
-    let marks: Vec<(String, u64)> = text
-        .lines()
-        .filter_map(|l| {
-            let (name, t) = l.split_once(' ')?;
-            Some((name.to_string(), t.trim().parse().ok()?))
-        })
-        .collect();
-    marks
-        .windows(2)
-        .map(|w| {
-            (
-                format!("stage: {}", w[0].0),
-                Duration::from_secs(w[1].1.saturating_sub(w[0].1)),
-            )
-        })
-        .collect()
+/// The driver's result file in the logs dir `logs`, as the session left it.
+fn read_result(logs: &Path) -> Result<DriverResult> {
+    let path = logs.join(RESULT_FILE);
+    let text = read_session_file(&path, 1 << 20)
+        .with_context(|| format!("{}: the build left no result", path.display()))?;
+    parse_result(&path, &text)
 }
 
 /// The time the driver clamped the roots' mtimes to (SOURCE_DATE_EPOCH or the newest binary
 /// package): also the images' creation time, so an unchanged rebuild gives the same digests.
-fn read_clamp(path: &Path) -> Result<u64> {
-    let text = read_session_file(path, 64)
-        .with_context(|| format!("{}: the build did not record its timestamp", path.display()))?;
-    let text = text.trim();
-    text.parse().with_context(|| {
-        format!(
-            "{}: not a timestamp: {:?}",
-            path.display(),
-            text.chars().take(24).collect::<String>()
+fn read_clamp(logs: &Path) -> Result<u64> {
+    clamp_of(&read_result(logs)?, logs)
+}
+
+/// The clamp of the driver's `result`, read from the logs dir `logs`.
+fn clamp_of(result: &DriverResult, logs: &Path) -> Result<u64> {
+    result.clamp.ok_or_else(|| {
+        anyhow!(
+            "{}: the build did not record its timestamp",
+            logs.join(RESULT_FILE).display()
         )
     })
+}
+
+/// What a failed build says after its exit status: the failing package, its phase and its
+/// build log as the host has it (from the driver's result), and the full log.
+fn explain_failure(result: &Result<DriverResult>, host_logs: &Path) -> String {
+    let mut s = String::new();
+    match result {
+        Ok(DriverResult {
+            failed: Some(f), ..
+        }) => {
+            let _ = write!(s, ": {} failed ({} phase)", f.package, f.phase);
+            if let Some(log) = &f.log {
+                let _ = write!(s, "; build log: {}", host_logs.join(log).display());
+            }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            let _ = write!(s, " ({e:#})");
+        }
+    }
+    let _ = write!(s, "; full log: {}", host_logs.join("build.log").display());
+    s
+}
+
+/// Per-phase durations from the driver's phase marks: each phase lasts until the next.
+fn driver_phases(result: &DriverResult) -> Vec<(String, Duration)> {
+    result
+        .phases
+        .windows(2)
+        .map(|w| {
+            (
+                format!("stage: {}", w[0].name),
+                Duration::from_secs(w[1].start.saturating_sub(w[0].start)),
+            )
+        })
+        .collect()
 }
 
 fn count_binary_packages(dir: &Path) -> usize {
@@ -438,7 +486,7 @@ fn spawn_pipe_reader(
                     Err(e) => return Err(anyhow!("{}: cannot read: {e}", path.display())),
                 }
                 let started = Instant::now();
-                let read = read_clamp(&logs.join("clamp"))
+                let read = read_clamp(&logs)
                     .and_then(|clamp| read_piped_root(input, &store, compression, clamp))
                     .with_context(|| format!("the {name} root"));
                 match read {
@@ -709,7 +757,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     let mut on_export = |path: &str, export: Export<'_>| -> Result<()> {
         let name = if path == DEV_ROOT { "dev" } else { "rt" };
         let started = Instant::now();
-        let clamp = read_clamp(&logs.join("clamp"))?;
+        let clamp = read_clamp(&logs)?;
         let mut layer = LayerWriter::new(&opts.store, plan.compression)?;
         let Export::Dir(dir, ids) = export;
         let packages = walk::append_dir(dir, &mut layer, Some(clamp), ids)
@@ -751,14 +799,18 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     } else {
         engine::run_exporting(plan.engine, &session, &[DEV_ROOT, RT_ROOT], &mut on_export)?
     };
-    phases.extend(driver_phases(&logs.join("phases")));
+    let result = read_result(&logs);
+    if let Ok(r) = &result {
+        phases.extend(driver_phases(r));
+    }
     phases.extend(layer_times);
     if status != 0 {
         bail!(
             "the build failed in the stage (exit status {status}){}",
-            explain_failure(&logs.join("build.log"), &logs)
+            explain_failure(&result, &logs)
         );
     }
+    let result = result?;
     let build_time = t.elapsed();
     if !phases.iter().any(|(n, _)| n.starts_with("stage:")) {
         phases.push(("build in stage".into(), build_time));
@@ -782,9 +834,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     // 4. images, labelled with the key of this build taken with the binary packages it left
     let t = Instant::now();
     let key = build_key(inputs_key, &opts.store, &refs["raw"], &packages)?;
-    let created = opts
-        .source_date_epoch
-        .unwrap_or(read_clamp(&logs.join("clamp"))? as i64);
+    let created = match opts.source_date_epoch {
+        Some(t) => t,
+        None => clamp_of(&result, &logs)? as i64,
+    };
     let mut built = BTreeMap::new();
     for (kind, what) in [
         ("dev", "everything: compilers, headers, Portage"),
@@ -883,36 +936,142 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    /// A failed build names the package and its log as the host has it.
+    /// A failed build names the package, its phase and its log as the host has it, from
+    /// the driver's result file; phases and the clamp come from the same file.
     #[test]
-    fn a_failure_names_the_package_and_its_log_on_the_host() {
+    fn the_result_names_the_failing_package_and_its_log_on_the_host() {
         let tmp = tempfile::tempdir().unwrap();
-        let log = tmp.path().join("build.log");
+        let logs = tmp.path().join("logs/t1");
+        fs::create_dir_all(&logs).unwrap();
         fs::write(
-            &log,
-            " \x1b[31;01m*\x1b[0m ERROR: app-shells/bash-5.2.15::gentoo failed (install phase):\n\
-             >>> Failed to emerge app-shells/bash-5.2.15, Log file:\n\
-             >>>  '/var/log/gentoo-mkimg/portage/app-shells:bash-5.2.15:20261204-223959.log'\n\
-             * The complete build log is located at \
-             '/var/tmp/portage/app-shells/bash-5.2.15/temp/build.log'.\n",
+            logs.join(RESULT_FILE),
+            r#"{"phases":[{"name":"configure","start":100},{"name":"build","start":103},
+                {"name":"roots","start":160}],"clamp":90,
+                "failed":{"package":"app-shells/bash-5.2.15","phase":"install",
+                "log":"portage/app-shells:bash-5.2.15:20261204-223959.log"}}"#,
         )
         .unwrap();
-        let text = explain_failure(&log, Path::new("/w/logs/t1"));
+        let result = read_result(&logs);
+        let text = explain_failure(&result, &logs);
+        assert_eq!(
+            text,
+            format!(
+                ": app-shells/bash-5.2.15 failed (install phase); build log: {}; full log: {}",
+                logs.join("portage/app-shells:bash-5.2.15:20261204-223959.log")
+                    .display(),
+                logs.join("build.log").display()
+            )
+        );
+        let result = result.unwrap();
+        assert_eq!(read_clamp(&logs).unwrap(), 90);
+        assert_eq!(
+            driver_phases(&result),
+            vec![
+                ("stage: configure".to_string(), Duration::from_secs(3)),
+                ("stage: build".to_string(), Duration::from_secs(57)),
+            ]
+        );
+
+        // A failure without a log of its own; a result from before the clamp was known.
+        fs::write(
+            logs.join(RESULT_FILE),
+            r#"{"phases":[{"name":"configure","start":100}],"clamp":null,
+                "failed":{"package":"sys-apps/foo-1-r2","phase":"postinst","log":null}}"#,
+        )
+        .unwrap();
+        let result = read_result(&logs);
+        assert_eq!(
+            explain_failure(&result, &logs),
+            format!(
+                ": sys-apps/foo-1-r2 failed (postinst phase); full log: {}",
+                logs.join("build.log").display()
+            )
+        );
+        let err = format!("{:#}", read_clamp(&logs).unwrap_err());
         assert!(
-            text.starts_with(
-                ": app-shells/bash-5.2.15::gentoo failed (install phase); build log: "
+            err.contains("result.json") && err.contains("timestamp"),
+            "{err}"
+        );
+    }
+
+    /// What the result file may not hold: names a message would show or a path would follow
+    /// out of the logs dir, unknown fields, anything but JSON. Each error names the file.
+    #[test]
+    fn a_result_with_bad_names_is_refused() {
+        let path = Path::new("/w/logs/t1/result.json");
+        let failed = |package: &str, phase: &str, log: &str| {
+            format!(
+                r#"{{"phases":[],"clamp":1,"failed":{{"package":{package},"phase":{phase},"log":{log}}}}}"#
+            )
+        };
+        for (text, problem) in [
+            (
+                failed(r#""a/b-1""#, r#""compile""#, r#""../../etc/shadow""#),
+                "logs dir",
             ),
+            (
+                failed(r#""a/b-1""#, r#""compile""#, r#""/etc/shadow""#),
+                "logs dir",
+            ),
+            (
+                failed(r#""a/b-1""#, r#""compile""#, r#""portage//x.log""#),
+                "logs dir",
+            ),
+            (
+                failed(r#""a/b-1""#, r#""compile""#, r#""portage/a b.log""#),
+                "logs dir",
+            ),
+            (failed(r#""b-1""#, r#""compile""#, "null"), "CAT/PF"),
+            (failed(r#""a/b/c-1""#, r#""compile""#, "null"), "CAT/PF"),
+            (
+                failed(r#""a/b-1\u001b[31m""#, r#""compile""#, "null"),
+                "CAT/PF",
+            ),
+            (
+                failed(r#""a/b-1""#, r#""compile phase""#, "null"),
+                "ebuild phase",
+            ),
+            (failed(r#""a/b-1""#, r#""""#, "null"), "ebuild phase"),
+            (
+                r#"{"phases":[{"name":"a b","start":1}],"clamp":1,"failed":null}"#.into(),
+                "a phase named",
+            ),
+            (
+                r#"{"phases":[],"clamp":1,"failed":null,"extra":1}"#.into(),
+                "not the driver's result",
+            ),
+            (
+                r#"{"phases":[],"clamp":-1,"failed":null}"#.into(),
+                "not the driver's result",
+            ),
+            ("configure 100\n".into(), "not the driver's result"),
+        ] {
+            let err = format!("{:#}", parse_result(path, &text).unwrap_err());
+            assert!(
+                err.starts_with("/w/logs/t1/result.json: ") && err.contains(problem),
+                "{text}: {err}"
+            );
+        }
+        // A good one, for contrast.
+        let ok = failed(
+            r#""dev-libs/a_b+c-1.0_p2-r1""#,
+            r#""compile""#,
+            r#""portage/rt/dev-libs:a_b+c-1.0_p2-r1:20261205-101010.log""#,
+        );
+        assert!(parse_result(path, &ok).is_ok());
+
+        // No result file at all: the failure still points to the full log and says why there
+        // is no more.
+        let tmp = tempfile::tempdir().unwrap();
+        let text = explain_failure(&read_result(tmp.path()), tmp.path());
+        assert!(text.contains("the build left no result"), "{text}");
+        assert!(
+            text.ends_with(&format!(
+                "; full log: {}",
+                tmp.path().join("build.log").display()
+            )),
             "{text}"
         );
-        assert!(
-            text.contains(
-                "; build log: /w/logs/t1/portage/app-shells:bash-5.2.15:20261204-223959.log;"
-            ),
-            "{text}"
-        );
-        // A path that climbs out of the logs dir is not named.
-        fs::write(&log, ">>>  '/var/log/gentoo-mkimg/../../etc/shadow'\n").unwrap();
-        assert!(!explain_failure(&log, Path::new("/w/logs/t1")).contains("build log"));
     }
 
     /// A writer that pads its tar stream past a pipe's capacity (as tar's record padding
@@ -960,7 +1119,11 @@ mod tests {
         let store = Store::new(tmp.path().join("store"));
         let pipes = tmp.path().join("export");
         make_pipes(&pipes).unwrap();
-        fs::write(tmp.path().join("clamp"), "1000\n").unwrap();
+        fs::write(
+            tmp.path().join(RESULT_FILE),
+            r#"{"phases":[],"clamp":1000,"failed":null}"#,
+        )
+        .unwrap();
         let reader = spawn_pipe_reader(
             &pipes,
             &store,
