@@ -198,12 +198,13 @@ fn an_export_replaced_by_a_symlink_is_refused() {
     let ws = workspace();
     let secret = "host secret 6d1f2c";
     let host = host_dir_with_canary(secret);
-    // The stage's /bin/sh plays the build: it makes rt, records the timestamp the tool
-    // reads, and leaves dev as a link to the host directory.
+    // The stage's /bin/sh plays the build: it makes rt, writes the result file with the
+    // timestamp the tool reads, and leaves dev as a link to the host directory.
     let script = format!(
         "#!/bin/busybox sh\n\
          /bin/busybox mkdir -p /var/tmp/gentoo-mkimg/rt /var/log/gentoo-mkimg\n\
-         echo 1700000000 > /var/log/gentoo-mkimg/clamp\n\
+         echo '{{\"phases\":[],\"clamp\":1700000000,\"failed\":null}}' \
+         > /var/log/gentoo-mkimg/result.json\n\
          /bin/busybox ln -s {} /var/tmp/gentoo-mkimg/dev\n\
          exit 0\n",
         host.path().display()
@@ -242,7 +243,8 @@ fn a_real_export_dir_becomes_the_dev_layer() {
     let script = "#!/bin/busybox sh\n\
          /bin/busybox mkdir -p /var/tmp/gentoo-mkimg/rt /var/tmp/gentoo-mkimg/dev/etc \
          /var/log/gentoo-mkimg\n\
-         echo 1700000000 > /var/log/gentoo-mkimg/clamp\n\
+         echo '{\"phases\":[],\"clamp\":1700000000,\"failed\":null}' \
+         > /var/log/gentoo-mkimg/result.json\n\
          echo dev root $((40 + 2))x > /var/tmp/gentoo-mkimg/dev/etc/motd\n\
          /bin/busybox ln -s /root /var/tmp/gentoo-mkimg/dev/home\n\
          exit 0\n";
