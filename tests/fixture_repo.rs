@@ -99,6 +99,21 @@ impl Workspace {
     }
 }
 
+/// `bash -c SCRIPT` in new mount and pid namespaces with their own /proc (util-linux's
+/// unshare, in the stage).
+fn in_own_namespaces(script: &str) -> Vec<&str> {
+    vec![
+        "unshare",
+        "--mount",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "bash",
+        "-c",
+        script,
+    ]
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -412,7 +427,10 @@ fn repository_builds_packages_and_roots() {
         .replace("@RT@", &common::RT_PACKAGES.join(" "))
         .replace("@OWNERS_PY@", OWNERS_PY)
         .replace("@LAYOUT_SH@", LAYOUT_SH);
-    let sec = Sections::new(ws.session_ok(&[], &["bash", "-c", &script]));
+    // The session's own mount namespace belongs to the host (its root holds capabilities only
+    // in its user namespace), so the recipe's chroot checks mount /dev, /proc and the binds in
+    // a mount and pid namespace of their own, as Portage's sandboxes do.
+    let sec = Sections::new(ws.session_ok(&[], &in_own_namespaces(&script)));
     let build = sec.get("build");
     let (_, into_stage) = merges(build, "");
     assert!(
@@ -449,7 +467,7 @@ fn repository_builds_packages_and_roots() {
     let script = SPLIT_SH
         .replace("@SPLIT@", common::SPLIT_USR_PROFILE)
         .replace("@LAYOUT_SH@", LAYOUT_SH);
-    let sec = Sections::new(ws.session_ok(&[], &["bash", "-c", &script]));
+    let sec = Sections::new(ws.session_ok(&[], &in_own_namespaces(&script)));
     check_split_root(&sec);
 
     eprintln!(
@@ -1136,7 +1154,9 @@ echo "@@ install-in-root"
 chroot $r emerge --usepkgonly --oneshot --color=n app-misc/extra 2>&1
 echo "@@ extra"
 chroot $r extra
-umount -R $r/dev $r/proc $r/var/db/repos/gentoo $r/var/cache/binpkgs
+# -l: /dev holds the session's device binds, which go only with their parent.
+umount -l $r/dev
+umount $r/proc $r/var/db/repos/gentoo $r/var/cache/binpkgs
 
 # The rt root: baselayout[build] first, then the rt set's runtime closure; later, a C++
 # program from its binary package.
@@ -1206,7 +1226,8 @@ echo "@@ split-run"
 mount --rbind /dev $r/dev
 mount -t proc proc $r/proc
 chroot $r /bin/sh -c 'hello; emerge --version 2>/dev/null'
-umount -R $r/dev $r/proc
+umount -l $r/dev
+umount $r/proc
 readlink $r/bin/sh $r/lib64/ld-linux-x86-64.so.2
 echo "@@ split-use"
 cat $r/var/db/pkg/sys-apps/baselayout-*/USE

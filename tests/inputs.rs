@@ -850,7 +850,7 @@ fn an_unusable_engine_is_refused_before_any_download() {
         .unwrap();
     assert_fails(
         &out,
-        &["needs root", "--engine docker"],
+        &["/etc/subuid", "--engine docker"],
         "non-root sandbox build",
     );
     assert_eq!(mirror.requests(), Vec::new(), "something was fetched");
