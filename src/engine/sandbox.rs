@@ -180,7 +180,7 @@ fn run_in(session: &Session, rootfs: &Path, run_dir: &Path, ids: IdShift) -> Res
         resolv_conf: fs::read("/etc/resolv.conf").ok(),
         error_file: run_dir.join("setup-error"),
         ids,
-        userxattr: !userns::in_initial_namespace(),
+        userxattr: ids == IdShift::NONE,
     };
     for dir in [&spec.upper, &spec.work, &spec.merged] {
         fs::create_dir(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
@@ -437,7 +437,8 @@ pub fn prepare_stage(
     let input = decompress::open(stage)?;
     let bar = progress::Bytes::new(verbosity, "extracting stage", input.size);
     let consumed = input.consumed.clone();
-    let unprivileged = !userns::in_initial_namespace();
+    // No shift: the tool runs in a user namespace (see userns::session_shift).
+    let unprivileged = ids == IdShift::NONE;
     let extracted = extract::extract(
         input.reader,
         &tmp_root,

@@ -10,7 +10,6 @@
 //!   (`newuidmap`/`newgidmap`, as rootless Podman does); there it is root over its own files
 //!   and the stage's ids need no shift ([`IdShift::NONE`]).
 
-use std::ffi::OsString;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -73,7 +72,9 @@ fn covers(map: &[(u64, u64, u64)], count: u64) -> bool {
     next >= count
 }
 
-/// The shift of a sandbox session's ids, or why this process cannot run one.
+/// The shift of a sandbox session's ids, or why this process cannot run one. Never
+/// [`IdShift::NONE`] in the initial user namespace, always in any other: `NONE` says the tool
+/// itself runs in a user namespace.
 pub fn session_shift() -> Result<IdShift> {
     if in_initial_namespace() {
         if !nix::unistd::geteuid().is_root() {
@@ -104,6 +105,10 @@ fn root_base() -> Result<IdShift> {
         subordinate_start(&text, RANGE_OWNER, u32::MAX, IdShift::COUNT)
     };
     match (find("/etc/subuid"), find("/etc/subgid")) {
+        // A range at 0 would make the stage's root the host's.
+        (Some(0), _) | (_, Some(0)) => {
+            bail!("/etc/subuid or /etc/subgid gives {RANGE_OWNER} a range starting at id 0")
+        }
         (Some(u), Some(g)) if u == g => Ok(IdShift { base: u }),
         (None, None) => Ok(IdShift { base: DEFAULT_BASE }),
         (u, g) => bail!(
@@ -276,7 +281,6 @@ pub fn enter_if_reexecuted() -> Result<()> {
     };
     // SAFETY: single-threaded at this point (called first thing in main).
     unsafe { std::env::remove_var(REEXEC_ENV) };
-    let fds: OsString = fds;
     let parse = || -> Option<(i32, i32)> {
         let s = fds.to_str()?;
         let (a, b) = s.split_once(',')?;
