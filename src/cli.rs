@@ -196,11 +196,12 @@ pub struct BuildArgs {
     /// Where the build runs.
     #[arg(long, value_enum)]
     pub engine: Option<EngineKind>,
-    /// Parallel jobs for make and emerge [default: the CPU count].
+    /// Parallel jobs for make and emerge; above 1, dev and rt are merged at the same time
+    /// [default: the CPU count].
     #[arg(long)]
     pub jobs: Option<usize>,
-    /// USE flags added for the build, e.g. "-X ipv6".
-    #[arg(long = "use", value_name = "FLAGS")]
+    /// USE flags added for the build, e.g. "-X ipv6" (a value may start with "-").
+    #[arg(long = "use", value_name = "FLAGS", allow_hyphen_values = true)]
     pub use_flags: Option<String>,
     /// The runtime package set installed into rt (space-separated atoms) [default:
     /// sys-apps/baselayout app-alternatives/sh app-alternatives/awk app-arch/bzip2
@@ -334,4 +335,25 @@ pub struct InspectArgs {
     /// loopback hosts are always allowed).
     #[arg(long = "insecure-registry", value_name = "HOST", requires = "remote")]
     pub insecure_registries: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--use "-X ipv6"`, the help's own example: a value that starts with "-" is the value,
+    /// not an unknown option.
+    #[test]
+    fn use_flags_may_start_with_a_minus() {
+        for args in [
+            ["gentoo-mkimg", "build", "--use", "-X ipv6"],
+            ["gentoo-mkimg", "build", "--use", "-extras"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let Command::Build(build) = cli.command else {
+                panic!("not a build");
+            };
+            assert_eq!(build.use_flags.as_deref(), Some(args[3]));
+        }
+    }
 }

@@ -56,8 +56,12 @@ fn mkimg(w: &Work) -> Command {
     cmd
 }
 
+/// A build of t1, with two jobs: dev and rt are merged at the same time, each with parallel
+/// merges (whatever the machine's core count).
 fn build(w: &Work, stage: &Path, extra: &[&str]) -> Output {
-    build_tag(w, stage, "t1", extra)
+    let mut args = vec!["--jobs", "2"];
+    args.extend_from_slice(extra);
+    build_tag(w, stage, "t1", &args)
 }
 
 fn build_tag(w: &Work, stage: &Path, tag: &str, extra: &[&str]) -> Output {
@@ -175,6 +179,218 @@ fn merges_into_the_stage(work_dir: &Path, tag: &str) -> Vec<String> {
         .filter(|l| l.starts_with(">>> Emerging") && !l.contains("/var/tmp/gentoo-mkimg/"))
         .map(str::to_string)
         .collect()
+}
+
+/// What the driver says when it merges dev and rt at the same time (more than one job) or
+/// one after the other.
+const CONCURRENT_ROOTS: &str = ">>> gentoo-mkimg: dev and rt at the same time, 2 jobs each";
+const SEQUENTIAL_ROOTS: &str = ">>> gentoo-mkimg: dev, then rt, one package at a time";
+
+/// The package COUNTERs of an image: 1..N, each once, baselayout (merged first into every
+/// root) 1, and in the "metadata" file (where Portage keeps one) as in COUNTER.
+fn assert_counters_in_order(store: &Path, reference: &str) {
+    let manifest = json(&blob(store, &tags(store)[reference]));
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let status = Command::new("tar")
+        .arg("-xf")
+        .arg(blob(store, layer))
+        .arg("-C")
+        .arg(tmp.path())
+        .args(["--wildcards", "*var/db/pkg/*"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "{reference}: cannot extract var/db/pkg");
+    let vdb = tmp.path().join("var/db/pkg");
+    let mut counters = BTreeMap::new();
+    for cat in std::fs::read_dir(&vdb).unwrap() {
+        let cat = cat.unwrap().path();
+        if !cat.is_dir() {
+            continue;
+        }
+        for pkg in std::fs::read_dir(&cat).unwrap() {
+            let pkg = pkg.unwrap().path();
+            let name = pkg.strip_prefix(&vdb).unwrap().display().to_string();
+            let text = std::fs::read_to_string(pkg.join("COUNTER"))
+                .unwrap_or_else(|e| panic!("{reference}: {name}: COUNTER: {e}"));
+            let n: u64 = text
+                .parse()
+                .unwrap_or_else(|e| panic!("{reference}: {name}: COUNTER {text:?}: {e}"));
+            if let Ok(meta) = std::fs::read_to_string(pkg.join("metadata")) {
+                assert!(
+                    meta.lines().any(|l| l == format!("COUNTER={n}")),
+                    "{reference}: {name}'s metadata disagrees with COUNTER {n}"
+                );
+            }
+            assert!(
+                counters.insert(n, name).is_none(),
+                "{reference}: COUNTER {n} twice"
+            );
+        }
+    }
+    let numbers: Vec<u64> = counters.keys().copied().collect();
+    assert_eq!(
+        numbers,
+        (1..=counters.len() as u64).collect::<Vec<_>>(),
+        "{reference}: COUNTERs not 1..N"
+    );
+    assert!(
+        counters[&1].starts_with("sys-apps/baselayout-"),
+        "{reference}: COUNTER 1 is {}",
+        counters[&1]
+    );
+}
+
+/// The packages compiled in TAG's build, as CAT/PF (">>> Emerging (1 of 9) CAT/PF::REPO").
+fn compiled_packages(work_dir: &Path, tag: &str) -> BTreeSet<String> {
+    compiled_in(work_dir, tag)
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(|p| p.split("::").next().unwrap_or(p).to_string())
+        .collect()
+}
+
+/// A new snapshot (the test repository with app-misc/hello bumped to 1.1) built as t3 with
+/// USE=-extras, starting from the binary packages of t2: first interrupted (SIGINT) once its
+/// build phase started, which leaves the carried packages as they were, no tag and nothing
+/// mounted; then built: exactly hello-1.1 (new) and depdemo (whose USE flag changed) are
+/// compiled, and the images hold hello 1.1 and depdemo without extras.
+fn new_snapshot_compiles_only_what_changed(w: &Work, stage: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let staging = tempfile::tempdir().unwrap();
+    let top = staging.path().join("gentoo-20260102");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(common::repo())
+        .arg(&top)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let hello = top.join("app-misc/hello");
+    std::fs::copy(
+        hello.join("hello-1.0.ebuild"),
+        hello.join("hello-1.1.ebuild"),
+    )
+    .unwrap();
+    let snapshot = w.dir.join("gentoo-20260102.tar.xz");
+    let status = Command::new("tar")
+        .arg("-cJf")
+        .arg(&snapshot)
+        .arg("-C")
+        .arg(staging.path())
+        .arg("gentoo-20260102")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let t3 = |cmd: &mut Command| {
+        cmd.arg("build")
+            .arg(stage)
+            .arg(&snapshot)
+            .args(["localhost", "fixture", "t3", "--rt-packages"])
+            .arg(common::RT_PACKAGES.join(" "))
+            .args(["--use", "-extras"]);
+    };
+    let before = tags(&w.store);
+    let carried_from = common::binpkgs(&w.dir.join("packages/t2"));
+
+    // Interrupted once the build phase started (long before hello, a leaf, would compile).
+    let mut cmd = mkimg(w);
+    t3(&mut cmd);
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = w.dir.join("logs/t3/build.log");
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l == ">>> gentoo-mkimg: build")
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(600),
+            "t3 never reached its build phase"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            panic!("t3 ended early ({status}): {err}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "the interrupted build succeeded: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tags(&w.store), before, "the interrupted build changed tags");
+    let carried = common::binpkgs(&w.dir.join("packages/t3"));
+    for (name, files) in &carried_from {
+        let kept = carried
+            .get(name)
+            .unwrap_or_else(|| panic!("{name}: lost by the interrupted build"));
+        for file in files {
+            let here = w
+                .dir
+                .join("packages/t3")
+                .join(file.strip_prefix(w.dir.join("packages/t2")).unwrap());
+            assert!(kept.contains(&here), "{}: lost", here.display());
+            assert_eq!(
+                std::fs::metadata(&here).unwrap().ino(),
+                std::fs::metadata(file).unwrap().ino(),
+                "{}: replaced by the interrupted build",
+                here.display()
+            );
+        }
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mountinfo.contains(w.cache.to_str().unwrap()),
+        "mounts left by the interrupted build"
+    );
+
+    // Built: only the bumped package and the one whose USE flag changed are compiled.
+    let mut cmd = mkimg(w);
+    t3(&mut cmd);
+    let out = cmd.output().unwrap();
+    ok(&out, "build of the new snapshot");
+    assert_eq!(
+        compiled_packages(&w.dir, "t3"),
+        BTreeSet::from([
+            "app-misc/depdemo-1.0".to_string(),
+            "app-misc/hello-1.1".to_string()
+        ]),
+        "t3 compiled other packages than the changed ones"
+    );
+    for kind in ["dev", "rt"] {
+        let reference = format!("localhost/fixture-{kind}:t3");
+        let list = listing(&w.store, &reference);
+        assert!(
+            has(&list, "var/db/pkg/app-misc/hello-1.1/CONTENTS"),
+            "{kind}: no hello 1.1"
+        );
+        assert!(
+            !list
+                .keys()
+                .any(|k| k.contains("var/db/pkg/app-misc/hello-1.0")),
+            "{kind}: still hello 1.0"
+        );
+        assert_counters_in_order(&w.store, &reference);
+    }
+    let dev = "localhost/fixture-dev:t3";
+    let use_flags = file_in(&w.store, dev, "var/db/pkg/app-misc/depdemo-1.0/USE");
+    assert!(
+        !use_flags.split_whitespace().any(|f| f == "extras"),
+        "depdemo still has USE=extras: {use_flags}"
+    );
 }
 
 /// What the driver says when the build phase has nothing to compile.
@@ -299,6 +515,7 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
     let w = work();
     let out = build(&w, &stage.xz(), &[]);
     let summary = ok(&out, "first build");
+    let first_summary = summary.clone();
     assert!(
         summary.contains("stage: build"),
         "no phase summary: {summary}"
@@ -435,11 +652,33 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
             && summary.contains(&first["localhost/fixture-rt:t1"]),
         "{summary}"
     );
+    // The same image rows (package counts, sizes, digests), without reading the layers:
+    // the counts come from the images' labels.
+    let rows = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("localhost/fixture-"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        rows(&summary),
+        rows(&first_summary),
+        "the image rows differ"
+    );
 
     // A new TAG, same inputs otherwise: packages/t2 starts as hard links of packages/t1 (the
     // same profile), so nothing is compiled, and dev and rt get the very layers of t1: the
-    // roots are reproducible.
-    let out = build_tag(&w, &stage.xz(), "t2", &[]);
+    // roots are reproducible. t1 merged dev and rt at the same time, with parallel merges
+    // (two jobs); t2, with one job, one after the other, one package at a time: the package
+    // COUNTERs, numbered in merge-list order after the merge, do not depend on that.
+    assert!(
+        std::fs::read_to_string(w.dir.join("logs/t1/build.log"))
+            .unwrap()
+            .lines()
+            .any(|l| l == CONCURRENT_ROOTS),
+        "t1 did not merge dev and rt at the same time"
+    );
+    let out = build_tag(&w, &stage.xz(), "t2", &["--jobs", "1"]);
     let summary = ok(&out, "build of a new TAG");
     assert!(
         summary.contains(&format!(
@@ -515,6 +754,18 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
         };
         assert_eq!(layers("t1"), layers("t2"), "{kind}: the roots differ");
     }
+    assert!(
+        std::fs::read_to_string(w.dir.join("logs/t2/build.log"))
+            .unwrap()
+            .lines()
+            .any(|l| l == SEQUENTIAL_ROOTS),
+        "t2 did not merge dev and rt one after the other"
+    );
+    for kind in ["dev", "rt"] {
+        assert_counters_in_order(&w.store, &format!("localhost/fixture-{kind}:t2"));
+    }
+
+    new_snapshot_compiles_only_what_changed(&w, &stage.xz());
 
     // `check` on the good images: no problem, exit 0.
     let out = mkimg(&w)

@@ -27,7 +27,7 @@
 #      a link, and no acct-* package writes an /etc/passwd without root.
 #   2. the packages, from binary packages only, without --emptytree: the root is empty, and
 #      --emptytree would merge the build dependencies into / again.
-# dev and rt are merged at the same time, each by its own emerge with one job.
+# dev and rt are merged at the same time (with more than one job), each by its own emerge.
 #
 # Output: with MKIMG_VERBOSE=1 everything emerge prints; otherwise only the phases and
 # emerge's ">>> Emerging ..." lines. Everything goes to $LOG as well.
@@ -324,11 +324,13 @@ if [ -z "$CLAMP" ]; then
 fi
 write_result
 
-# Settle a root for reproducibility: drop caches that record merge times and inode numbers,
+# Settle a root ($1, merged as $2) for reproducibility: number its packages in the order of
+# its merge list (number_packages), drop caches that record merge times and inode numbers,
 # record symlinks in the package database with CLAMP as their mtime (what they will have),
 # keep the database's own metadata cache valid, then clamp every mtime. /etc/portage was
 # changed by this script before the packages were built, so it gets CLAMP outright.
 settle() {
+	number_packages "$1" "$OUT/order-$2"
 	find "$1/etc/portage" -exec touch -h -d "@$CLAMP" {} +
 	rm -f "$1/var/cache/ldconfig/aux-cache" "$1/var/cache/edb/mtimedb"
 	find "$1/var/db/pkg" -mindepth 3 -maxdepth 3 -type f -name CONTENTS \
@@ -347,12 +349,75 @@ export_root() {
 }
 
 # A fresh root with the stage's /etc/portage, and baselayout merged first with USE=build.
-# One job in every root merge: merges in a fixed order give the same package COUNTERs.
 new_root() {
 	rm -rf "${OUT:?}/$1" && mkdir -p "$OUT/$1/etc" && cp -a /etc/portage "$OUT/$1/etc/" &&
 		logged env ROOT="$OUT/$1" USE=build INSTALL_MASK="${2:-}" emerge --usepkgonly \
 			--binpkg-respect-use=y --oneshot --nodeps --jobs=1 --color=n --nospinner \
 			sys-apps/baselayout
+}
+
+# Merge into the root $ROOT: emerge with the arguments, with $MKIMG_JOBS jobs. Parallel
+# merges finish in any order, so the package COUNTERs they get (Portage numbers merges as
+# they happen) vary; the order of the merge list does not. So that the images do not depend
+# on --jobs or on timing, the merge list is asked for first (emerge --pretend, kept as
+# $OUT/order-NAME) and number_packages renumbers the root's packages in its order after the
+# merge.
+merge_into() {
+	name=$1
+	shift
+	rc=0
+	emerge --pretend --quiet --jobs=1 "$@" > "$OUT/order-$name" 2>&1 || rc=$?
+	cat "$OUT/order-$name" >> "${LOGTO:-$LOG}"
+	# A plan that fails: the merge itself says why.
+	[ "$rc" = 0 ] || : > "$OUT/order-$name"
+	logged emerge --jobs="$MKIMG_JOBS" "$@"
+}
+
+# COUNTER of every package in the root $1, in the order of the merge list $2 (an emerge
+# --pretend, above): 1, 2, ... for the packages first merged by new_root (baselayout) and
+# then as listed; whatever the list lacks last, by name. Written as Portage writes it (no
+# newline), in the package's own COUNTER file and in its consolidated "metadata" file
+# where this Portage keeps one (settle stamps that file's #dir_mtime afterwards); the
+# root's global counter (/var/cache/edb/counter) is the last number.
+number_packages() {
+	vdb=$1/var/db/pkg
+	[ -d "$vdb" ] || return 0
+	# "[binary  N    ] CAT/PF[-BUILD_ID][::REPO] ...": a BUILD_ID (binpkg-multi-instance)
+	# is a last "-DIGITS" that the package database's CAT/PF lacks.
+	(cd "$vdb" && find . -mindepth 2 -maxdepth 2 -type d) | sed 's|^\./||' | LC_ALL=C sort |
+		awk -v plan="$2" '
+			{ installed[$0] = 1; names[++n] = $0 }
+			END {
+				first = "sys-apps/baselayout"
+				while ((getline line < plan) > 0) {
+					if (line !~ /^\[binary/) continue
+					sub(/^\[[^]]*\] +/, "", line); sub(/[ :].*/, "", line)
+					order[++m] = line
+				}
+				for (i = 1; i <= n; i++)
+					if (index(names[i], first "-") == 1 && !(names[i] in done)) {
+						print names[i]; done[names[i]] = 1
+					}
+				for (j = 1; j <= m; j++) {
+					p = order[j]
+					if (!(p in installed)) sub(/-[0-9]+$/, "", p)
+					if ((p in installed) && !(p in done)) { print p; done[p] = 1 }
+				}
+				for (i = 1; i <= n; i++)
+					if (!(names[i] in done)) print names[i]
+			}' | {
+		c=0
+		while read -r p; do
+			c=$((c + 1))
+			printf '%s' "$c" > "$vdb/$p/COUNTER"
+			if [ -f "$vdb/$p/metadata" ]; then
+				sed -i -E "s/^COUNTER=.*/COUNTER=$c/" "$vdb/$p/metadata"
+			fi
+		done
+		if [ "$c" -gt 0 ]; then
+			mkdir -p "$1/var/cache/edb" && printf '%s' "$c" > "$1/var/cache/edb/counter"
+		fi
+	}
 }
 
 # The dev root: everything, with the stage's world file.
@@ -364,9 +429,11 @@ merge_dev() {
 	fi
 	# --root-deps: the build dependencies go into the root (they are what dev is for), and
 	# with --with-bdeps=n not into / as well (where only an unchanged build lacks them).
+	ROOT=$OUT/dev
+	export ROOT
 	# shellcheck disable=SC2086
-	logged env ROOT="$OUT/dev" emerge --usepkgonly --binpkg-respect-use=y --color=n \
-		--nospinner --jobs=1 --root-deps --with-bdeps=n @system @world $MKIMG_DEV_PACKAGES
+	merge_into dev --usepkgonly --binpkg-respect-use=y --color=n \
+		--nospinner --root-deps --with-bdeps=n @system @world $MKIMG_DEV_PACKAGES
 }
 
 # The rt root: the runtime closure of the base set, without docs and headers. Its make.conf
@@ -386,37 +453,55 @@ merge_rt() {
 		# shellcheck disable=SC2016
 		echo 'EMERGE_DEFAULT_OPTS="${EMERGE_DEFAULT_OPTS} --usepkgonly"'
 	} >> "$rtconf" || return
+	ROOT=$OUT/rt
+	INSTALL_MASK=$MKIMG_INSTALL_MASK
+	export ROOT INSTALL_MASK
 	# shellcheck disable=SC2086
-	logged env INSTALL_MASK="$MKIMG_INSTALL_MASK" ROOT="$OUT/rt" emerge --usepkgonly \
-		--binpkg-respect-use=y --jobs=1 --root-deps=rdeps --with-bdeps=n --color=n \
+	merge_into rt --usepkgonly \
+		--binpkg-respect-use=y --root-deps=rdeps --with-bdeps=n --color=n \
 		--nospinner $MKIMG_RT_PACKAGES
 }
 
-# --- dev and rt, merged at the same time -----------------------------------------------------
-# Two emerge processes, each with one job into its own root (so each root's merge order and
-# COUNTERs are what a sequential run gives) and its own build dirs; their logs are appended
-# to $LOG, dev first, when both are done.
+# --- dev and rt ------------------------------------------------------------------------------
+# Each root by an emerge of its own (in a subshell: ROOT and INSTALL_MASK are exported there),
+# with its own build dirs and log, appended to $LOG, dev first, when both are done. With more
+# than one job, dev and rt are merged at the same time, each with $MKIMG_JOBS jobs; with one,
+# one after the other. Either way, the same roots (number_packages, in settle).
 phase roots
-(
-	PORTAGE_TMPDIR=$OUT/tmp-rt
-	PORTAGE_LOGDIR=$LOGDIR/portage/rt
-	LOGTO=$LOGDIR/rt.log
-	FAILED_AS=rt
-	export PORTAGE_TMPDIR PORTAGE_LOGDIR
-	mkdir -p "$PORTAGE_TMPDIR" "$PORTAGE_LOGDIR" && merge_rt
-) &
-rt_pid=$!
+if [ "$MKIMG_JOBS" -gt 1 ]; then
+	echo ">>> gentoo-mkimg: dev and rt at the same time, $MKIMG_JOBS jobs each" | tee -a "$LOG"
+else
+	echo ">>> gentoo-mkimg: dev, then rt, one package at a time" | tee -a "$LOG"
+fi
+merge_part() {
+	(
+		PORTAGE_TMPDIR=$OUT/tmp-$1
+		PORTAGE_LOGDIR=$LOGDIR/portage/$1
+		LOGTO=$LOGDIR/$1.log
+		FAILED_AS=$1
+		export PORTAGE_TMPDIR PORTAGE_LOGDIR
+		: > "$LOGTO"
+		mkdir -p "$PORTAGE_TMPDIR" "$PORTAGE_LOGDIR" && "merge_$1"
+	)
+}
 dev_rc=0
-LOGTO=$LOGDIR/dev.log FAILED_AS=dev merge_dev || dev_rc=$?
 rt_rc=0
-wait "$rt_pid" || rt_rc=$?
-cat "$LOGDIR/dev.log" "$LOGDIR/rt.log" >> "$LOG"
-rm -rf "$LOGDIR/dev.log" "$LOGDIR/rt.log" "${OUT:?}/tmp-rt"
+if [ "$MKIMG_JOBS" -gt 1 ]; then
+	merge_part rt &
+	rt_pid=$!
+	merge_part dev || dev_rc=$?
+	wait "$rt_pid" || rt_rc=$?
+else
+	merge_part dev || dev_rc=$?
+	[ "$dev_rc" = 0 ] && { merge_part rt || rt_rc=$?; }
+fi
+cat "$LOGDIR/dev.log" "$LOGDIR/rt.log" >> "$LOG" 2>/dev/null || true
+rm -rf "$LOGDIR/dev.log" "$LOGDIR/rt.log" "${OUT:?}/tmp-dev" "${OUT:?}/tmp-rt"
 [ "$dev_rc" = 0 ] || exit "$dev_rc"
 [ "$rt_rc" = 0 ] || exit "$rt_rc"
 
 phase images
-settle "$OUT/dev"
+settle "$OUT/dev" dev
 export_root dev
 
 # What Portage leaves despite INSTALL_MASK (directories it created, files of packages
@@ -439,7 +524,7 @@ for mask in $MKIMG_INSTALL_MASK; do
 	esac
 done
 set +f
-settle "$OUT/rt"
+settle "$OUT/rt" rt
 export_root rt
 
 # --- the results go back to the user who runs the tool (hand_back, on exit) -----------------

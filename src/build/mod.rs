@@ -66,8 +66,13 @@ pub struct BuildOptions {
 #[derive(Debug, Clone)]
 pub struct BuiltImage {
     pub image: StoredImage,
-    pub packages: Vec<String>,
+    /// How many packages its /var/db/pkg holds.
+    pub packages: usize,
 }
+
+/// The label in the dev and rt image configs that holds how many packages the image's
+/// /var/db/pkg holds, so that an unchanged build can report it without reading the layers.
+pub const PACKAGES_LABEL: &str = "org.gentoo-mkimg.packages";
 
 /// What a build did.
 #[derive(Debug, Clone)]
@@ -238,14 +243,20 @@ fn build_key(
     Ok(k.finish())
 }
 
-/// dev and rt as the store has them, when both carry `key`: the build they came from had
-/// the same inputs.
+/// raw, dev and rt as the store has them, when dev and rt both carry `key`: the build they
+/// came from had the same inputs. dev and rt with the count of packages of their label.
+type Unchanged = (
+    StoredImage,
+    (StoredImage, Option<usize>),
+    (StoredImage, Option<usize>),
+);
 fn unchanged_images(
     store: &Store,
     refs: &BTreeMap<&str, Reference>,
     key: &str,
-) -> Result<Option<(StoredImage, StoredImage, StoredImage)>> {
+) -> Result<Option<Unchanged>> {
     let mut found = Vec::new();
+    let mut counts = Vec::new();
     for kind in ["raw", "dev", "rt"] {
         let reference = refs[kind].to_string();
         if store.resolve(&reference).is_err() {
@@ -256,16 +267,25 @@ fn unchanged_images(
             let config: serde_json::Value =
                 serde_json::from_slice(&store.read_descriptor(&image.config)?)
                     .with_context(|| format!("{reference}: the image config is not JSON"))?;
-            if config["config"]["Labels"][key::LABEL].as_str() != Some(key) {
+            let labels = &config["config"]["Labels"];
+            if labels[key::LABEL].as_str() != Some(key) {
                 return Ok(None);
             }
+            counts.push(
+                labels[PACKAGES_LABEL]
+                    .as_str()
+                    .and_then(|n| n.parse::<usize>().ok()),
+            );
         }
         found.push(image);
     }
     let [raw, dev, rt]: [StoredImage; 3] = found
         .try_into()
         .map_err(|_| anyhow!("three images expected"))?;
-    Ok(Some((raw, dev, rt)))
+    let [dev_count, rt_count]: [Option<usize>; 2] = counts
+        .try_into()
+        .map_err(|_| anyhow!("two counts expected"))?;
+    Ok(Some((raw, (dev, dev_count), (rt, rt_count))))
 }
 
 /// A file the session wrote into the logs dir, as text (at most `limit` bytes): never
@@ -623,9 +643,15 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         && let Some((raw, dev, rt)) = unchanged_images(&opts.store, &refs, &key)?
     {
         phases.push(("build key (unchanged)".to_string(), t.elapsed()));
-        let packages_of = |image: StoredImage| -> Result<BuiltImage> {
-            let packages = crate::audit::installed_packages(&opts.store, &image.layers)
-                .with_context(|| format!("{}: cannot list its packages", image.reference))?;
+        // The count of packages from the image's label; images made before it had one are
+        // read.
+        let packages_of = |(image, counted): (StoredImage, Option<usize>)| -> Result<BuiltImage> {
+            let packages = match counted {
+                Some(n) => n,
+                None => crate::audit::installed_packages(&opts.store, &image.layers)
+                    .with_context(|| format!("{}: cannot list its packages", image.reference))?
+                    .len(),
+            };
             Ok(BuiltImage { image, packages })
         };
         return Ok(BuildSummary {
@@ -854,13 +880,15 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             &format!("Gentoo {kind} image ({what}), built by gentoo-mkimg"),
         );
         spec.labels.insert(key::LABEL.to_string(), key.clone());
+        spec.labels
+            .insert(PACKAGES_LABEL.to_string(), root.packages.len().to_string());
         spec.history = vec![format!("gentoo-mkimg build ({kind} root)")];
         let image = commit_image(&opts.store, &reference.to_string(), &spec, &[root.layer])?;
         built.insert(
             kind,
             BuiltImage {
                 image,
-                packages: root.packages,
+                packages: root.packages.len(),
             },
         );
     }
@@ -925,8 +953,8 @@ impl BuildSummary {
             );
         };
         row(&mut s, &self.raw, None);
-        row(&mut s, &self.dev.image, Some(self.dev.packages.len()));
-        row(&mut s, &self.rt.image, Some(self.rt.packages.len()));
+        row(&mut s, &self.dev.image, Some(self.dev.packages));
+        row(&mut s, &self.rt.image, Some(self.rt.packages));
         s
     }
 }
