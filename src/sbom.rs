@@ -212,7 +212,7 @@ pub fn document(
         "downloadLocation": "NOASSERTION",
         "filesAnalyzed": false,
         "primaryPackagePurpose": "CONTAINER",
-        "checksums": [{"algorithm": "SHA256", "value": manifest.digest.hex()}],
+        "checksums": [{"algorithm": "SHA256", "checksumValue": manifest.digest.hex()}],
         "licenseConcluded": "NOASSERTION",
         "licenseDeclared": "NOASSERTION",
         "copyrightText": "NOASSERTION",
@@ -262,7 +262,7 @@ pub fn document(
         });
         if let Some((file, sum)) = sums.of(p) {
             pkg["packageFileName"] = json!(file);
-            pkg["checksums"] = json!([{"algorithm": "SHA256", "value": sum}]);
+            pkg["checksums"] = json!([{"algorithm": "SHA256", "checksumValue": sum}]);
         }
         spdx_packages.push(pkg);
         relationships.push(json!({
