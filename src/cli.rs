@@ -241,6 +241,11 @@ pub struct BuildArgs {
     /// Compression of the image layers.
     #[arg(long, value_enum)]
     pub compression: Option<LayerCompression>,
+    /// Also write the SPDX 2.3 SBOMs of dev and rt to DIR/dev.spdx.json and
+    /// DIR/rt.spdx.json (the store keeps them anyway, attached to the images; `push` sends
+    /// them along).
+    #[arg(long, value_name = "DIR")]
+    pub sbom: Option<PathBuf>,
     /// Push the dev and rt images to their registry afterwards (as `push`).
     #[arg(long)]
     pub push: bool,

@@ -108,6 +108,8 @@ pub struct FileConfig {
     pub check: Option<bool>,
     pub keep_going: Option<bool>,
     pub compression: Option<LayerCompression>,
+    /// Also write the SPDX SBOMs of dev and rt here (relative to the file).
+    pub sbom: Option<PathBuf>,
     pub make_conf: Option<Vec<String>>,
     pub package_use: Option<Vec<String>>,
     pub package_accept_keywords: Option<Vec<String>>,
@@ -189,6 +191,8 @@ pub struct Overrides {
     pub no_check: bool,
     pub keep_going: bool,
     pub compression: Option<LayerCompression>,
+    /// `--sbom DIR`.
+    pub sbom: Option<PathBuf>,
 }
 
 /// Everything a build needs, resolved.
@@ -211,6 +215,9 @@ pub struct BuildPlan {
     pub check: bool,
     pub keep_going: bool,
     pub compression: LayerCompression,
+    /// Where to write `dev.spdx.json` and `rt.spdx.json` besides the store (see
+    /// [`crate::sbom`]); the store gets them anyway.
+    pub sbom: Option<PathBuf>,
     pub make_conf: Vec<String>,
     pub package_use: Vec<String>,
     pub package_accept_keywords: Vec<String>,
@@ -344,6 +351,9 @@ impl BuildPlan {
             check: !cli.no_check && f.check.unwrap_or(true),
             keep_going: cli.keep_going || f.keep_going.unwrap_or(false),
             compression: cli.compression.or(f.compression).unwrap_or_default(),
+            sbom: cli
+                .sbom
+                .or(f.sbom.map(|p| rel(p.to_string_lossy().into_owned()))),
             make_conf: f.make_conf.unwrap_or_default(),
             package_use: f.package_use.unwrap_or_default(),
             package_accept_keywords: f.package_accept_keywords.unwrap_or_default(),

@@ -5,7 +5,8 @@
 //! [`image`] makes layers,
 //! configs and manifests in the [`image::store`], [`publish`] gets images out of the store.
 //! [`import`] and [`images`] are the commands built on them; [`cli`] only parses arguments.
-//! [`audit`] checks that everything in an image can load (interpreters, libraries, `#!`).
+//! [`audit`] checks that everything in an image can load (interpreters, libraries, `#!`);
+//! [`sbom`] writes an image's SPDX SBOM from its package database.
 
 pub mod archive;
 pub mod audit;
@@ -22,5 +23,6 @@ pub mod net;
 pub mod portage;
 pub mod progress;
 pub mod publish;
+pub mod sbom;
 pub mod shell;
 pub mod snapshot;

@@ -181,6 +181,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 no_check: args.no_check,
                 keep_going: args.keep_going,
                 compression: args.compression,
+                sbom: args.sbom.clone(),
             };
             // Refuse an unusable engine before anything is downloaded.
             let engine = config::engine(args.engine, file.as_ref().map(|(_, f)| f));

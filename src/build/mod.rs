@@ -464,6 +464,18 @@ fn count_binary_packages(dir: &Path) -> usize {
     n
 }
 
+/// The SPDX SBOMs of dev and rt: attached to them in the store (kept when there already),
+/// and written to the plan's `sbom` directory when it names one.
+fn write_sboms(
+    opts: &BuildOptions,
+    packages: &Path,
+    dev: &BuiltImage,
+    rt: &BuiltImage,
+) -> Result<()> {
+    let images = [("dev", &dev.image), ("rt", &rt.image)];
+    crate::sbom::for_build(&opts.store, &images, packages, opts.plan.sbom.as_deref())
+}
+
 type PipedRoots = Vec<(&'static str, RootLayer, Duration)>;
 
 /// `dev.fifo` and `rt.fifo` in a fresh `dir`.
@@ -654,11 +666,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             };
             Ok(BuiltImage { image, packages })
         };
+        let (dev, rt) = (packages_of(dev)?, packages_of(rt)?);
+        write_sboms(opts, &packages, &dev, &rt)?;
         return Ok(BuildSummary {
             phases,
             raw,
-            dev: packages_of(dev)?,
-            rt: packages_of(rt)?,
+            dev,
+            rt,
             binary_packages: count_binary_packages(&packages),
             key,
             unchanged: true,
@@ -895,6 +909,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     phases.push(("tag dev and rt".to_string(), t.elapsed()));
     let dev = built.remove("dev").ok_or_else(|| anyhow!("no dev image"))?;
     let rt = built.remove("rt").ok_or_else(|| anyhow!("no rt image"))?;
+    let t = Instant::now();
+    write_sboms(opts, &packages, &dev, &rt)?;
+    phases.push(("SBOMs".to_string(), t.elapsed()));
     blobs.commit();
     Ok(BuildSummary {
         phases,

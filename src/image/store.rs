@@ -32,6 +32,9 @@ pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+/// The empty blob (`{}`) an artifact manifest names as its config.
+pub const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
+pub const EMPTY_BLOB: &[u8] = b"{}";
 
 /// A content digest, always `sha256:<64 lowercase hex>`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -95,6 +98,13 @@ pub struct Descriptor {
     pub annotations: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<serde_json::Value>,
+    /// For an artifact manifest (index entries and referrers lists): what it holds.
+    #[serde(
+        rename = "artifactType",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub artifact_type: Option<String>,
 }
 
 impl Descriptor {
@@ -105,7 +115,14 @@ impl Descriptor {
             size,
             annotations: BTreeMap::new(),
             platform: None,
+            artifact_type: None,
         }
+    }
+
+    /// Only media type, digest and size: the descriptor another manifest names as its
+    /// `subject`.
+    pub fn plain(&self) -> Descriptor {
+        Descriptor::new(&self.media_type, self.digest.clone(), self.size)
     }
 
     pub fn ref_name(&self) -> Option<&str> {
@@ -406,14 +423,59 @@ impl Store {
     /// Every blob an entry of `index.json` reaches: the manifests and indexes it names, their
     /// configs and layers, and so on down. Manifests and indexes are read checked; one that
     /// is missing or corrupt is an error, as nothing could tell what it references.
+    ///
+    /// A referrer (an untagged entry whose manifest has a `subject`, such as an SBOM
+    /// [attached](Store::attach) to an image) counts only while its subject is reached
+    /// otherwise: it goes with its image.
     pub fn reachable(&self) -> Result<BTreeSet<Digest>> {
+        let mut roots = Vec::new();
+        let mut referrers = Vec::new();
+        for d in self.read_index()?.manifests {
+            let entry = d.ref_name().unwrap_or(d.digest.as_str()).to_string();
+            let subject = match d.ref_name() {
+                Some(_) => None,
+                None => self
+                    .subject_of(&d)
+                    .with_context(|| format!("{entry}: cannot read its {}", d.media_type))?,
+            };
+            match subject {
+                Some(subject) => referrers.push((entry, d, subject)),
+                None => roots.push((entry, d)),
+            }
+        }
         let mut seen = BTreeSet::new();
-        let mut todo: Vec<(String, Descriptor)> = self
-            .read_index()?
-            .manifests
-            .into_iter()
-            .map(|d| (d.ref_name().unwrap_or(d.digest.as_str()).to_string(), d))
-            .collect();
+        self.reach(roots, &mut seen)?;
+        loop {
+            let (ready, waiting): (Vec<_>, Vec<_>) = referrers
+                .into_iter()
+                .partition(|(_, _, subject)| seen.contains(subject));
+            if ready.is_empty() {
+                break;
+            }
+            let ready = ready.into_iter().map(|(e, d, _)| (e, d)).collect();
+            self.reach(ready, &mut seen)?;
+            referrers = waiting;
+        }
+        Ok(seen)
+    }
+
+    /// The digest of the `subject` of the manifest `desc` names, if it is a manifest with one.
+    fn subject_of(&self, desc: &Descriptor) -> Result<Option<Digest>> {
+        if !is_manifest_type(&desc.media_type) {
+            return Ok(None);
+        }
+        let bytes = self.read_descriptor(desc)?;
+        let refs: References = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a valid {}", desc.digest, desc.media_type))?;
+        Ok(refs.subject.map(|s| s.digest))
+    }
+
+    /// Add to `seen` every blob reached from `todo` (entry name, descriptor).
+    fn reach(
+        &self,
+        mut todo: Vec<(String, Descriptor)>,
+        seen: &mut BTreeSet<Digest>,
+    ) -> Result<()> {
         while let Some((entry, desc)) = todo.pop() {
             if !seen.insert(desc.digest.clone()) || !is_manifest_type(&desc.media_type) {
                 continue;
@@ -437,7 +499,91 @@ impl Store {
                     .map(|d| (entry.clone(), d)),
             );
         }
-        Ok(seen)
+        Ok(())
+    }
+
+    /// Store an artifact about `subject` (a manifest in the store): a manifest of
+    /// `artifactType` `media_type` with the empty config, one layer of `media_type` holding
+    /// `content`, and `subject`. It is kept in `index.json` untagged, and lives as long as its
+    /// subject does (see [`Store::reachable`]). The same content stored again changes
+    /// nothing. Returns the artifact manifest's descriptor.
+    pub fn attach(
+        &self,
+        subject: &Descriptor,
+        media_type: &str,
+        content: &[u8],
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<Descriptor> {
+        let empty = self.put_bytes(EMPTY_MEDIA_TYPE, EMPTY_BLOB)?;
+        let layer = self.put_bytes(media_type, content)?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_MEDIA_TYPE,
+            "artifactType": media_type,
+            "config": {
+                "mediaType": EMPTY_MEDIA_TYPE,
+                "digest": empty.digest,
+                "size": empty.size,
+                "data": "e30=",
+            },
+            "layers": [layer],
+            "subject": subject.plain(),
+            "annotations": annotations,
+        });
+        let mut desc = self.put_bytes(MANIFEST_MEDIA_TYPE, &to_json(&manifest)?)?;
+        desc.artifact_type = Some(media_type.to_string());
+        desc.annotations = annotations.clone();
+        self.ensure_layout()?;
+        let _lock = self.lock()?;
+        let mut index = self.read_index()?;
+        if !index
+            .manifests
+            .iter()
+            .any(|d| d.digest == desc.digest && d.ref_name().is_none())
+        {
+            index.manifests.push(desc.clone());
+            write_atomic(&self.root.join("index.json"), &to_json(&index)?)?;
+        }
+        Ok(desc)
+    }
+
+    /// The artifacts in the store whose subject is `subject` (of `artifact_type` only, when
+    /// given), as `index.json` lists them.
+    pub fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Descriptor>> {
+        let mut found = Vec::new();
+        for d in self.read_index()?.manifests {
+            if d.ref_name().is_some()
+                || artifact_type.is_some_and(|t| d.artifact_type.as_deref() != Some(t))
+            {
+                continue;
+            }
+            if self
+                .subject_of(&d)
+                .with_context(|| format!("the store's entry {}", d.digest))?
+                .as_ref()
+                == Some(subject)
+            {
+                found.push(d);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Drop the entries of `index.json` that `reachable` does not hold (referrers whose
+    /// subject is gone).
+    fn drop_orphans(&self, reachable: &BTreeSet<Digest>) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut index = self.read_index()?;
+        let before = index.manifests.len();
+        index.manifests.retain(|d| reachable.contains(&d.digest));
+        if index.manifests.len() != before {
+            write_atomic(&self.root.join("index.json"), &to_json(&index)?)?;
+        }
+        Ok(())
     }
 
     /// An exclusive lock on the store, held while `index.json` is rewritten.
@@ -496,6 +642,9 @@ impl Store {
                 self.root.display()
             )
         })?;
+        if !dry_run {
+            self.drop_orphans(&reachable)?;
+        }
         let mut garbage = Vec::new();
         for dir in [self.blobs_dir(), self.root.clone()] {
             let entries = match fs::read_dir(&dir) {

@@ -37,7 +37,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::auth::{self, Credential};
 use crate::image::reference::Reference;
-use crate::image::store::{CorruptBlob, Descriptor, Digest, Found, Store};
+use crate::image::store::{CorruptBlob, Descriptor, Digest, Found, INDEX_MEDIA_TYPE, Index, Store};
 use crate::image::{StoredImage, open_image};
 use crate::net::{describe, is_tls_refusal, retry_after, tls_config};
 use crate::progress::Verbosity;
@@ -120,6 +120,8 @@ pub struct PushReport {
     pub skipped: usize,
     /// Blob bytes sent, retries included.
     pub bytes_sent: u64,
+    /// The store's artifacts about the image (its SBOMs) pushed with it, by digest.
+    pub referrers: Vec<Referrer>,
 }
 
 impl fmt::Display for PushReport {
@@ -128,7 +130,11 @@ impl fmt::Display for PushReport {
             f,
             "pushed {}@{}: {} blobs uploaded, {} mounted, {} skipped, {} bytes sent",
             self.reference, self.digest, self.uploaded, self.mounted, self.skipped, self.bytes_sent
-        )
+        )?;
+        if !self.referrers.is_empty() {
+            write!(f, ", {} referrers", self.referrers.len())?;
+        }
+        Ok(())
     }
 }
 
@@ -268,19 +274,73 @@ impl Pusher {
             bars: self.bars.as_ref(),
             sent: Arc::new(AtomicU64::new(0)),
         };
-        let counts = self
+        let mut counts = self
             .runtime
             .block_on(job.run())
             .with_context(|| format!("cannot push {dest}"))?;
+        let mut bytes_sent = job.sent.load(Ordering::Relaxed);
+        let mut referrers = Vec::new();
+        for artifact in self.store.referrers(&image.manifest.digest, None)? {
+            let what = || format!("cannot push the referrer {} of {dest}", artifact.digest);
+            let manifest = self.store.read_manifest(&artifact).with_context(what)?;
+            let stored = StoredImage {
+                reference: format!("{dest}@{}", artifact.digest),
+                manifest: artifact.clone(),
+                config: manifest.config,
+                layers: manifest.layers,
+            };
+            let job = ImagePush {
+                image: &stored,
+                tag: artifact.digest.as_str(),
+                sources: BTreeMap::new(),
+                sent: Arc::new(AtomicU64::new(0)),
+                ..job
+            };
+            let c = self.runtime.block_on(job.run()).with_context(what)?;
+            counts.uploaded += c.uploaded;
+            counts.mounted += c.mounted;
+            counts.skipped += c.skipped;
+            bytes_sent += job.sent.load(Ordering::Relaxed);
+            let api = c.subject_kept
+                || self
+                    .runtime
+                    .block_on(registry.has_referrers_api(&repository, &image.manifest.digest))
+                    .with_context(what)?;
+            if !api {
+                self.runtime
+                    .block_on(registry.add_to_referrers_tag(
+                        &repository,
+                        &image.manifest.digest,
+                        &artifact,
+                    ))
+                    .with_context(what)?;
+            }
+            referrers.push(Referrer {
+                digest: artifact.digest.clone(),
+                artifact_type: artifact.artifact_type.clone(),
+                by_api: api,
+            });
+        }
         Ok(PushReport {
             reference: dest.to_string(),
             digest: image.manifest.digest.clone(),
             uploaded: counts.uploaded,
             mounted: counts.mounted,
             skipped: counts.skipped,
-            bytes_sent: job.sent.load(Ordering::Relaxed),
+            bytes_sent,
+            referrers,
         })
     }
+}
+
+/// An artifact pushed along with its image (an SBOM, say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Referrer {
+    pub digest: Digest,
+    pub artifact_type: Option<String>,
+    /// The registry keeps its referrers (OCI distribution 1.1 referrers API); otherwise the
+    /// artifact was added to the index tagged `sha256-<subject hex>` (the tag scheme).
+    pub by_api: bool,
 }
 
 /// The verified and the unverified (insecure hosts only) HTTP clients.
@@ -1027,14 +1087,15 @@ impl Registry {
         }
     }
 
-    /// Put the manifest `bytes` under `tag`; returns the digest the registry reports.
+    /// Put the manifest `bytes` under `tag` (or a digest); returns the digest the registry
+    /// reports and whether it answered with `OCI-Subject` (it keeps referrers itself).
     async fn put_manifest(
         &self,
         repo: &str,
         tag: &str,
         media_type: &str,
         bytes: Bytes,
-    ) -> Result<Option<String>> {
+    ) -> Result<(Option<String>, bool)> {
         let url = self.url(&format!("v2/{repo}/manifests/{tag}"))?;
         let what = format!("PUT manifest {repo}:{tag}");
         let resp = self
@@ -1053,12 +1114,104 @@ impl Registry {
                 body_text(resp, self.stall).await
             );
         }
-        Ok(resp
+        let digest = resp
             .headers()
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
-            .map(str::to_string))
+            .map(str::to_string);
+        Ok((digest, resp.headers().contains_key("oci-subject")))
     }
+
+    /// Whether `repo` answers the referrers API (OCI distribution 1.1) for `subject`.
+    async fn has_referrers_api(&self, repo: &str, subject: &Digest) -> Result<bool> {
+        let url = self.url(&format!("v2/{repo}/referrers/{subject}"))?;
+        let what = format!("GET referrers of {subject}");
+        let resp = self
+            .send(Some(repo), &what, true, || {
+                Ok(self
+                    .client
+                    .get(url.clone())
+                    .header(header::ACCEPT, INDEX_MEDIA_TYPE))
+            })
+            .await?;
+        let is_index = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with(INDEX_MEDIA_TYPE));
+        Ok(resp.status() == StatusCode::OK && is_index)
+    }
+
+    /// Add `artifact` to the referrers tag scheme's index of `subject` (tag
+    /// `sha256-<hex>`), made when missing, kept as it is when it lists `artifact` already.
+    async fn add_to_referrers_tag(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        artifact: &Descriptor,
+    ) -> Result<()> {
+        let tag = format!("sha256-{}", subject.hex());
+        let url = self.url(&format!("v2/{repo}/manifests/{tag}"))?;
+        let what = format!("GET referrers index {repo}:{tag}");
+        let resp = self
+            .send(Some(repo), &what, true, || {
+                Ok(self
+                    .client
+                    .get(url.clone())
+                    .header(header::ACCEPT, INDEX_MEDIA_TYPE))
+            })
+            .await?;
+        let mut index = match resp.status() {
+            StatusCode::NOT_FOUND => Index::default(),
+            StatusCode::OK => {
+                let bytes = read_limited(resp, MANIFEST_MAX, self.stall)
+                    .await
+                    .with_context(|| format!("{}: {what}", self.host))?;
+                serde_json::from_slice::<Index>(&bytes).with_context(|| {
+                    format!("{}: {what}: not an OCI index; left as it is", self.host)
+                })?
+            }
+            s => bail!(
+                "{}: {what}: HTTP {s}: {}",
+                self.host,
+                body_text(resp, self.stall).await
+            ),
+        };
+        if index.manifests.iter().any(|d| d.digest == artifact.digest) {
+            return Ok(());
+        }
+        let mut entry = artifact.plain();
+        entry.artifact_type = artifact.artifact_type.clone();
+        entry.annotations = artifact.annotations.clone();
+        entry.annotations.remove(crate::image::store::REF_NAME);
+        index.manifests.push(entry);
+        index.media_type = Some(INDEX_MEDIA_TYPE.to_string());
+        let bytes = serde_json::to_vec(&index).context("cannot write the referrers index")?;
+        self.put_manifest(repo, &tag, INDEX_MEDIA_TYPE, Bytes::from(bytes))
+            .await?;
+        Ok(())
+    }
+}
+
+/// The most of a manifest or index read from a registry.
+const MANIFEST_MAX: usize = 4 << 20;
+
+/// The body of `resp`, at most `limit` bytes (more is an error), each chunk within `stall`.
+async fn read_limited(resp: reqwest::Response, limit: usize, stall: Duration) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    loop {
+        let chunk = tokio::time::timeout(stall, stream.next())
+            .await
+            .map_err(|_| anyhow!("no data for {} s", stall.as_secs()))?;
+        let Some(chunk) = chunk else { break };
+        let chunk = chunk.map_err(|e| anyhow!("cannot read the answer: {}", describe(&e)))?;
+        if body.len() + chunk.len() > limit {
+            bail!("the answer is larger than {limit} bytes");
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -1066,6 +1219,8 @@ struct Counts {
     uploaded: usize,
     mounted: usize,
     skipped: usize,
+    /// The registry answered the manifest's `PUT` with `OCI-Subject`.
+    subject_kept: bool,
 }
 
 enum BlobOutcome {
@@ -1297,7 +1452,7 @@ impl ImagePush<'_> {
             }
         }
         let bytes = self.store.read_descriptor(&self.image.manifest)?;
-        let reported = registry
+        let (reported, subject_kept) = registry
             .put_manifest(
                 repo,
                 self.tag,
@@ -1314,6 +1469,7 @@ impl ImagePush<'_> {
                 self.image.manifest.digest
             );
         }
+        counts.subject_kept = subject_kept;
         known()
             .entry(registry.host.clone())
             .or_default()
@@ -1682,6 +1838,7 @@ mod tests {
             mounted: 1,
             skipped: 0,
             bytes_sent: 10,
+            referrers: vec![],
         };
         let text = r.to_string();
         assert!(
