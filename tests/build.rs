@@ -362,6 +362,18 @@ fn new_snapshot_compiles_only_what_changed(w: &Work, stage: &Path) {
     t3(&mut cmd);
     let out = cmd.output().unwrap();
     ok(&out, "build of the new snapshot");
+    // The build root / got the dependency trees of those two, not the whole graph again.
+    let log = std::fs::read_to_string(w.dir.join("logs/t3/build.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with(">>> gentoo-mkimg: compiling 2 of the packages")),
+        "t3 did not say it compiles 2 packages"
+    );
+    let into_stage = build_phase_merges(&w.dir, "t3");
+    assert!(
+        into_stage.len() < build_phase_merges(&w.dir, "t1").len() / 2,
+        "t3 reinstalled the build root: {into_stage:?}"
+    );
     assert_eq!(
         compiled_packages(&w.dir, "t3"),
         BTreeSet::from([

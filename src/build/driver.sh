@@ -159,15 +159,24 @@ finish() {
 }
 trap finish EXIT
 
-# emerge --pretend with the arguments: true when its plan (kept in $LOG) installs binary
-# packages only.
-nothing_to_compile() {
+# emerge --pretend with the arguments, its plan in $OUT/plan (kept in $LOG); prints what it
+# plans: "binary" (binary packages only), "some" (some packages to compile, the rest from
+# binary packages; the ones to compile as =CAT/PF[::REPO] atoms in $OUT/compile) or "all"
+# (no binary package at all, or a blocker, an uninstall, an error).
+plan_build() {
 	plan=$OUT/plan
 	rc=0
 	emerge --pretend "$@" > "$plan" 2>&1 || rc=$?
 	cat "$plan" >> "$LOG"
-	[ "$rc" = 0 ] && grep -q '^\[binary' "$plan" &&
-		! grep -qE '^\[(ebuild|blocks|uninstall)' "$plan"
+	if [ "$rc" != 0 ] || grep -qE '^\[(blocks|uninstall)' "$plan" ||
+		! grep -q '^\[binary' "$plan"; then
+		echo all
+	elif ! grep -q '^\[ebuild' "$plan"; then
+		echo binary
+	else
+		sed -nE 's/^\[ebuild[^]]*\] +([^ ]+).*/=\1/p' "$plan" > "$OUT/compile"
+		echo some
+	fi
 }
 
 # Merge into / what the merges of the roots (below) would merge there: the install-time
@@ -290,18 +299,34 @@ phase build
 # shellcheck disable=SC2086 # word splitting of package lists is intended
 set -- --emptytree --usepkg --binpkg-respect-use=y --binpkg-changed-deps=y --with-bdeps=y \
 	--buildpkg --color=n --nospinner $keep_going @system @world $MKIMG_DEV_PACKAGES
-# When every package of that graph has its binary package already (an unchanged rebuild, a
-# new TAG started from the packages of an earlier one), nothing is compiled, and merging them
-# all into / again would only cost time: / then gets only what the roots' merges need there
-# (root_needs). Anything else in the plan (a package to compile, a blocker, an uninstall, an
-# error) and the whole graph is merged, as the first time.
-if nothing_to_compile "$@"; then
+# What that costs depends on what has a binary package already (Portage's plan, plan_build):
+# - nothing (the first build of a TAG): the whole graph is merged into / as it is compiled.
+# - everything (an unchanged rebuild, a new TAG started from the packages of an earlier one):
+#   nothing is compiled, and merging it all into / again would only cost time: / gets only
+#   what the roots' merges need there (root_needs).
+# - some (a new snapshot that bumps a few packages, a changed USE flag): only those are
+#   compiled, with --emptytree for them alone, so their whole dependency tree is merged into
+#   / from the binary packages first (they are built against what the roots get, as in a
+#   whole build), but not the rest of the graph; then / gets what the roots need (root_needs).
+case $(plan_build "$@") in
+binary)
 	echo ">>> gentoo-mkimg: nothing needs compiling: the build root / is not reinstalled from binary packages" |
 		tee -a "$LOG"
 	root_needs
-else
+	;;
+some)
+	echo ">>> gentoo-mkimg: compiling $(wc -l < "$OUT/compile") of the packages, with their dependencies from binary packages" |
+		tee -a "$LOG"
+	# shellcheck disable=SC2046 # one atom a line, no blanks in an atom
+	logged emerge --emptytree --usepkg --binpkg-respect-use=y --binpkg-changed-deps=y \
+		--with-bdeps=y --buildpkg --oneshot --color=n --nospinner $keep_going \
+		$(cat "$OUT/compile")
+	root_needs
+	;;
+*)
 	logged emerge "$@"
-fi
+	;;
+esac
 # baselayout once more with USE=build, as a binary package of its own (binpkg-multi-instance
 # keeps both, and --binpkg-respect-use=y makes every merge take the one whose USE flags
 # match: without it, --usepkgonly takes a binary package whatever its flags). It is the
