@@ -182,7 +182,7 @@ for kind in raw dev rt; do
     "$(curl -fsI -H 'Accept: application/vnd.docker.distribution.manifest.v2+json' \
       -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
       "http://$host/v2/seed/gentoo-$kind/manifests/t1" | tr -d '\r' |
-      sed -n 's/^[Dd]ocker-[Cc]ontent-[Dd]igest: //p')"
+      sed -n 's/^[Dd]ocker-[Cc]ontent-[Dd]igest: //p' || true)"
 done
 docker rmi -f "$host/seed/gentoo-raw:t1" "$host/seed/gentoo-dev:t1" "$host/seed/gentoo-rt:t1" >/dev/null 2>&1 || true
 rm -rf "$work/seed"
@@ -245,12 +245,13 @@ pushed_digest() {
   curl -fsI -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
     -H 'Accept: application/vnd.docker.distribution.manifest.v2+json' \
     "http://$host/v2/ours/gentoo-$1/manifests/$2" | tr -d '\r' |
-    sed -n 's/^[Dd]ocker-[Cc]ontent-[Dd]igest: //p'
+    sed -n 's/^[Dd]ocker-[Cc]ontent-[Dd]igest: //p' || true
 }
 # Packages compiled in a build: the ">>> Emerging (N of M) CAT/PF" lines of its log
 # (binary packages are ">>> Emerging binary (...)").
 compiled() {
-  grep -E '^>>> Emerging \(' "$ours/logs/$1/build.log" | sed -E 's/^>>> Emerging \([0-9]+ of [0-9]+\) //' | sort -u
+  { grep -E '^>>> Emerging \(' "$ours/logs/$1/build.log" || true; } |
+    sed -E 's/^>>> Emerging \([0-9]+ of [0-9]+\) //' | sort -u
 }
 build() { # LABEL SNAPSHOT TAG
   mkimg "$1" build "$stage" "$2" "$host/ours" gentoo "$3" --engine "$engine" \
@@ -265,6 +266,7 @@ cold_compiled=$(compiled t1 | wc -l)
 echo "   total ${cold_time}s, $cold_compiled packages compiled, peak RSS $(mb "$cold_rss") MB (helper $(mb "$cold_helper") MB)"
 echo "   pushed dev $cold_dev"
 echo "   pushed rt  $cold_rt"
+sed 's/^/   | /' "$work/cold.out"
 mkimg rawpush push --insecure-registry "$host" "$host/ours/gentoo-raw:t1"
 raw_time=$secs
 echo "   + gentoo-mkimg push of raw (the seed pushes it too): ${raw_time}s, peak RSS $(mb "$rss") MB"
@@ -287,7 +289,7 @@ bump_compiled=$(printf '%s' "$bump_list" | grep -c . || true)
 bump_plan=$(grep -cE '^\[ebuild' "$ours/logs/t2/build.log" || true)
 echo "   total ${bump_time}s, peak RSS $(mb "$bump_rss") MB, compiled $bump_compiled: $(echo "$bump_list" | tr '\n' ' ')"
 echo "   ([ebuild lines in the log's plans: $bump_plan)"
-grep -iE 'carr|hard link|started from' "$work/bump.out" "$work/bump.err" 2>/dev/null | head -3 | sed 's/^[^:]*:/   | /' || true
+sed 's/^/   | /' "$work/bump.out"
 
 echo "== summary (machine shared with other sessions: load $(cut -d' ' -f1-3 /proc/loadavg) now)"
 python3 - "$seed_time" "$cold_time" "$raw_time" "$same_time" "$same" "$bump_time" "$bump_compiled" \
