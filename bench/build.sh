@@ -147,7 +147,9 @@ start_registry
 # (the tool's --insecure-registry is the seed's "insecure-registries" of the daemon)
 printf '[[registry]]\nlocation = "%s"\ninsecure = true\n' "$host" >"$CONTAINERS_REGISTRIES_CONF"
 mkdir -p "$work/podman" "$DOCKER_CONFIG"
-podman_here --runtime runc system service --time=0 "$DOCKER_HOST" >"$work/podman/service.log" 2>&1 &
+# podman itself in the background (not the function: $! would be a subshell's pid).
+podman --root "$work/podman/root" --runroot "$work/podman/run" --events-backend none \
+  --runtime runc system service --time=0 "$DOCKER_HOST" >"$work/podman/service.log" 2>&1 &
 svc_pid=$!
 for i in $(seq 150); do
   docker version --format '{{.Server.Version}}' >/dev/null 2>&1 && break

@@ -16,6 +16,11 @@ MAKEOPTS="-j$JOBS -l$JOBS"
 EMERGE_DEFAULT_OPTS="--jobs=$JOBS --load-average=$JOBS"
 CONF
 
+# The merge order gentoo-mkimg's driver fixes (Portage iterates Python sets): with --jobs, a
+# random order once had app-misc/hello compile while the toolchain (@system, which nothing
+# names as a dependency) was being merged again, and fail.
+PYTHONHASHSEED=0
+export PYTHONHASHSEED
 emerge -e --color=n --nospinner @system @world
 
 dev=/$base-dev-$tag

@@ -31,13 +31,22 @@ tar -xf "$snapshot" -C "portage/$tag" --strip-components=1
 raw=$repo/$base-raw:$tag
 docker import "$stage" "$raw" >/dev/null
 
-docker run --rm --privileged --network none --name "$name" \
+# Not --rm: through Podman's Docker API the CLI may lose the exit status of a container that
+# is removed as it ends; it is read back before the container is removed.
+rc=0
+docker run --privileged --network none --name "$name" \
   -v "$PWD/packages/$tag:/var/cache/binpkgs" \
   -v "$PWD/portage/$tag:/var/db/repos/gentoo:ro" \
   -v "$here/mkimg-container.sh:/mkimg-container.sh:ro" \
   -v "$PWD:/out" \
   -e JOBS="$jobs" -e RT_PACKAGES="$RT_PACKAGES" -e INSTALL_MASK="$INSTALL_MASK" \
-  "$raw" /bin/sh /mkimg-container.sh "$base" "$tag" /out
+  "$raw" /bin/sh /mkimg-container.sh "$base" "$tag" /out || rc=$?
+status=$(docker inspect --format '{{.State.ExitCode}}' "$name" 2>/dev/null || echo "$rc")
+docker rm "$name" >/dev/null || true
+if [ "$rc" != 0 ] || [ "$status" != 0 ]; then
+  echo "mkimg-container.sh failed (docker run: $rc, container exit code: $status)" >&2
+  exit 1
+fi
 
 for kind in dev rt; do
   docker import "$base-$kind-$tag.tar" "$repo/$base-$kind:$tag" >/dev/null
