@@ -2,7 +2,8 @@
 # The container half of the old tool's pipeline (see mkimg.sh), run in the raw image as root:
 #   mkimg-container.sh BASENAME TAG OUTDIR
 # with the binary packages at /var/cache/binpkgs (Portage's PKGDIR) and the snapshot at
-# /var/db/repos/gentoo. Rebuilds the whole system into binary packages, fills the dev and rt
+# /var/db/repos/gentoo, and in the environment JOBS, RT_PACKAGES and RT_INSTALL_MASK (the rt
+# root's INSTALL_MASK only: the system build needs its headers). Rebuilds the whole system into binary packages, fills the dev and rt
 # staging roots from them and packs each as OUTDIR/BASENAME-{dev,rt}-TAG.tar.
 set -eu
 base=$1 tag=$2 out=$3
@@ -16,9 +17,8 @@ MAKEOPTS="-j$JOBS -l$JOBS"
 EMERGE_DEFAULT_OPTS="--jobs=$JOBS --load-average=$JOBS"
 CONF
 
-# The merge order gentoo-mkimg's driver fixes (Portage iterates Python sets): with --jobs, a
-# random order once had app-misc/hello compile while the toolchain (@system, which nothing
-# names as a dependency) was being merged again, and fail.
+# The merge order gentoo-mkimg's driver fixes (Portage iterates Python sets), so that both
+# build the same packages in the same order.
 PYTHONHASHSEED=0
 export PYTHONHASHSEED
 emerge -e --color=n --nospinner @system @world
@@ -29,7 +29,7 @@ mkdir -p "$dev/var/lib/portage" "$rt"
 cp /var/lib/portage/world "$dev/var/lib/portage/world"
 ROOT=$dev emerge -eK --color=n --nospinner @system @world
 # shellcheck disable=SC2086 # a list of atoms
-ROOT=$rt INSTALL_MASK="$INSTALL_MASK" emerge -eK1 --color=n --nospinner $RT_PACKAGES
+ROOT=$rt INSTALL_MASK="$RT_INSTALL_MASK" emerge -eK1 --color=n --nospinner $RT_PACKAGES
 
 tar -C "$dev" --numeric-owner --xattrs -cf "$out/$base-dev-$tag.tar" .
 tar -C "$rt" --numeric-owner --xattrs -cf "$out/$base-rt-$tag.tar" .

@@ -31,20 +31,21 @@ tar -xf "$snapshot" -C "portage/$tag" --strip-components=1
 raw=$repo/$base-raw:$tag
 docker import "$stage" "$raw" >/dev/null
 
-# Not --rm: through Podman's Docker API the CLI may lose the exit status of a container that
-# is removed as it ends; it is read back before the container is removed.
-rc=0
-docker run --privileged --network none --name "$name" \
+# Detached, then `docker wait` for the exit status and `docker logs` for the output: through
+# Podman's Docker API (4.3) an attached `docker run` can miss the container's exit and hang,
+# and with --rm it reported success for a failed container.
+docker run -d --privileged --network none --name "$name" \
   -v "$PWD/packages/$tag:/var/cache/binpkgs" \
   -v "$PWD/portage/$tag:/var/db/repos/gentoo:ro" \
   -v "$here/mkimg-container.sh:/mkimg-container.sh:ro" \
   -v "$PWD:/out" \
-  -e JOBS="$jobs" -e RT_PACKAGES="$RT_PACKAGES" -e INSTALL_MASK="$INSTALL_MASK" \
-  "$raw" /bin/sh /mkimg-container.sh "$base" "$tag" /out || rc=$?
-status=$(docker inspect --format '{{.State.ExitCode}}' "$name" 2>/dev/null || echo "$rc")
-docker rm "$name" >/dev/null || true
-if [ "$rc" != 0 ] || [ "$status" != 0 ]; then
-  echo "mkimg-container.sh failed (docker run: $rc, container exit code: $status)" >&2
+  -e JOBS="$jobs" -e RT_PACKAGES="$RT_PACKAGES" -e RT_INSTALL_MASK="$INSTALL_MASK" \
+  "$raw" /bin/sh /mkimg-container.sh "$base" "$tag" /out >/dev/null
+status=$(docker wait "$name")
+docker logs "$name" 2>&1
+docker rm "$name" >/dev/null
+if [ "$status" != 0 ]; then
+  echo "mkimg-container.sh failed (exit code $status)" >&2
   exit 1
 fi
 
