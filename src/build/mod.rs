@@ -32,7 +32,7 @@ use crate::image::config::ImageSpec;
 use crate::image::layer::{LayerInfo, LayerWriter};
 use crate::image::reference::Reference;
 use crate::image::store::Store;
-use crate::image::{StoredImage, commit_image, walk};
+use crate::image::{StoredImage, walk};
 use crate::import::{self, ImportOptions, standard_labels};
 use crate::progress::Verbosity;
 use crate::snapshot;
@@ -897,7 +897,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         spec.labels
             .insert(PACKAGES_LABEL.to_string(), root.packages.len().to_string());
         spec.history = vec![format!("gentoo-mkimg build ({kind} root)")];
-        let image = commit_image(&opts.store, &reference.to_string(), &spec, &[root.layer])?;
+        let image =
+            crate::image::write_image(&opts.store, &reference.to_string(), &spec, &[root.layer])?;
         built.insert(
             kind,
             BuiltImage {
@@ -906,12 +907,18 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             },
         );
     }
-    phases.push(("tag dev and rt".to_string(), t.elapsed()));
     let dev = built.remove("dev").ok_or_else(|| anyhow!("no dev image"))?;
     let rt = built.remove("rt").ok_or_else(|| anyhow!("no rt image"))?;
+    phases.push(("dev and rt images".to_string(), t.elapsed()));
+    // Their SBOMs, then the tags: a build whose SBOM fails tags nothing.
     let t = Instant::now();
     write_sboms(opts, &packages, &dev, &rt)?;
     phases.push(("SBOMs".to_string(), t.elapsed()));
+    let t = Instant::now();
+    for image in [&dev.image, &rt.image] {
+        opts.store.tag(&image.reference, image.manifest.clone())?;
+    }
+    phases.push(("tag dev and rt".to_string(), t.elapsed()));
     blobs.commit();
     Ok(BuildSummary {
         phases,

@@ -32,8 +32,9 @@ impl StoredImage {
     }
 }
 
-/// Write the config and manifest for `layers` (already in the store) and tag the result.
-pub fn commit_image(
+/// Write an image (config, manifest) for `reference` into `store` without tagging it: the
+/// caller tags it with [`Store::tag`] once everything that belongs with it is stored.
+pub fn write_image(
     store: &Store,
     reference: &str,
     spec: &ImageSpec,
@@ -49,13 +50,24 @@ pub fn commit_image(
     );
     let manifest_bytes = config::manifest_json(&config, layers, &annotations)?;
     let manifest = store.put_bytes(store::MANIFEST_MEDIA_TYPE, &manifest_bytes)?;
-    store.tag(reference, manifest.clone())?;
     Ok(StoredImage {
         reference: reference.to_string(),
         manifest,
         config,
         layers: layers.iter().map(LayerInfo::descriptor).collect(),
     })
+}
+
+/// Write the config and manifest for `layers` (already in the store) and tag the result.
+pub fn commit_image(
+    store: &Store,
+    reference: &str,
+    spec: &ImageSpec,
+    layers: &[LayerInfo],
+) -> Result<StoredImage> {
+    let image = write_image(store, reference, spec, layers)?;
+    store.tag(reference, image.manifest.clone())?;
+    Ok(image)
 }
 
 /// The image tagged `reference` in `store`.
