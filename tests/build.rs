@@ -516,6 +516,17 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
         assert_eq!(layers("t1"), layers("t2"), "{kind}: the roots differ");
     }
 
+    // A forced rebuild of t1: the raw image of the store was imported from this stage with
+    // these settings, so it is taken as it is (the stage is not imported again), and the
+    // rebuilt dev and rt are the very images of before.
+    let out = build(&w, &stage.xz(), &["--force"]);
+    let summary = ok(&out, "forced rebuild");
+    assert!(
+        summary.contains("raw image (stored)"),
+        "the stage was imported again: {summary}"
+    );
+    assert_eq!(tags(&w.store), second, "a forced rebuild changed an image");
+
     // `check` on the good images: no problem, exit 0.
     let out = mkimg(&w)
         .args([
