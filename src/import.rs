@@ -421,3 +421,45 @@ pub fn standard_labels(
     .map(|(k, v)| (format!("org.opencontainers.image.{k}"), v))
     .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(platform: Option<&str>) -> StageFacts {
+        StageFacts {
+            entries: 3,
+            newest_mtime: 1_700_000_000,
+            platform: platform.map(str::to_string),
+            has_portage: true,
+            profile: Some("default/linux/amd64/23.0/musl".to_string()),
+        }
+    }
+
+    /// The facts label is parsed strictly: unknown fields and a platform that is not
+    /// written as we write it are refused.
+    #[test]
+    fn the_facts_label_round_trips_and_is_parsed_strictly() {
+        let f = facts(Some("linux/arm/v7"));
+        let text = serde_json::to_string(&f).unwrap();
+        let back: StageFacts = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, f);
+        assert_eq!(
+            back.platform().unwrap(),
+            Some(Platform {
+                architecture: "arm".to_string(),
+                variant: Some("v7".to_string()),
+            })
+        );
+        assert_eq!(facts(None).platform().unwrap(), None);
+        assert!(facts(Some("amd64")).platform().is_err());
+        assert!(facts(Some("linux/")).platform().is_err());
+        let extra = text.replacen('{', r#"{"packages":[],"#, 1);
+        assert!(
+            serde_json::from_str::<StageFacts>(&extra).is_err(),
+            "{extra}"
+        );
+        let missing = r#"{"entries":1,"newest_mtime":2,"platform":null,"profile":null}"#;
+        assert!(serde_json::from_str::<StageFacts>(missing).is_err());
+    }
+}
