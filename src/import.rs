@@ -15,7 +15,7 @@ use crate::image::config::{ImageSpec, Platform, platform_from_elf};
 use crate::image::layer::{EntryKind, LayerCompression, LayerInfo, LayerWriter};
 use crate::image::reference::Reference;
 use crate::image::store::Store;
-use crate::image::{StoredImage, commit_image};
+use crate::image::{StoredImage, commit_image, open_image};
 use crate::portage::vdb;
 use crate::progress::{self, Verbosity};
 
@@ -167,18 +167,198 @@ pub fn source_date_epoch() -> Result<Option<i64>> {
 
 /// Import `opts.stage` into `store` as `opts.reference`.
 pub fn import(store: &Store, opts: &ImportOptions) -> Result<StoredImage> {
-    Ok(import_scanned(store, opts)?.0)
+    Ok(import_stage(store, opts)?.image)
 }
 
-/// [`import`], also returning what the pass learned about the stage.
-pub fn import_scanned(store: &Store, opts: &ImportOptions) -> Result<(StoredImage, Scan)> {
+/// The config label that keeps what the import learned about the stage ([`StageFacts`], as
+/// JSON), so that a later build that finds the image in the store need not read the stage.
+pub const FACTS_LABEL: &str = "org.gentoo-mkimg.stage-facts";
+
+/// What an import learned about the stage besides the layer, as kept in [`FACTS_LABEL`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageFacts {
+    pub entries: u64,
+    pub newest_mtime: u64,
+    /// The platform of the stage's binaries (`linux/ARCH[/VARIANT]`), whatever the image was
+    /// told to be.
+    pub platform: Option<String>,
+    /// Whether `usr/bin/emerge` is there.
+    pub has_portage: bool,
+    /// The profile `etc/portage/make.profile` points to (see [`Scan::profile`]).
+    pub profile: Option<String>,
+}
+
+impl StageFacts {
+    fn of(scan: &Scan) -> Self {
+        StageFacts {
+            entries: scan.entries,
+            newest_mtime: scan.newest_mtime,
+            platform: scan.platform.as_ref().map(Platform::to_string),
+            has_portage: scan.has_portage,
+            profile: scan.profile.clone(),
+        }
+    }
+
+    /// The platform of the stage's binaries, if one was found.
+    pub fn platform(&self) -> Result<Option<Platform>> {
+        let Some(text) = &self.platform else {
+            return Ok(None);
+        };
+        let platform: Platform = text.parse()?;
+        if platform.to_string() != *text {
+            bail!("platform {text:?}: expected linux/ARCH[/VARIANT]");
+        }
+        Ok(Some(platform))
+    }
+}
+
+/// What [`import_stage`] did.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    pub image: StoredImage,
+    pub facts: StageFacts,
+    /// The stage's SHA-256 (hex).
+    pub stage_digest: String,
+    /// The store held this very image already (same stage, same options): the stage was not
+    /// read.
+    pub reused: bool,
+}
+
+/// [`import`], also returning what the import learned about the stage. When the store
+/// already holds `opts.reference` as importing the stage with these options would make it
+/// (its [`STAGE_LABEL`] names the stage's digest and its config is the one this import
+/// would write), that image is the result and the stage is not read; given no digest, the
+/// stage is hashed first only when the store has an image of that name from some stage,
+/// otherwise while it is imported (one pass).
+pub fn import_stage(store: &Store, opts: &ImportOptions) -> Result<Imported> {
+    let file = opts.stage.display().to_string();
+    let reference = opts.reference.to_string();
+    let stored = store
+        .read_index()?
+        .manifests
+        .into_iter()
+        .any(|d| d.ref_name() == Some(reference.as_str()));
+    let known = match &opts.stage_digest {
+        Some(digest) => Some(digest.clone()),
+        None if stored => Some(crate::archive::digest::sha256_file(&opts.stage)?),
+        None => None,
+    };
+    if stored && let Some(digest) = &known {
+        match stored_import(store, opts, digest) {
+            Ok(Some((image, facts))) => {
+                tracing::info!(
+                    "{reference} in the store was imported from this stage ({file}, \
+                     sha256:{digest}) with the same settings; not reading the stage again"
+                );
+                return Ok(Imported {
+                    image,
+                    facts,
+                    stage_digest: digest.clone(),
+                    reused: true,
+                });
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("{reference} in the store: {e:#}; importing {file} again"),
+        }
+    }
+    import_read(store, opts, known)
+}
+
+/// The image `opts.reference` in `store` when it is exactly what importing the stage of
+/// digest `stage_digest` with `opts` would make, with the facts its label keeps.
+fn stored_import(
+    store: &Store,
+    opts: &ImportOptions,
+    stage_digest: &str,
+) -> Result<Option<(StoredImage, StageFacts)>> {
+    let reference = opts.reference.to_string();
+    let image = open_image(store, &reference)?;
+    let bytes = store.read_descriptor(&image.config)?;
+    let config: serde_json::Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("the config {} is not JSON", image.config.digest))?;
+    let labels = &config["config"]["Labels"];
+    if labels[STAGE_LABEL].as_str() != Some(format!("sha256:{stage_digest}").as_str()) {
+        return Ok(None); // another stage, or none recorded
+    }
+    let Some(facts) = labels[FACTS_LABEL].as_str() else {
+        return Ok(None); // imported before the facts were kept
+    };
+    let facts: StageFacts = serde_json::from_str(facts)
+        .with_context(|| format!("its label {FACTS_LABEL} is not valid"))?;
+    let [layer] = image.layers.as_slice() else {
+        return Ok(None);
+    };
+    if layer.media_type != opts.compression.media_type() || !store.has_blob(&layer.digest) {
+        return Ok(None);
+    }
+    let diff_id = match config["rootfs"]["diff_ids"].as_array().map(Vec::as_slice) {
+        Some([one]) => serde_json::from_value(one.clone())
+            .with_context(|| format!("the config {}: a bad diff_id", image.config.digest))?,
+        _ => return Ok(None),
+    };
+    // The config this import would write over the stored layer; only the layer's digests
+    // go into it (not its uncompressed size).
+    let info = LayerInfo {
+        digest: layer.digest.clone(),
+        diff_id,
+        size: layer.size,
+        tar_size: 0,
+        media_type: opts.compression.media_type(),
+    };
+    let spec = import_spec(opts, &facts, stage_digest)?;
+    let want = crate::image::config::config_json(&spec, std::slice::from_ref(&info))?;
+    if crate::image::store::Digest::of(&want) != image.config.digest {
+        return Ok(None); // other settings (compression, platform, creation time, name)
+    }
+    Ok(Some((image, facts)))
+}
+
+/// The image spec of a stage imported with `opts`.
+fn import_spec(opts: &ImportOptions, facts: &StageFacts, stage_digest: &str) -> Result<ImageSpec> {
+    let file = opts.stage.display();
+    let platform = match (&opts.platform, facts.platform()?) {
+        (Some(p), _) => p.clone(),
+        (None, Some(p)) => p,
+        (None, None) => bail!(
+            "{file}: no ELF executable found in /bin, /sbin, /usr/bin or /usr/sbin, so the \
+             architecture is unknown; is this a stage3? (--platform sets it)"
+        ),
+    };
+    let created = opts
+        .source_date_epoch
+        .unwrap_or(facts.newest_mtime.min(i64::MAX as u64) as i64);
+    let mut spec = ImageSpec::gentoo(platform, created);
+    spec.labels = standard_labels(
+        &opts.reference,
+        created,
+        "Gentoo stage3, imported by gentoo-mkimg",
+    );
+    spec.labels
+        .insert(STAGE_LABEL.to_string(), format!("sha256:{stage_digest}"));
+    spec.labels.insert(
+        FACTS_LABEL.to_string(),
+        serde_json::to_string(facts).context("cannot write the stage's facts")?,
+    );
+    spec.history = vec!["gentoo-mkimg import".to_string()];
+    Ok(spec)
+}
+
+/// Read the stage into a new image (hashing it on the way when `stage_digest` is unknown).
+fn import_read(
+    store: &Store,
+    opts: &ImportOptions,
+    stage_digest: Option<String>,
+) -> Result<Imported> {
     let blobs = store.session(); // a failure below removes the blobs written here
     let file = opts.stage.display().to_string();
-    let stage_digest = match &opts.stage_digest {
-        Some(known) => known.clone(),
-        None => crate::archive::digest::sha256_file(&opts.stage)?,
+    let (input, hash) = match &stage_digest {
+        Some(_) => (decompress::open(&opts.stage)?, None),
+        None => {
+            let (input, hash) = decompress::open_hashed(&opts.stage)?;
+            (input, Some(hash))
+        }
     };
-    let input = decompress::open(&opts.stage)?;
     tracing::info!(
         "importing {file} ({}, {} bytes) as {}",
         input.compression,
@@ -194,27 +374,14 @@ pub fn import_scanned(store: &Store, opts: &ImportOptions) -> Result<(StoredImag
     .with_context(|| file.clone())?;
     let info: LayerInfo = layer.finish(store).with_context(|| file.clone())?;
     bar.finish();
-
-    let platform = match (&opts.platform, &scan.platform) {
-        (Some(p), _) => p.clone(),
-        (None, Some(p)) => p.clone(),
-        (None, None) => bail!(
-            "{file}: no ELF executable found in /bin, /sbin, /usr/bin or /usr/sbin, so the \
-             architecture is unknown; is this a stage3? (--platform sets it)"
-        ),
+    let stage_digest = match (hash, stage_digest) {
+        (Some(hash), _) => hash.finish()?,
+        (None, Some(known)) => known,
+        (None, None) => bail!("{file}: neither hashed before nor while importing"),
     };
-    let created = opts
-        .source_date_epoch
-        .unwrap_or(scan.newest_mtime.min(i64::MAX as u64) as i64);
-    let mut spec = ImageSpec::gentoo(platform, created);
-    spec.labels = standard_labels(
-        &opts.reference,
-        created,
-        "Gentoo stage3, imported by gentoo-mkimg",
-    );
-    spec.labels
-        .insert(STAGE_LABEL.to_string(), format!("sha256:{stage_digest}"));
-    spec.history = vec!["gentoo-mkimg import".to_string()];
+
+    let facts = StageFacts::of(&scan);
+    let spec = import_spec(opts, &facts, &stage_digest)?;
     let image = commit_image(
         store,
         &opts.reference.to_string(),
@@ -229,7 +396,12 @@ pub fn import_scanned(store: &Store, opts: &ImportOptions) -> Result<(StoredImag
         info.tar_size
     );
     blobs.commit();
-    Ok((image, scan))
+    Ok(Imported {
+        image,
+        facts,
+        stage_digest,
+        reused: false,
+    })
 }
 
 /// The `org.opencontainers.image.*` labels every image of ours carries.
@@ -248,4 +420,46 @@ pub fn standard_labels(
     .into_iter()
     .map(|(k, v)| (format!("org.opencontainers.image.{k}"), v))
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(platform: Option<&str>) -> StageFacts {
+        StageFacts {
+            entries: 3,
+            newest_mtime: 1_700_000_000,
+            platform: platform.map(str::to_string),
+            has_portage: true,
+            profile: Some("default/linux/amd64/23.0/musl".to_string()),
+        }
+    }
+
+    /// The facts label is parsed strictly: unknown fields and a platform that is not
+    /// written as we write it are refused.
+    #[test]
+    fn the_facts_label_round_trips_and_is_parsed_strictly() {
+        let f = facts(Some("linux/arm/v7"));
+        let text = serde_json::to_string(&f).unwrap();
+        let back: StageFacts = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, f);
+        assert_eq!(
+            back.platform().unwrap(),
+            Some(Platform {
+                architecture: "arm".to_string(),
+                variant: Some("v7".to_string()),
+            })
+        );
+        assert_eq!(facts(None).platform().unwrap(), None);
+        assert!(facts(Some("amd64")).platform().is_err());
+        assert!(facts(Some("linux/")).platform().is_err());
+        let extra = text.replacen('{', r#"{"packages":[],"#, 1);
+        assert!(
+            serde_json::from_str::<StageFacts>(&extra).is_err(),
+            "{extra}"
+        );
+        let missing = r#"{"entries":1,"newest_mtime":2,"platform":null,"profile":null}"#;
+        assert!(serde_json::from_str::<StageFacts>(missing).is_err());
+    }
 }

@@ -777,6 +777,17 @@ fn sandbox_build_makes_usable_images_and_rebuilds_nothing() {
         assert_counters_in_order(&w.store, &format!("localhost/fixture-{kind}:t2"));
     }
 
+    // A forced rebuild of t1: the raw image of the store was imported from this stage with
+    // these settings, so it is taken as it is (the stage is not imported again), and the
+    // rebuilt dev and rt are the very images of before.
+    let out = build(&w, &stage.xz(), &["--force"]);
+    let summary = ok(&out, "forced rebuild");
+    assert!(
+        summary.contains("raw image (stored)"),
+        "the stage was imported again: {summary}"
+    );
+    assert_eq!(tags(&w.store), second, "a forced rebuild changed an image");
+
     new_snapshot_compiles_only_what_changed(&w, &stage.xz());
 
     // `check` on the good images: no problem, exit 0.

@@ -533,3 +533,81 @@ fn load_puts_the_image_into_the_engine_under_its_name() {
         String::from_utf8_lossy(&run.stderr)
     );
 }
+
+/// The library's import as the build calls it. The first import hashes the stage while it
+/// reads it (the digest it returns is the file's own); a second one with the raw image
+/// stored does not read the stage at all: here the stage file is gone by then, and the
+/// image, its digest and the facts kept in its label are those of the first. Other settings
+/// do not take the stored image (they would read the missing stage, and fail).
+#[test]
+fn a_stored_import_of_the_same_stage_does_not_read_it_again() {
+    use gentoo_mkimg::image::layer::LayerCompression;
+    use gentoo_mkimg::image::store::Store;
+    use gentoo_mkimg::import::{ImportOptions, import_stage};
+
+    let stage = common::stage();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::new(tmp.path().join("images"));
+    let copy = tmp.path().join("stage.tar.xz");
+    std::fs::copy(stage.xz(), &copy).unwrap();
+    let digest = hex::encode(Sha256::digest(std::fs::read(&copy).unwrap()));
+    let opts = ImportOptions {
+        stage: copy.clone(),
+        reference: "localhost/fixture-raw:once".parse().unwrap(),
+        compression: LayerCompression::Gzip,
+        platform: None,
+        source_date_epoch: None,
+        verbosity: gentoo_mkimg::progress::Verbosity::Quiet,
+        stage_digest: None,
+    };
+    let first = import_stage(&store, &opts).unwrap();
+    assert!(!first.reused, "an empty store cannot hold the image");
+    assert_eq!(
+        first.stage_digest, digest,
+        "hashed on the way: not the file's digest"
+    );
+    assert!(first.facts.has_portage, "{:?}", first.facts);
+    assert_eq!(first.facts.platform.as_deref(), Some("linux/amd64"));
+    assert!(first.facts.profile.is_some(), "{:?}", first.facts);
+    assert!(first.facts.entries > 100, "{:?}", first.facts);
+
+    std::fs::remove_file(&copy).unwrap();
+    let known = ImportOptions {
+        stage_digest: Some(digest.clone()),
+        ..opts.clone()
+    };
+    let second = import_stage(&store, &known).expect("the stored raw image was not taken");
+    assert!(second.reused);
+    assert_eq!(second.image.manifest.digest, first.image.manifest.digest);
+    assert_eq!(second.facts, first.facts);
+    assert_eq!(second.stage_digest, digest);
+
+    // Something not a tarball where the stage was: still not read.
+    std::fs::write(&copy, b"not a tarball").unwrap();
+    let third = import_stage(&store, &known).unwrap();
+    assert_eq!(third.image.manifest.digest, first.image.manifest.digest);
+    std::fs::remove_file(&copy).unwrap();
+
+    // Another compression, creation time or digest would make another image: the stage is
+    // read (and found missing).
+    for other in [
+        ImportOptions {
+            compression: LayerCompression::Zstd,
+            ..known.clone()
+        },
+        ImportOptions {
+            source_date_epoch: Some(1_700_000_000),
+            ..known.clone()
+        },
+        ImportOptions {
+            stage_digest: Some("0".repeat(64)),
+            ..known.clone()
+        },
+    ] {
+        let err = import_stage(&store, &other).expect_err("the stored image was taken");
+        assert!(
+            format!("{err:#}").contains("cannot open"),
+            "not the missing stage: {err:#}"
+        );
+    }
+}

@@ -9,6 +9,7 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use sha2::{Digest as _, Sha256};
 
 /// The compressions a stage3 or snapshot tarball may come in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,18 +85,63 @@ fn looks_like_tar(head: &[u8]) -> bool {
     stored == sum && head[..100].iter().any(|&b| b != 0)
 }
 
-/// A reader that counts the compressed bytes consumed, for progress display.
+/// A reader that counts the compressed bytes consumed, for progress display, and hashes
+/// them when asked to (see [`open_hashed`]).
 pub struct Counting<R> {
     inner: R,
     counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    hasher: Option<SharedHasher>,
 }
+
+type SharedHasher = std::sync::Arc<std::sync::Mutex<Sha256>>;
 
 impl<R: Read> Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.counter
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Some(hasher) = &self.hasher {
+            hasher
+                .lock()
+                .map_err(|_| io::Error::other("the file's hasher was poisoned"))?
+                .update(&buf[..n]);
+        }
         Ok(n)
+    }
+}
+
+/// The SHA-256 of a file opened with [`open_hashed`], taken from the bytes the decoder read.
+pub struct FileHash {
+    hasher: SharedHasher,
+    /// The same open file (a duplicate descriptor, sharing its offset): what the decoder
+    /// left unread (padding after the end of the compressed stream) is read from here.
+    rest: File,
+    path: std::path::PathBuf,
+}
+
+impl FileHash {
+    /// Hash what the decoder did not read, and return the whole file's SHA-256 (hex).
+    /// Call it after the decoder is done with the file.
+    pub fn finish(mut self) -> Result<String> {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = self
+                .rest
+                .read(&mut buf)
+                .with_context(|| format!("{}: cannot read", self.path.display()))?;
+            if n == 0 {
+                break;
+            }
+            self.hasher
+                .lock()
+                .map_err(|_| anyhow::anyhow!("{}: the hasher was poisoned", self.path.display()))?
+                .update(&buf[..n]);
+        }
+        let hasher =
+            std::mem::take(&mut *self.hasher.lock().map_err(|_| {
+                anyhow::anyhow!("{}: the hasher was poisoned", self.path.display())
+            })?);
+        Ok(hex::encode(hasher.finalize()))
     }
 }
 
@@ -113,6 +159,26 @@ pub struct Opened {
 ///
 /// Errors name the file: missing, unreadable, empty, or not a (compressed) tarball.
 pub fn open(path: &Path) -> Result<Opened> {
+    Ok(open_with(path, None)?.0)
+}
+
+/// [`open`], also hashing the file (SHA-256) as it is read: one pass over the file for both.
+pub fn open_hashed(path: &Path) -> Result<(Opened, FileHash)> {
+    let hasher = SharedHasher::default();
+    let (opened, rest) = open_with(path, Some(hasher.clone()))?;
+    Ok((
+        opened,
+        FileHash {
+            hasher,
+            rest,
+            path: path.to_path_buf(),
+        },
+    ))
+}
+
+/// [`open`], with the file's own handle too (the reader holds another; they share the
+/// offset) and the bytes read hashed into `hasher` when given.
+fn open_with(path: &Path, hasher: Option<SharedHasher>) -> Result<(Opened, File)> {
     let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let size = file
         .metadata()
@@ -121,10 +187,14 @@ pub fn open(path: &Path) -> Result<Opened> {
     if size == 0 {
         bail!("{}: file is empty, expected a tarball", path.display());
     }
+    let handle = file
+        .try_clone()
+        .with_context(|| format!("{}: cannot duplicate the descriptor", path.display()))?;
     let consumed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counting = Counting {
         inner: file,
         counter: consumed.clone(),
+        hasher,
     };
     let mut buffered = BufReader::with_capacity(1 << 20, counting);
     let head = buffered
@@ -138,12 +208,15 @@ pub fn open(path: &Path) -> Result<Opened> {
     };
     let reader = decoder(compression, buffered)
         .with_context(|| format!("{}: cannot start the {compression} decoder", path.display()))?;
-    Ok(Opened {
-        reader,
-        compression,
-        size,
-        consumed,
-    })
+    Ok((
+        Opened {
+            reader,
+            compression,
+            size,
+            consumed,
+        },
+        handle,
+    ))
 }
 
 /// Wrap `input` in the decoder for `compression`. xz and zstd decode on several threads

@@ -643,47 +643,63 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         engine::sandbox::check_usable()?;
     }
 
-    // Nothing changed since the build that made dev and rt: they are the result.
+    // Nothing changed since the build that made dev and rt: they are the result. That needs
+    // a raw image in the store; without one the stage is hashed while it is imported.
     let packages = work.join("packages").join(&plan.tag);
-    let t = Instant::now();
-    // The stage is hashed here once: the key, the raw image's label and the engines use it.
-    let stage_digest = crate::archive::digest::sha256_file(&stage)
-        .with_context(|| format!("{}: the build key", plan.stage3.display()))?;
-    let inputs_key = input_key(opts, &refs, &stage_digest)?;
-    let key = build_key(inputs_key.clone(), &opts.store, &refs["raw"], &packages)?;
-    if !opts.force
-        && let Some((raw, dev, rt)) = unchanged_images(&opts.store, &refs, &key)?
-    {
-        phases.push(("build key (unchanged)".to_string(), t.elapsed()));
-        // The count of packages from the image's label; images made before it had one are
-        // read.
-        let packages_of = |(image, counted): (StoredImage, Option<usize>)| -> Result<BuiltImage> {
-            let packages = match counted {
-                Some(n) => n,
-                None => crate::audit::installed_packages(&opts.store, &image.layers)
-                    .with_context(|| format!("{}: cannot list its packages", image.reference))?
-                    .len(),
-            };
-            Ok(BuiltImage { image, packages })
-        };
-        let (dev, rt) = (packages_of(dev)?, packages_of(rt)?);
-        write_sboms(opts, &packages, &dev, &rt)?;
-        return Ok(BuildSummary {
-            phases,
-            raw,
-            dev,
-            rt,
-            binary_packages: count_binary_packages(&packages),
-            key,
-            unchanged: true,
-            carried: None,
-        });
+    let raw_stored = opts
+        .store
+        .read_index()?
+        .manifests
+        .iter()
+        .any(|d| d.ref_name() == Some(refs["raw"].to_string().as_str()));
+    let mut known: Option<(String, key::KeyBuilder)> = None;
+    if raw_stored {
+        let t = Instant::now();
+        // The stage is hashed here once: the key, the raw image's label and the engines use
+        // it.
+        let stage_digest = crate::archive::digest::sha256_file(&stage)
+            .with_context(|| format!("{}: the build key", plan.stage3.display()))?;
+        let inputs_key = input_key(opts, &refs, &stage_digest)?;
+        let key = build_key(inputs_key.clone(), &opts.store, &refs["raw"], &packages)?;
+        if !opts.force
+            && let Some((raw, dev, rt)) = unchanged_images(&opts.store, &refs, &key)?
+        {
+            phases.push(("build key (unchanged)".to_string(), t.elapsed()));
+            // The count of packages from the image's label; images made before it had one
+            // are read.
+            let packages_of =
+                |(image, counted): (StoredImage, Option<usize>)| -> Result<BuiltImage> {
+                    let packages = match counted {
+                        Some(n) => n,
+                        None => crate::audit::installed_packages(&opts.store, &image.layers)
+                            .with_context(|| {
+                                format!("{}: cannot list its packages", image.reference)
+                            })?
+                            .len(),
+                    };
+                    Ok(BuiltImage { image, packages })
+                };
+            let (dev, rt) = (packages_of(dev)?, packages_of(rt)?);
+            write_sboms(opts, &packages, &dev, &rt)?;
+            return Ok(BuildSummary {
+                phases,
+                raw,
+                dev,
+                rt,
+                binary_packages: count_binary_packages(&packages),
+                key,
+                unchanged: true,
+                carried: None,
+            });
+        }
+        phases.push(("build key".to_string(), t.elapsed()));
+        known = Some((stage_digest, inputs_key));
     }
-    phases.push(("build key".to_string(), t.elapsed()));
 
-    // 1. raw
+    // 1. raw: the stored one when it was imported from this stage with these settings (the
+    // stage is not read again), else the stage imported
     let t = Instant::now();
-    let (raw, scan) = import::import_scanned(
+    let imported = import::import_stage(
         &opts.store,
         &ImportOptions {
             stage: stage.clone(),
@@ -692,24 +708,37 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             platform: None,
             source_date_epoch: opts.source_date_epoch,
             verbosity: opts.verbosity,
-            stage_digest: Some(stage_digest.clone()),
+            stage_digest: known.as_ref().map(|(digest, _)| digest.clone()),
         },
     )?;
-    phases.push(("raw image".to_string(), t.elapsed()));
-    if !scan.has_portage {
+    phases.push((
+        if imported.reused {
+            "raw image (stored)"
+        } else {
+            "raw image"
+        }
+        .to_string(),
+        t.elapsed(),
+    ));
+    let (raw, facts, stage_digest) = (imported.image, imported.facts, imported.stage_digest);
+    let inputs_key = match known {
+        Some((_, inputs_key)) => inputs_key,
+        None => input_key(opts, &refs, &stage_digest)?,
+    };
+    if !facts.has_portage {
         bail!(
             "{}: the stage has no Portage (no /usr/bin/emerge); a stage3 is needed",
             plan.stage3.display()
         );
     }
-    let platform = scan
-        .platform
-        .clone()
+    let platform = facts
+        .platform()
+        .with_context(|| format!("{}: the raw image's {}", raw.reference, import::FACTS_LABEL))?
         .ok_or_else(|| anyhow!("{}: architecture unknown", plan.stage3.display()))?;
 
     // 2. the build inside the stage, a new TAG starting with the binary packages of the
     // newest earlier TAG of the same profile
-    let carried = match plan.profile.as_ref().or(scan.profile.as_ref()) {
+    let carried = match plan.profile.as_ref().or(facts.profile.as_ref()) {
         Some(profile) if carry::is_fresh(&packages) && !opts.fresh_packages => {
             let t = Instant::now();
             let carried = carry::carry(&work.join("packages"), &plan.tag, profile)?;
