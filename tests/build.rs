@@ -91,7 +91,8 @@ fn json(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
-/// reference -> manifest digest, from the store's index.json.
+/// reference -> manifest digest, from the store's index.json (its tagged entries: the
+/// SBOMs attached to images are entries without a name).
 fn tags(store: &Path) -> BTreeMap<String, String> {
     let Ok(bytes) = std::fs::read(store.join("index.json")) else {
         return BTreeMap::new();
@@ -101,14 +102,13 @@ fn tags(store: &Path) -> BTreeMap<String, String> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| {
-            (
+        .filter_map(|m| {
+            Some((
                 m["annotations"]["org.opencontainers.image.ref.name"]
-                    .as_str()
-                    .unwrap()
+                    .as_str()?
                     .to_string(),
                 m["digest"].as_str().unwrap().to_string(),
-            )
+            ))
         })
         .collect()
 }
