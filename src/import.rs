@@ -311,6 +311,13 @@ fn stored_import(
     if crate::image::store::Digest::of(&want) != image.config.digest {
         return Ok(None); // other settings (compression, platform, creation time, name)
     }
+    // The layer must be whole (read through, its digest checked; far cheaper than importing):
+    // a corrupt blob, which push and archive refuse with the advice to import again, is
+    // replaced by importing again.
+    let mut blob = store.open_blob(layer)?;
+    std::io::copy(&mut blob, &mut std::io::sink()).map_err(|e| {
+        crate::image::store::blob_error(e, &store.blob_path(&layer.digest), "the layer")
+    })?;
     Ok(Some((image, facts)))
 }
 
