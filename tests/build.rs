@@ -245,7 +245,7 @@ fn assert_counters_in_order(store: &Path, reference: &str) {
 fn compiled_packages(work_dir: &Path, tag: &str) -> BTreeSet<String> {
     compiled_in(work_dir, tag)
         .iter()
-        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter_map(|l| l.split_whitespace().nth(5))
         .map(|p| p.split("::").next().unwrap_or(p).to_string())
         .collect()
 }
