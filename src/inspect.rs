@@ -120,31 +120,54 @@ pub fn inspect_store(store: &Store, reference: &str) -> Result<Inspection> {
         .with_context(image)?;
     let platform = platform_of_config(&config)
         .with_context(|| format!("image {reference}: config {}", manifest.config.digest))?;
-    let mut vdb = Vdb::new(&KEYS);
-    for (i, layer) in manifest.layers.iter().enumerate() {
-        let what = || {
-            format!(
-                "image {reference}: layer {} of {} ({})",
-                i + 1,
-                manifest.layers.len(),
-                layer.digest
-            )
-        };
-        let blob = store.open_blob(layer).with_context(what)?;
-        vdb.apply_layer(
-            crate::image::layer::open_stream(&layer.media_type, blob).with_context(what)?,
-            i,
-        )
-        .with_context(what)?;
-    }
+    let installed = installed_in_store(store, &reference, &manifest.layers, &KEYS)?;
     Ok(Inspection {
         reference,
         source: "store".to_string(),
         digest: manifest_desc.digest.to_string(),
         platform,
         layers: layer_rows(&manifest.layers),
-        packages: packages(&vdb.installed()),
+        packages: packages(&installed),
     })
+}
+
+/// The installed packages (with `keys`) of the image `name` in `store` whose layers are
+/// `layers`: its own `/var/db/pkg`, without extracting the image.
+pub(crate) fn installed_in_store(
+    store: &Store,
+    name: &str,
+    layers: &[Descriptor],
+    keys: &'static [&'static str],
+) -> Result<Vec<Installed>> {
+    installed_in_layers(name, layers, keys, |layer| store.open_blob(layer))
+}
+
+/// The installed packages (with `keys`) of the image `name` whose layers are `layers`, each
+/// blob opened by `open`, read in order.
+fn installed_in_layers<R: std::io::Read + Send + 'static>(
+    name: &str,
+    layers: &[Descriptor],
+    keys: &'static [&'static str],
+    mut open: impl FnMut(&Descriptor) -> Result<R>,
+) -> Result<Vec<Installed>> {
+    let mut vdb = Vdb::new(keys);
+    for (i, layer) in layers.iter().enumerate() {
+        let what = || {
+            format!(
+                "image {name}: layer {} of {} ({})",
+                i + 1,
+                layers.len(),
+                layer.digest
+            )
+        };
+        let blob = open(layer).with_context(what)?;
+        vdb.apply_layer(
+            crate::image::layer::open_stream(&layer.media_type, blob).with_context(what)?,
+            i,
+        )
+        .with_context(what)?;
+    }
+    Ok(vdb.installed())
 }
 
 /// Inspect the image `reference` in its registry (the manifest for this host's platform when
@@ -156,30 +179,16 @@ pub fn inspect_remote(puller: &mut Puller, reference: &str) -> Result<Inspection
     let platform = platform_of_config(&config)
         .with_context(|| format!("image {name}: config {}", image.manifest.config.digest))?;
     let layers = &image.manifest.layers;
-    let mut vdb = Vdb::new(&KEYS);
-    for (i, layer) in layers.iter().enumerate() {
-        let what = || {
-            format!(
-                "image {name}: layer {} of {} ({})",
-                i + 1,
-                layers.len(),
-                layer.digest
-            )
-        };
-        let blob = puller.open_blob(&image, layer).with_context(what)?;
-        vdb.apply_layer(
-            crate::image::layer::open_stream(&layer.media_type, blob).with_context(what)?,
-            i,
-        )
-        .with_context(what)?;
-    }
+    let installed = installed_in_layers(&name, layers, &KEYS, |layer| {
+        puller.open_blob(&image, layer)
+    })?;
     Ok(Inspection {
         reference: name,
         source: "registry".to_string(),
         digest: image.digest.to_string(),
         platform,
         layers: layer_rows(layers),
-        packages: packages(&vdb.installed()),
+        packages: packages(&installed),
     })
 }
 

@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 
 use crate::image::StoredImage;
 use crate::image::store::{Descriptor, Store, write_atomic};
-use crate::portage::vdb::{Installed, Vdb};
+use crate::portage::vdb::Installed;
 use crate::portage::{atom, license};
 
 /// Media type (and artifact type) of an SPDX JSON document.
@@ -50,25 +50,7 @@ const SBOM_MAX: u64 = 256 << 20;
 
 /// The installed packages of `image` (its own `/var/db/pkg`, layers read in order).
 pub fn installed_packages(store: &Store, image: &StoredImage) -> Result<Vec<Installed>> {
-    let mut vdb = Vdb::new(&KEYS);
-    for (i, layer) in image.layers.iter().enumerate() {
-        let what = || {
-            format!(
-                "image {}: layer {} of {} ({})",
-                image.reference,
-                i + 1,
-                image.layers.len(),
-                layer.digest
-            )
-        };
-        let blob = store.open_blob(layer).with_context(what)?;
-        vdb.apply_layer(
-            crate::image::layer::open_stream(&layer.media_type, blob).with_context(what)?,
-            i,
-        )
-        .with_context(what)?;
-    }
-    Ok(vdb.installed())
+    crate::inspect::installed_in_store(store, &image.reference, &image.layers, &KEYS)
 }
 
 /// SHA-256 sums of binary packages, each file hashed once.

@@ -1124,15 +1124,9 @@ impl Registry {
 
     /// Whether `repo` answers the referrers API (OCI distribution 1.1) for `subject`.
     async fn has_referrers_api(&self, repo: &str, subject: &Digest) -> Result<bool> {
-        let url = self.url(&format!("v2/{repo}/referrers/{subject}"))?;
         let what = format!("GET referrers of {subject}");
         let resp = self
-            .send(Some(repo), &what, true, || {
-                Ok(self
-                    .client
-                    .get(url.clone())
-                    .header(header::ACCEPT, INDEX_MEDIA_TYPE))
-            })
+            .get_index(repo, &format!("referrers/{subject}"), &what)
             .await?;
         let is_index = resp
             .headers()
@@ -1140,6 +1134,18 @@ impl Registry {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|t| t.starts_with(INDEX_MEDIA_TYPE));
         Ok(resp.status() == StatusCode::OK && is_index)
+    }
+
+    /// `GET /v2/REPO/PATH`, asking for an OCI index.
+    async fn get_index(&self, repo: &str, path: &str, what: &str) -> Result<reqwest::Response> {
+        let url = self.url(&format!("v2/{repo}/{path}"))?;
+        self.send(Some(repo), what, true, || {
+            Ok(self
+                .client
+                .get(url.clone())
+                .header(header::ACCEPT, INDEX_MEDIA_TYPE))
+        })
+        .await
     }
 
     /// Add `artifact` to the referrers tag scheme's index of `subject` (tag
@@ -1151,15 +1157,9 @@ impl Registry {
         artifact: &Descriptor,
     ) -> Result<()> {
         let tag = format!("sha256-{}", subject.hex());
-        let url = self.url(&format!("v2/{repo}/manifests/{tag}"))?;
         let what = format!("GET referrers index {repo}:{tag}");
         let resp = self
-            .send(Some(repo), &what, true, || {
-                Ok(self
-                    .client
-                    .get(url.clone())
-                    .header(header::ACCEPT, INDEX_MEDIA_TYPE))
-            })
+            .get_index(repo, &format!("manifests/{tag}"), &what)
             .await?;
         let mut index = match resp.status() {
             StatusCode::NOT_FOUND => Index::default(),
