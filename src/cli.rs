@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::engine::EngineKind;
-use crate::image::layer::LayerCompression;
+use crate::image::layer::{LayerCompression, LayerSplit};
 
 /// Build Gentoo container images (musl stages first of all) from a stage3 tarball and a
 /// Portage snapshot, without a Docker daemon.
@@ -61,6 +61,8 @@ pub enum Command {
     Build(Box<BuildArgs>),
     /// List the images in the store.
     Images,
+    /// Give an image of the store another name (e.g. a registry's, before `push`).
+    Tag(TagArgs),
     /// Run a command (default: a login shell) inside a stage, with the snapshot at
     /// /var/db/repos/gentoo (read-only), packages/TAG at /var/cache/binpkgs and distfiles/
     /// at /var/cache/distfiles.
@@ -132,6 +134,16 @@ pub struct VerifyArgs {
     /// Trust signatures by this key (as for build).
     #[arg(long = "trusted-key", value_name = "FINGERPRINT")]
     pub trusted_keys: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TagArgs {
+    /// An image in the store.
+    #[arg(value_name = "SOURCE")]
+    pub source: String,
+    /// Its new name; an image of that name is replaced (it stays in the store until `gc`).
+    #[arg(value_name = "TARGET")]
+    pub target: String,
 }
 
 #[derive(Debug, Args)]
@@ -241,6 +253,14 @@ pub struct BuildArgs {
     /// Compression of the image layers.
     #[arg(long, value_enum)]
     pub compression: Option<LayerCompression>,
+    /// How dev and rt are cut into layers: by package (an update changes only the layers of
+    /// the packages that changed, and dev and rt share the layers of packages they hold
+    /// alike), or one layer each.
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub layers: Option<LayerSplit>,
+    /// With --layers packages: at most this many layers per image (default 32; at least 2).
+    #[arg(long, value_name = "N")]
+    pub max_layers: Option<usize>,
     /// Also write the SPDX 2.3 SBOMs of dev and rt to DIR/dev.spdx.json and
     /// DIR/rt.spdx.json (the store keeps them anyway, attached to the images; `push` sends
     /// them along).

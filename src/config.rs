@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
 use crate::engine::EngineKind;
-use crate::image::layer::LayerCompression;
+use crate::image::layer::{DEFAULT_MAX_LAYERS, LayerCompression, LayerSplit, MIN_LAYERS};
 use crate::inputs::{self, Source};
 
 /// The runtime set installed into rt: the old tool's set, updated for today's ::gentoo. Since
@@ -108,6 +108,8 @@ pub struct FileConfig {
     pub check: Option<bool>,
     pub keep_going: Option<bool>,
     pub compression: Option<LayerCompression>,
+    pub layers: Option<LayerSplit>,
+    pub max_layers: Option<usize>,
     /// Also write the SPDX SBOMs of dev and rt here (relative to the file).
     pub sbom: Option<PathBuf>,
     pub make_conf: Option<Vec<String>>,
@@ -191,6 +193,8 @@ pub struct Overrides {
     pub no_check: bool,
     pub keep_going: bool,
     pub compression: Option<LayerCompression>,
+    pub layers: Option<LayerSplit>,
+    pub max_layers: Option<usize>,
     /// `--sbom DIR`.
     pub sbom: Option<PathBuf>,
 }
@@ -215,6 +219,9 @@ pub struct BuildPlan {
     pub check: bool,
     pub keep_going: bool,
     pub compression: LayerCompression,
+    /// How dev and rt are cut into layers, and into at most how many.
+    pub layers: LayerSplit,
+    pub max_layers: usize,
     /// Where to write `dev.spdx.json` and `rt.spdx.json` besides the store (see
     /// [`crate::sbom`]); the store gets them anyway.
     pub sbom: Option<PathBuf>,
@@ -300,6 +307,16 @@ impl BuildPlan {
         if jobs_given == Some(0) {
             bail!("jobs must be at least 1");
         }
+        let max_layers = cli
+            .max_layers
+            .or(f.max_layers)
+            .unwrap_or(DEFAULT_MAX_LAYERS);
+        if max_layers < MIN_LAYERS {
+            bail!(
+                "max-layers must be at least {MIN_LAYERS} (one layer shared by the packages, \
+                 and the last); --layers single makes one-layer images"
+            );
+        }
         let profile = cli
             .profile
             .or(f.profile)
@@ -351,6 +368,8 @@ impl BuildPlan {
             check: !cli.no_check && f.check.unwrap_or(true),
             keep_going: cli.keep_going || f.keep_going.unwrap_or(false),
             compression: cli.compression.or(f.compression).unwrap_or_default(),
+            layers: cli.layers.or(f.layers).unwrap_or_default(),
+            max_layers,
             sbom: cli
                 .sbom
                 .or(f.sbom.map(|p| rel(p.to_string_lossy().into_owned()))),

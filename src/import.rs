@@ -12,7 +12,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::archive::decompress;
 use crate::archive::entries::{TrailerCheck, display_path, entry_meta};
 use crate::image::config::{ImageSpec, Platform, platform_from_elf};
-use crate::image::layer::{EntryKind, LayerCompression, LayerInfo, LayerWriter};
+use crate::image::layer::{EntryKind, EntrySink, LayerCompression, LayerInfo, LayerWriter};
 use crate::image::reference::Reference;
 use crate::image::store::Store;
 use crate::image::{StoredImage, commit_image, open_image};
@@ -75,7 +75,7 @@ fn is_binary_dir(path: &[u8]) -> bool {
 /// `progress` is called now and then with nothing (the caller reads its own counters).
 pub fn append_tar(
     input: impl Read,
-    layer: &mut LayerWriter,
+    layer: &mut dyn EntrySink,
     opts: TarOptions,
     mut progress: impl FnMut(),
 ) -> Result<Scan> {

@@ -8,6 +8,7 @@ use clap::Parser;
 
 use gentoo_mkimg::cli::{Cli, Command, InputArgs};
 use gentoo_mkimg::config::InputSettings;
+use gentoo_mkimg::image::reference::Reference;
 use gentoo_mkimg::image::store::Store;
 use gentoo_mkimg::inputs::{self, InputOptions, Inputs, Source, VerifyMode};
 use gentoo_mkimg::progress::Verbosity;
@@ -181,6 +182,8 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 no_check: args.no_check,
                 keep_going: args.keep_going,
                 compression: args.compression,
+                layers: args.layers,
+                max_layers: args.max_layers,
                 sbom: args.sbom.clone(),
             };
             // Refuse an unusable engine before anything is downloaded.
@@ -354,6 +357,12 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
             } else {
                 print!("{}", report.render_table());
             }
+        }
+        Command::Tag(args) => {
+            let source: Reference = args.source.parse()?;
+            let target: Reference = args.target.parse()?;
+            let manifest = store.resolve(&source.to_string())?;
+            store.tag(&target.to_string(), manifest)?;
         }
         Command::Images => {
             let rows = images::list(&store)?;

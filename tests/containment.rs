@@ -192,22 +192,28 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 }
 
 /// Finding 1: a build that replaces its dev root with a link to a host directory must not
-/// get that directory into the dev image.
+/// get that directory into the dev image. Roots leave a session only as tar written into
+/// the pipes the tool made, so the hostile build tries what is left: to put a link to a host
+/// file where its dev pipe is, and to hand back a dev root that is such a link. The pipes
+/// are on a read-only mount and the tool reads the pipe it made, not the name: nothing of
+/// the host reaches the store, and the build fails for want of a dev root.
 #[test]
 fn an_export_replaced_by_a_symlink_is_refused() {
     let ws = workspace();
     let secret = "host secret 6d1f2c";
     let host = host_dir_with_canary(secret);
-    // The stage's /bin/sh plays the build: it makes rt, writes the result file with the
-    // timestamp the tool reads, and leaves dev as a link to the host directory.
+    let canary = host.path().join("canary");
     let script = format!(
         "#!/bin/busybox sh\n\
          /bin/busybox mkdir -p /var/tmp/gentoo-mkimg/rt /var/log/gentoo-mkimg\n\
          echo '{{\"phases\":[],\"clamp\":1700000000,\"failed\":null}}' \
          > /var/log/gentoo-mkimg/result.json\n\
-         /bin/busybox ln -s {} /var/tmp/gentoo-mkimg/dev\n\
+         /bin/busybox ln -s {host} /var/tmp/gentoo-mkimg/dev\n\
+         /bin/busybox rm -f /var/tmp/gentoo-mkimg/export/dev 2> /var/log/gentoo-mkimg/rm.err\n\
+         /bin/busybox ln -sf {canary} /var/tmp/gentoo-mkimg/export/dev\n\
          exit 0\n",
-        host.path().display()
+        host = host.path().display(),
+        canary = canary.display(),
     );
     let stage = ws.tmp.path().join("stage.tar");
     Tar::new().dir("./").busybox(Some(&script)).write(&stage);
@@ -223,9 +229,14 @@ fn an_export_replaced_by_a_symlink_is_refused() {
     assert!(!out.status.success(), "the build passed:\n{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("/var/tmp/gentoo-mkimg/dev") && stderr.contains("symlink"),
-        "the refusal does not name the export and the symlink:\n{}",
+        stderr.contains("did not hand back the dev root"),
+        "the failure does not say the dev root is missing:\n{}",
         text(&out)
+    );
+    let rm_err = fs::read_to_string(ws.work.join("logs/t1/rm.err")).unwrap_or_default();
+    assert!(
+        rm_err.contains("Read-only file system"),
+        "the session could remove its pipe: {rm_err:?}"
     );
     assert_eq!(
         files_containing(&ws.store, secret.as_bytes()),
@@ -235,8 +246,8 @@ fn an_export_replaced_by_a_symlink_is_refused() {
     assert_eq!(listing(host.path()), ["canary"]);
 }
 
-/// The same stand-in build with a real dev root: the export is taken, with its symlinks as
-/// symlinks (the control for the test above).
+/// The same stand-in build handing back a real dev root as tar (the control for the test
+/// above): the export is taken, with its symlinks as symlinks.
 #[test]
 fn a_real_export_dir_becomes_the_dev_layer() {
     let ws = workspace();
@@ -247,6 +258,10 @@ fn a_real_export_dir_becomes_the_dev_layer() {
          > /var/log/gentoo-mkimg/result.json\n\
          echo dev root $((40 + 2))x > /var/tmp/gentoo-mkimg/dev/etc/motd\n\
          /bin/busybox ln -s /root /var/tmp/gentoo-mkimg/dev/home\n\
+         for r in dev rt; do\n\
+         /bin/busybox tar -cf /var/tmp/gentoo-mkimg/export/$r -C /var/tmp/gentoo-mkimg/$r . \
+         || exit 1\n\
+         done\n\
          exit 0\n";
     let stage = ws.tmp.path().join("stage.tar");
     Tar::new().dir("./").busybox(Some(script)).write(&stage);

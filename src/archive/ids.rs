@@ -41,26 +41,6 @@ impl IdShift {
         }
         host.checked_sub(self.base).filter(|id| *id < Self::COUNT)
     }
-
-    /// `security.capability` as the stage should see it: the kernel stores a capability set
-    /// written inside a user namespace as version 3 with the namespace's root as `rootid`
-    /// (host id `base`); an image wants the plain version 2 form, valid for any root.
-    pub fn unshift_capability(self, value: &[u8]) -> Vec<u8> {
-        const V3: u32 = 0x0300_0000;
-        const V2: u32 = 0x0200_0000;
-        const REVISION_MASK: u32 = 0xFF00_0000;
-        if value.len() != 24 {
-            return value.to_vec();
-        }
-        let magic = u32::from_le_bytes([value[0], value[1], value[2], value[3]]);
-        let rootid = u32::from_le_bytes([value[20], value[21], value[22], value[23]]);
-        if magic & REVISION_MASK != V3 || self.to_inside(rootid) != Some(0) {
-            return value.to_vec();
-        }
-        let mut v2 = value[..20].to_vec();
-        v2[..4].copy_from_slice(&((magic & !REVISION_MASK) | V2).to_le_bytes());
-        v2
-    }
 }
 
 /// The first range of `/etc/subuid` or `/etc/subgid` (`text`) for the user `name` or `id`
@@ -93,23 +73,6 @@ mod tests {
         assert_eq!(ids.to_inside(100_000 + 65536), None);
         assert_eq!(IdShift::NONE.to_host(70_000).unwrap(), 70_000);
         assert_eq!(IdShift::NONE.to_inside(5), Some(5));
-    }
-
-    #[test]
-    fn a_v3_capability_of_the_namespace_root_becomes_v2() {
-        let ids = IdShift { base: 100_000 };
-        let mut v3 = 0x0300_0001u32.to_le_bytes().to_vec(); // v3, effective
-        v3.extend_from_slice(&[0x00, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        v3.extend_from_slice(&100_000u32.to_le_bytes());
-        let v2 = ids.unshift_capability(&v3);
-        assert_eq!(v2.len(), 20);
-        assert_eq!(&v2[..4], &0x0200_0001u32.to_le_bytes());
-        assert_eq!(&v2[4..20], &v3[4..20]);
-        // Another root's set is left alone, and so is a v2 one.
-        let mut other = v3.clone();
-        other[20..].copy_from_slice(&5u32.to_le_bytes());
-        assert_eq!(ids.unshift_capability(&other), other);
-        assert_eq!(ids.unshift_capability(&v2), v2);
     }
 
     #[test]

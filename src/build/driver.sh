@@ -5,14 +5,15 @@
 #   /var/cache/binpkgs           packages/TAG: binary packages, kept across runs
 #   /var/cache/distfiles         the shared distfiles cache
 #   /var/log/gentoo-mkimg        logs/TAG: the full log, emerge's build logs, result.json
-#   /var/tmp/gentoo-mkimg/export named pipes dev.fifo and rt.fifo, only with the docker engine
+#   /var/tmp/gentoo-mkimg/export named pipes dev and rt (read-only mount: write into them)
 #   /var/tmp/gentoo-mkimg/input  what the tool wrote for this build (read-only):
 #       make.conf                extra make.conf lines
 #       package.use package.accept_keywords package.mask package.unmask
 #       repos.conf               entries for extra repositories
 #       settings                 shell variables, listed below
-# and writes the two roots /var/tmp/gentoo-mkimg/dev and /var/tmp/gentoo-mkimg/rt, which
-# the tool turns into images after this script succeeds.
+# and makes the two roots /var/tmp/gentoo-mkimg/dev and /var/tmp/gentoo-mkimg/rt, each
+# written as tar into its pipe once it is done: the tool makes the images' layers of them
+# while this script goes on, and tags them only after it succeeded.
 #
 # settings: MKIMG_JOBS MKIMG_USE MKIMG_DEV_PACKAGES MKIMG_RT_PACKAGES MKIMG_INSTALL_MASK
 #           MKIMG_PROFILE (empty: the stage's own) MKIMG_KEEP_GOING (0/1) MKIMG_VERBOSE (0/1)
@@ -365,11 +366,12 @@ settle() {
 	find "$1" -newermt "@$CLAMP" -exec touch -h -d "@$CLAMP" {} +
 }
 
-# Where the tool reads a root from a named pipe (docker engine), write it there as tar,
-# in name order so that the layer does not depend on the order of directory listings.
+# Hand a root to the tool: as tar into its named pipe, in name order so that the layer does
+# not depend on the order of directory listings (the same in both engines: the tool never
+# reads the tree itself).
 export_root() {
-	[ -p "$OUT/export/$1.fifo" ] || return 0
-	tar --sort=name --xattrs --xattrs-include='*' --numeric-owner -cf "$OUT/export/$1.fifo" \
+	[ -p "$OUT/export/$1" ] || return 0
+	tar --sort=name --xattrs --xattrs-include='*' --numeric-owner -cf "$OUT/export/$1" \
 		-C "$OUT/$1" .
 }
 

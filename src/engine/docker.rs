@@ -86,6 +86,28 @@ pub fn run(session: &Session) -> Result<i32> {
     result
 }
 
+/// Run `session` with the pipes of `exports` mounted, reading them with `read` (see
+/// [`super::export`]). The pipe directory is the session's own, in the cache dir.
+pub fn run_exporting<T: Send>(
+    session: &Session,
+    exports: &[&str],
+    read: &super::export::ReadExport<'_, T>,
+) -> Result<super::export::Outcome<T>> {
+    let parent = session.cache_dir.join("exports");
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("{}: cannot create", parent.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{}-", std::process::id()))
+        .tempdir_in(&parent)
+        .with_context(|| format!("{}: cannot create a directory", parent.display()))?;
+    // The engine's root (the host's, or the user's for a rootless engine) opens the pipes.
+    super::export::with_pipes(&dir.path().join("pipes"), None, exports, read, |mount| {
+        let mut session = session.clone();
+        session.mounts.push(mount);
+        run(&session)
+    })
+}
+
 fn run_with(rt: &Runtime, session: &Session) -> Result<i32> {
     // Reach the engine first: a long import is wasted when there is none.
     let docker = rt.block_on(connect())?;

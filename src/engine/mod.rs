@@ -11,12 +11,13 @@
 //! the host's network and resolv.conf, a hostname, a clean environment, and its exit status.
 
 pub mod docker;
+pub mod export;
 pub mod sandbox;
 pub mod userns;
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 use crate::image::reference::Reference;
 use crate::image::store::Store;
@@ -70,12 +71,6 @@ pub struct Session {
     pub verbosity: Verbosity,
 }
 
-/// A directory handed back from a finished session: readable on the host (sandbox), its
-/// owners shifted as the session's user namespace shifted them.
-pub enum Export<'a> {
-    Dir(&'a std::path::Path, crate::archive::ids::IdShift),
-}
-
 /// Run `session` with the chosen engine; the command's exit status (128+N for a signal).
 pub fn run(kind: EngineKind, session: &Session) -> Result<i32> {
     match kind {
@@ -84,21 +79,17 @@ pub fn run(kind: EngineKind, session: &Session) -> Result<i32> {
     }
 }
 
-/// Run `session`; when the command succeeds, hand each of `exports` (directories inside the
-/// stage that the command made) to `on_export`. Only the sandbox can: with the docker engine
-/// a session hands trees back itself (the build writes them into named pipes), because the
-/// Engine API's archive download loses group ownership on Podman.
-pub fn run_exporting(
+/// Run `session`, reading the trees it hands back with `read` while it runs: the command
+/// writes each of `exports`, in that order, as a tar stream into the named pipe
+/// [`export::EXPORT_DIR`]`/NAME` (see [`export`]; the same in both engines).
+pub fn run_exporting<T: Send>(
     kind: EngineKind,
     session: &Session,
     exports: &[&str],
-    on_export: &mut dyn FnMut(&str, Export<'_>) -> Result<()>,
-) -> Result<i32> {
+    read: &export::ReadExport<'_, T>,
+) -> Result<export::Outcome<T>> {
     match kind {
-        EngineKind::Sandbox => sandbox::run_exporting(session, exports, on_export),
-        EngineKind::Docker if exports.is_empty() => docker::run(session),
-        EngineKind::Docker => {
-            bail!("the docker engine cannot hand back directories; export them through a mount")
-        }
+        EngineKind::Sandbox => sandbox::run_exporting(session, exports, read),
+        EngineKind::Docker => docker::run_exporting(session, exports, read),
     }
 }

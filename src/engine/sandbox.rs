@@ -87,18 +87,31 @@ pub fn check_usable() -> Result<()> {
 
 /// Run `session` in the sandbox; the command's exit status.
 pub fn run(session: &Session) -> Result<i32> {
-    run_exporting(session, &[], &mut |_, _| Ok(()))
+    let ids = userns::session_shift()?;
+    with_run_dir(session, |run_dir| run_session(session, run_dir, ids))
 }
 
-/// Run `session`; when the command succeeds, hand each directory of `exports` (absolute
-/// paths inside the stage, created by the command) to `on_export` before the session's
-/// files are removed.
-pub fn run_exporting(
+/// Run `session` with the pipes of `exports` mounted, reading them with `read` (see
+/// [`super::export`]). The pipes are in the session's run directory, owned by its root.
+pub fn run_exporting<T: Send>(
     session: &Session,
     exports: &[&str],
-    on_export: &mut dyn FnMut(&str, super::Export<'_>) -> Result<()>,
-) -> Result<i32> {
+    read: &super::export::ReadExport<'_, T>,
+) -> Result<super::export::Outcome<T>> {
     let ids = userns::session_shift()?;
+    let owner = ids.to_host(0)?;
+    with_run_dir(session, |run_dir| {
+        let pipes = run_dir.join("export");
+        super::export::with_pipes(&pipes, Some(owner), exports, read, |mount| {
+            let mut session = session.clone();
+            session.mounts.push(mount);
+            run_session(&session, run_dir, ids)
+        })
+    })
+}
+
+/// The extracted stage for `session` and its run in a fresh run directory.
+fn run_session(session: &Session, run_dir: &Path, ids: IdShift) -> Result<i32> {
     let rootfs = prepare_stage(
         &session.stage,
         &session.stage_digest,
@@ -106,6 +119,12 @@ pub fn run_exporting(
         session.verbosity,
         ids,
     )?;
+    run_in(session, &rootfs, run_dir, ids)
+}
+
+/// Run `f` with a fresh run directory (0700, under the cache dir), removed afterwards unless
+/// the session keeps it.
+fn with_run_dir<R>(session: &Session, f: impl FnOnce(&Path) -> Result<R>) -> Result<R> {
     let runs = session.cache_dir.join("runs");
     fs::create_dir_all(&runs).with_context(|| format!("{}: cannot create", runs.display()))?;
     remove_stale_runs(&runs);
@@ -115,17 +134,7 @@ pub fn run_exporting(
         .permissions(fs::Permissions::from_mode(0o700))
         .tempdir_in(&runs)
         .with_context(|| format!("{}: cannot create a run directory", runs.display()))?;
-    let mut result = run_in(session, &rootfs, run_dir.path(), ids);
-    if let Ok(0) = result {
-        for path in exports {
-            let exported = export_dir(&run_dir.path().join("upper"), path)
-                .and_then(|dir| on_export(path, super::Export::Dir(&dir, ids)));
-            if let Err(e) = exported {
-                result = Err(e);
-                break;
-            }
-        }
-    }
+    let result = f(run_dir.path());
     if session.keep {
         let kept = run_dir.keep();
         eprintln!(
@@ -139,28 +148,6 @@ pub fn run_exporting(
         }
     }
     result
-}
-
-/// The host path of the export `path` (absolute inside the stage) in the session's upper
-/// dir, checked: made by the command, so wholly in the upper dir, and a real directory with
-/// no symlink on the way (a build that leaves `dev -> /root` must not export the host's
-/// /root). The session's processes are all gone by now (its pid namespace ended with it),
-/// so nothing changes the tree after this check; the walk that reads it follows no symlink
-/// either.
-fn export_dir(upper: &Path, path: &str) -> Result<PathBuf> {
-    let rel = path.trim_start_matches('/');
-    let upper_dir = pinned::Dir::open(upper)?;
-    match upper_dir.beneath(rel.as_bytes()) {
-        Ok(_) => Ok(upper.join(rel)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("the session did not create {path}")
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => bail!(
-            "{path}: the session left a symlink in its place or on the way to it; \
-             refusing to export it"
-        ),
-        Err(e) => bail!("{path}: cannot export it: {e}"),
-    }
 }
 
 fn run_in(session: &Session, rootfs: &Path, run_dir: &Path, ids: IdShift) -> Result<i32> {

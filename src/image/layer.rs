@@ -35,6 +35,25 @@ pub enum LayerCompression {
     None,
 }
 
+/// How a built root is cut into layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerSplit {
+    /// A layer per package (the largest), one for the rest of the packages, one last layer
+    /// for the package database and what no package owns (default): an update changes only
+    /// the layers of what changed.
+    #[default]
+    Packages,
+    /// The whole root in one layer.
+    Single,
+}
+
+/// The most layers a package-split image gets unless told otherwise: well under the 128
+/// that overlay storage drivers take.
+pub const DEFAULT_MAX_LAYERS: usize = 32;
+/// The fewest `--max-layers` may ask for: one shared by the packages, and the last.
+pub const MIN_LAYERS: usize = 2;
+
 impl LayerCompression {
     pub fn media_type(self) -> &'static str {
         match self {
@@ -205,33 +224,45 @@ impl Write for Compressor {
     }
 }
 
-/// Builds one layer blob in the store from a sequence of entries.
-///
-/// Dropping it without [`LayerWriter::finish`] removes the temporary blob.
-pub struct LayerWriter {
-    tar: tar::Builder<Hashing<Compressor>>,
-    pending: PendingBlob,
-    media_type: &'static str,
-}
-
-impl LayerWriter {
-    pub fn new(store: &Store, compression: LayerCompression) -> Result<Self> {
-        let (pending, file) = store.begin_blob()?;
-        let out = Hashing::new(BufWriter::with_capacity(1 << 20, file));
-        let compressor = Compressor::new(compression, out)
-            .with_context(|| format!("cannot start the {compression} compressor"))?;
-        let mut tar = tar::Builder::new(Hashing::new(compressor));
-        tar.mode(tar::HeaderMode::Complete);
-        Ok(LayerWriter {
-            tar,
-            pending,
-            media_type: compression.media_type(),
-        })
-    }
-
+/// Where a sequence of layer entries goes: a layer, or something that sorts them into
+/// layers.
+pub trait EntrySink {
     /// Append one entry. For regular files `data` must yield exactly `size` bytes; a short
     /// read is an error (a truncated input must not become a corrupt layer).
-    pub fn append(&mut self, meta: &EntryMeta, data: &mut dyn Read) -> io::Result<()> {
+    fn append(&mut self, meta: &EntryMeta, data: &mut dyn Read) -> io::Result<()>;
+}
+
+/// Entries as normalised tar (see the module's comment) into any writer. The bytes of one
+/// entry are written to `W` by the time [`TarOut::append`] returns, nothing is held back.
+pub struct TarOut<W: Write> {
+    tar: tar::Builder<W>,
+}
+
+impl<W: Write> TarOut<W> {
+    pub fn new(out: W) -> Self {
+        let mut tar = tar::Builder::new(out);
+        tar.mode(tar::HeaderMode::Complete);
+        TarOut { tar }
+    }
+
+    /// The writer, e.g. to read how much went into it.
+    pub fn get_ref(&self) -> &W {
+        self.tar.get_ref()
+    }
+
+    /// The writer, e.g. to add the bytes of entries written by another `TarOut`.
+    pub fn get_mut(&mut self) -> &mut W {
+        self.tar.get_mut()
+    }
+
+    /// End the archive (tar's end-of-archive marker) and give the writer back.
+    pub fn finish(self) -> io::Result<W> {
+        self.tar.into_inner()
+    }
+}
+
+impl<W: Write> EntrySink for TarOut<W> {
+    fn append(&mut self, meta: &EntryMeta, data: &mut dyn Read) -> io::Result<()> {
         if !meta.xattrs.is_empty() {
             let keys: Vec<String> = meta
                 .xattrs
@@ -303,7 +334,9 @@ impl LayerWriter {
         }
         Ok(())
     }
+}
 
+impl<W: Write> TarOut<W> {
     /// A GNU `././@LongLink` record (`L` for names, `K` for link targets).
     fn append_long(&mut self, kind: u8, value: &[u8]) -> io::Result<()> {
         let mut header = tar::Header::new_gnu();
@@ -319,12 +352,52 @@ impl LayerWriter {
         header.set_cksum();
         self.tar.append(&header, data.as_slice())
     }
+}
+
+/// Builds one layer blob in the store from a sequence of entries.
+///
+/// Dropping it without [`LayerWriter::finish`] removes the temporary blob.
+pub struct LayerWriter {
+    tar: TarOut<Hashing<Compressor>>,
+    pending: PendingBlob,
+    media_type: &'static str,
+}
+
+impl EntrySink for LayerWriter {
+    fn append(&mut self, meta: &EntryMeta, data: &mut dyn Read) -> io::Result<()> {
+        self.tar.append(meta, data)
+    }
+}
+
+impl LayerWriter {
+    pub fn new(store: &Store, compression: LayerCompression) -> Result<Self> {
+        let (pending, file) = store.begin_blob()?;
+        let out = Hashing::new(BufWriter::with_capacity(1 << 20, file));
+        let compressor = Compressor::new(compression, out)
+            .with_context(|| format!("cannot start the {compression} compressor"))?;
+        Ok(LayerWriter {
+            tar: TarOut::new(Hashing::new(compressor)),
+            pending,
+            media_type: compression.media_type(),
+        })
+    }
+
+    /// Append one entry (see [`EntrySink::append`]).
+    pub fn append(&mut self, meta: &EntryMeta, data: &mut dyn Read) -> io::Result<()> {
+        self.tar.append(meta, data)
+    }
+
+    /// Append entries already written as tar by a [`TarOut`]: exactly the bytes of whole
+    /// entries, without an end-of-archive marker.
+    pub fn append_written(&mut self, entries: &mut dyn Read) -> io::Result<u64> {
+        io::copy(entries, self.tar.get_mut())
+    }
 
     /// End the tar stream, flush the compressor and move the blob into the store.
     pub fn finish(self, store: &Store) -> Result<LayerInfo> {
         let hashed = self
             .tar
-            .into_inner()
+            .finish()
             .context("cannot finish the layer's tar stream")?;
         let (compressor, diff_id, tar_size) = hashed.finish();
         let out = compressor

@@ -5,7 +5,6 @@ pub mod gc;
 pub mod layer;
 pub mod reference;
 pub mod store;
-pub mod walk;
 
 use std::collections::BTreeMap;
 

@@ -31,6 +31,8 @@ pub struct Entry<'a> {
     pub path: &'a [u8],
     /// For `sym`: the link target as recorded.
     pub target: Option<&'a [u8]>,
+    /// For `obj` and `sym`: the mtime recorded at the merge.
+    pub mtime: Option<u64>,
 }
 
 /// Parse one line (without or with its newline). `None` for a line that is empty or not one
@@ -40,17 +42,17 @@ pub fn parse_line(line: &[u8]) -> Option<Entry<'_>> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let space = line.iter().position(|&b| b == b' ')?;
     let (word, rest) = (&line[..space], &line[space + 1..]);
-    let (kind, path, target) = match word {
-        b"dir" => (Kind::Dir, rest, None),
-        b"fif" => (Kind::Fif, rest, None),
-        b"dev" => (Kind::Dev, rest, None),
+    let (kind, path, target, mtime) = match word {
+        b"dir" => (Kind::Dir, rest, None, None),
+        b"fif" => (Kind::Fif, rest, None, None),
+        b"dev" => (Kind::Dev, rest, None, None),
         b"obj" => {
             let (rest, mtime) = rsplit_space(rest)?;
             let (path, md5) = rsplit_space(rest)?;
             if !is_number(mtime) || md5.is_empty() {
                 return None;
             }
-            (Kind::Obj, path, None)
+            (Kind::Obj, path, None, number(mtime))
         }
         b"sym" => {
             let (rest, mtime) = rsplit_space(rest)?;
@@ -58,11 +60,21 @@ pub fn parse_line(line: &[u8]) -> Option<Entry<'_>> {
                 return None;
             }
             let arrow = find(rest, b" -> ")?;
-            (Kind::Sym, &rest[..arrow], Some(&rest[arrow + 4..]))
+            (
+                Kind::Sym,
+                &rest[..arrow],
+                Some(&rest[arrow + 4..]),
+                number(mtime),
+            )
         }
         _ => return None,
     };
-    (!path.is_empty()).then_some(Entry { kind, path, target })
+    (!path.is_empty()).then_some(Entry {
+        kind,
+        path,
+        target,
+        mtime,
+    })
 }
 
 /// Every entry of a `CONTENTS` text, in file order; lines that do not parse are skipped.
@@ -73,6 +85,10 @@ pub fn entries(text: &[u8]) -> impl Iterator<Item = Entry<'_>> {
 fn rsplit_space(s: &[u8]) -> Option<(&[u8], &[u8])> {
     let i = s.iter().rposition(|&b| b == b' ')?;
     Some((&s[..i], &s[i + 1..]))
+}
+
+fn number(s: &[u8]) -> Option<u64> {
+    std::str::from_utf8(s).ok()?.parse().ok()
 }
 
 fn is_number(s: &[u8]) -> bool {
@@ -122,6 +138,7 @@ mod tests {
         let e = parse_line(b"obj /usr/bin/\xff\xfe 0123 5\r\n").unwrap();
         assert_eq!(e.kind, Kind::Obj);
         assert_eq!(e.path, b"/usr/bin/\xff\xfe");
+        assert_eq!(e.mtime, Some(5));
         assert_eq!(parse_line(b"dir "), None);
         assert_eq!(parse_line(b""), None);
         assert_eq!(parse_line(b"obj /x abc notanumber"), None);
