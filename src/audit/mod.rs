@@ -18,7 +18,7 @@
 //! Each problem names the package owning the file, from the image's own `/var/db/pkg`.
 
 mod elf;
-mod tree;
+pub mod tree;
 
 #[cfg(test)]
 mod tests;

@@ -250,50 +250,15 @@ impl Tree {
         })
     }
 
-    /// Resolve `path` inside the image root, following symbolic links (the last component's
-    /// too when `follow_last`); `..` at the root stays at the root. The resolved path, or
-    /// `None` when a component is missing, not a directory, or the links loop or exceed
-    /// [`MAX_LINKS`]. Without `follow_last` the last component need not exist.
+    /// Resolve `path` inside the image root (see [`resolve_in_root`]).
     pub fn resolve_path(&self, path: &[u8], follow_last: bool) -> Option<Vec<u8>> {
-        // Components still to walk, last first.
-        let mut todo: Vec<Vec<u8>> = path
-            .split(|&b| b == b'/')
-            .rev()
-            .map(<[u8]>::to_vec)
-            .collect();
-        let mut cur: Vec<u8> = Vec::new();
-        let mut links = 0;
-        while let Some(c) = todo.pop() {
-            match c.as_slice() {
-                b"" | b"." => continue,
-                b".." => {
-                    cur.truncate(split_parent(&cur).0.len());
-                    continue;
-                }
-                _ => {}
-            }
-            let last = todo.iter().all(|c| c.is_empty() || c == b".");
-            let next = join(&cur, &c);
-            match self.nodes.get(&next).map(|n| &n.kind) {
-                None if last && !follow_last => cur = next,
-                None => return None,
-                Some(Kind::Symlink(target)) if !last || follow_last => {
-                    links += 1;
-                    if links > MAX_LINKS {
-                        return None;
-                    }
-                    if target.first() == Some(&b'/') {
-                        cur.clear();
-                    }
-                    todo.extend(target.split(|&b| b == b'/').rev().map(<[u8]>::to_vec));
-                }
-                Some(Kind::Dir) => cur = next,
-                Some(_) if last => cur = next,
-                // A file or device with more path after it, `..` included: not a directory.
-                Some(_) => return None,
-            }
-        }
-        Some(cur)
+        resolve_in_root(path, follow_last, |p| {
+            self.nodes.get(p).map(|n| match &n.kind {
+                Kind::Dir => Step::Dir,
+                Kind::Symlink(target) => Step::Symlink(target),
+                _ => Step::Other,
+            })
+        })
     }
 
     /// The node `path` leads to, with every symbolic link followed.
@@ -307,6 +272,65 @@ impl Tree {
     pub fn is_file(&self, path: &[u8]) -> bool {
         matches!(self.resolve(path), Some((_, Kind::File { .. })))
     }
+}
+
+/// What a path of a root is, as far as resolving paths through it goes.
+pub enum Step<'a> {
+    Dir,
+    Symlink(&'a [u8]),
+    /// A file, device or anything else that is no directory.
+    Other,
+}
+
+/// Resolve `path` inside a root whose entries `node` tells, following symbolic links (the
+/// last component's too when `follow_last`); `..` at the root stays at the root. The
+/// resolved path, or `None` when a component is missing, not a directory, or the links loop
+/// or exceed [`MAX_LINKS`]. Without `follow_last` the last component need not exist. Only
+/// the names are looked at: nothing on any filesystem is opened.
+pub fn resolve_in_root<'a>(
+    path: &[u8],
+    follow_last: bool,
+    node: impl Fn(&[u8]) -> Option<Step<'a>>,
+) -> Option<Vec<u8>> {
+    // Components still to walk, last first.
+    let mut todo: Vec<Vec<u8>> = path
+        .split(|&b| b == b'/')
+        .rev()
+        .map(<[u8]>::to_vec)
+        .collect();
+    let mut cur: Vec<u8> = Vec::new();
+    let mut links = 0;
+    while let Some(c) = todo.pop() {
+        match c.as_slice() {
+            b"" | b"." => continue,
+            b".." => {
+                cur.truncate(split_parent(&cur).0.len());
+                continue;
+            }
+            _ => {}
+        }
+        let last = todo.iter().all(|c| c.is_empty() || c == b".");
+        let next = join(&cur, &c);
+        match node(&next) {
+            None if last && !follow_last => cur = next,
+            None => return None,
+            Some(Step::Symlink(target)) if !last || follow_last => {
+                links += 1;
+                if links > MAX_LINKS {
+                    return None;
+                }
+                if target.first() == Some(&b'/') {
+                    cur.clear();
+                }
+                todo.extend(target.split(|&b| b == b'/').rev().map(<[u8]>::to_vec));
+            }
+            Some(Step::Dir) => cur = next,
+            Some(_) if last => cur = next,
+            // A file or device with more path after it, `..` included: not a directory.
+            Some(_) => return None,
+        }
+    }
+    Some(cur)
 }
 
 /// Read what the audit keeps of a regular file: ELF files are read whole, the first line of

@@ -30,6 +30,7 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 
 use anyhow::{Context, Result, bail};
 
+use crate::audit::tree::{Step, resolve_in_root};
 use crate::image::layer::{
     EntryKind, EntryMeta, EntrySink, LayerCompression, LayerInfo, LayerWriter, MIN_LAYERS, TarOut,
 };
@@ -38,8 +39,6 @@ use crate::portage::contents::{self, Kind};
 
 /// The most of one `CONTENTS` file kept (the largest in ::gentoo are a few MB).
 const CONTENTS_MAX: u64 = 64 << 20;
-/// How many symlinks one path may go through when it is resolved.
-const MAX_HOPS: usize = 40;
 
 /// A layer made here, with the packages (`CAT/PF`) whose files it holds; none for the last.
 #[derive(Debug, Clone)]
@@ -206,66 +205,27 @@ impl EntrySink for Spool {
     }
 }
 
-/// Join `base` (a directory path, relative to the root) and a link target, `.` and `..`
-/// resolved lexically, never above the root.
-fn join(base: &[u8], target: &[u8]) -> Vec<Vec<u8>> {
-    let mut parts: Vec<Vec<u8>> = if target.starts_with(b"/") {
-        Vec::new()
-    } else {
-        base.split(|&b| b == b'/')
-            .filter(|p| !p.is_empty())
-            .map(<[u8]>::to_vec)
-            .collect()
-    };
-    for part in target.split(|&b| b == b'/') {
-        match part {
-            b"" | b"." => {}
-            b".." => {
-                parts.pop();
-            }
-            p => parts.push(p.to_vec()),
-        }
-    }
-    parts
-}
-
 /// `path` (absolute, as `CONTENTS` records it) as a path of the root's stream: every
-/// directory on the way that is a symlink in the root is followed, inside the root.
-fn resolve(path: &[u8], symlinks: &HashMap<Vec<u8>, Vec<u8>>) -> Option<Vec<u8>> {
-    let mut todo: Vec<Vec<u8>> = join(b"", path);
-    todo.reverse();
-    let mut done: Vec<u8> = Vec::new();
-    let mut hops = 0;
-    while let Some(part) = todo.pop() {
-        let mut next = done.clone();
-        if !next.is_empty() {
-            next.push(b'/');
+/// directory on the way that is a symlink in the root is followed, inside the root (the last
+/// component is the entry itself, a link or not).
+fn resolve(
+    path: &[u8],
+    dirs: &HashMap<Vec<u8>, EntryMeta>,
+    symlinks: &HashMap<Vec<u8>, Vec<u8>>,
+) -> Option<Vec<u8>> {
+    resolve_in_root(path, false, |p| {
+        if let Some(target) = symlinks.get(p) {
+            Some(Step::Symlink(target))
+        } else {
+            dirs.contains_key(p).then_some(Step::Dir)
         }
-        next.extend_from_slice(&part);
-        // The last part is the entry itself: a symlink there is the package's own.
-        match symlinks.get(&next) {
-            Some(target) if !todo.is_empty() => {
-                hops += 1;
-                if hops > MAX_HOPS {
-                    return None;
-                }
-                let mut rest = join(&done, target);
-                rest.reverse();
-                // The target replaces the link; what is left of the path follows it.
-                let mut new_todo = todo.clone();
-                new_todo.extend(rest);
-                todo = new_todo;
-                done.clear();
-            }
-            _ => done = next,
-        }
-    }
-    Some(done)
+    })
 }
 
 /// Which package owns each path of the root, and the mtime an owned file must still have.
 fn owners(
     contents: &BTreeMap<String, Vec<u8>>,
+    dirs: &HashMap<Vec<u8>, EntryMeta>,
     symlinks: &HashMap<Vec<u8>, Vec<u8>>,
 ) -> HashMap<Vec<u8>, (usize, Kind, Option<u64>)> {
     let mut map = HashMap::new();
@@ -274,7 +234,7 @@ fn owners(
             if entry.kind == Kind::Dir {
                 continue;
             }
-            if let Some(path) = resolve(entry.path, symlinks) {
+            if let Some(path) = resolve(entry.path, dirs, symlinks) {
                 map.entry(path).or_insert((i, entry.kind, entry.mtime));
             }
         }
@@ -284,7 +244,7 @@ fn owners(
 
 /// The layer (an index into the packages; `None` for the last) of each spooled entry.
 fn assign(spool: &Spool, clamp: u64) -> Vec<Option<usize>> {
-    let owners = owners(&spool.contents, &spool.symlinks);
+    let owners = owners(&spool.contents, &spool.dirs, &spool.symlinks);
     let mut placed: HashMap<&[u8], Option<usize>> = HashMap::new();
     let mut out = Vec::with_capacity(spool.entries.len());
     for (i, e) in spool.entries.iter().enumerate() {
@@ -697,7 +657,11 @@ mod tests {
             ("evil", "/../../etc"),
             ("loop", "loop"),
         ]);
-        let r = |p: &str| resolve(p.as_bytes(), &l).map(|v| String::from_utf8(v).unwrap());
+        let dirs: HashMap<Vec<u8>, EntryMeta> = ["usr", "usr/bin", "usr/lib", "etc"]
+            .into_iter()
+            .map(|d| (d.as_bytes().to_vec(), entry(d, EntryKind::Directory, 0)))
+            .collect();
+        let r = |p: &str| resolve(p.as_bytes(), &dirs, &l).map(|v| String::from_utf8(v).unwrap());
         assert_eq!(r("/bin/sh").as_deref(), Some("usr/bin/sh"));
         assert_eq!(r("/sbin/ldconfig").as_deref(), Some("usr/bin/ldconfig"));
         assert_eq!(r("/usr/sbin/nologin").as_deref(), Some("usr/bin/nologin"));
