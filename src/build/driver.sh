@@ -213,8 +213,8 @@ root_needs() {
 		done)
 	[ -n "$needs" ] || return 0
 	# shellcheck disable=SC2086
-	logged emerge --usepkgonly --binpkg-respect-use=y --oneshot --with-bdeps=n --color=n \
-		--nospinner $needs
+	logged env FEATURES="$BINARY_FEATURES" emerge --usepkgonly --binpkg-respect-use=y \
+		--oneshot --with-bdeps=n --color=n --nospinner $needs
 }
 
 # --- configure Portage ------------------------------------------------------------------
@@ -258,6 +258,12 @@ export PYTHONHASHSEED
 # (merge-sync) only costs time here. Not in make.conf: the images keep Portage's default.
 FEATURES="${FEATURES:-} -merge-sync"
 export FEATURES
+# Merges from binary packages only (into / for the roots, and the roots themselves) run
+# without pid-sandbox: it starts every ebuild phase in a PID namespace of its own, behind an
+# init of its own, so that a process a phase leaves behind dies with it; that costs about a
+# sixth of such a merge. The session is a PID namespace already, and whatever a pkg_postinst
+# leaves running dies with it. Compiling keeps it (a test suite's strays are killed at once).
+BINARY_FEATURES="$FEATURES -pid-sandbox"
 PKGDIR=/var/cache/binpkgs
 DISTDIR=/var/cache/distfiles
 PORTAGE_LOGDIR=$LOGDIR/portage
@@ -506,7 +512,8 @@ merge_part() {
 		PORTAGE_LOGDIR=$LOGDIR/portage/$1
 		LOGTO=$LOGDIR/$1.log
 		FAILED_AS=$1
-		export PORTAGE_TMPDIR PORTAGE_LOGDIR
+		FEATURES=$BINARY_FEATURES
+		export PORTAGE_TMPDIR PORTAGE_LOGDIR FEATURES
 		: > "$LOGTO"
 		mkdir -p "$PORTAGE_TMPDIR" "$PORTAGE_LOGDIR" && "merge_$1"
 	)
