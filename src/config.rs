@@ -326,7 +326,7 @@ impl BuildPlan {
         let snapshot = get(&snapshot).context("the snapshot")?;
         let tag = match cli.tag.or(f.tag) {
             Some(t) => t,
-            None => crate::shell::tag_from_stage(&stage3),
+            None => crate::inputs::tag_from_stage(&stage3),
         };
         let jobs = jobs_given.unwrap_or_else(|| {
             std::thread::available_parallelism()

@@ -14,8 +14,8 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::image::store::{Descriptor, Store};
-use crate::images::human_size;
 use crate::portage::vdb::{Installed, Vdb};
+use crate::progress::human_size;
 use crate::publish::pull::Puller;
 
 /// The vdb files reported, as named in `/var/db/pkg/CAT/PF/`.

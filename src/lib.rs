@@ -2,11 +2,30 @@
 //!
 //! The modules follow the pipeline: [`inputs`] fetches and verifies stages and snapshots,
 //! [`archive`] reads them, [`engine`] runs sessions in a stage, [`build`] is the job,
-//! [`image`] makes layers,
-//! configs and manifests in the [`image::store`], [`publish`] gets images out of the store.
-//! [`import`] and [`images`] are the commands built on them; [`cli`] only parses arguments.
-//! [`audit`] checks that everything in an image can load (interpreters, libraries, `#!`);
-//! [`sbom`] writes an image's SPDX SBOM from its package database.
+//! [`image`] makes layers, configs and manifests in the [`image::store`], [`publish`] gets
+//! images out of the store. [`import`] and [`images`] are the commands built on them; [`cli`]
+//! only parses arguments. [`audit`] checks that everything in an image can load
+//! (interpreters, libraries, `#!`); [`sbom`] writes an image's SPDX SBOM from its package
+//! database.
+//!
+//! # Layers
+//!
+//! Data flows one way: a module uses only modules of lower layers than its own, never one of
+//! its own layer or above (`tests/layering.rs` reads this table and checks every `crate::`
+//! path under src/).
+//!
+//! | layer | modules | what they are |
+//! |---|---|---|
+//! | 0 | `progress`, `net` | the terminal's progress and sizes; HTTP and Docker Engine API connections |
+//! | 1 | `archive` | reading tarballs and squashfs safely, decompression, digests, extraction |
+//! | 2 | `image`, `portage` | layers, configs, manifests and the OCI store; Portage's package data |
+//! | 3 | `audit`, `images`, `import`, `inputs`, `publish`, `snapshot` | steps on images and inputs |
+//! | 4 | `engine`, `inspect` | sessions in a stage (sandbox, Docker); what an image holds |
+//! | 5 | `sbom` | an image's SPDX SBOM |
+//! | 6 | `config` | the build's settings, from flags and the config file |
+//! | 7 | `build` | the build job |
+//! | 8 | `shell` | a session in a stage, by hand |
+//! | 9 | `cli` | the command line |
 
 pub mod archive;
 pub mod audit;

@@ -381,7 +381,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                     "{:width$}  {:19}  {:>10}  {}",
                     row.reference,
                     &row.digest.as_str()[..19],
-                    images::human_size(row.size),
+                    gentoo_mkimg::progress::human_size(row.size),
                     row.created
                 );
             }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use gentoo_mkimg::inputs::fetch::{FetchError, FetchOptions, Fetched, Fetcher};
+use gentoo_mkimg::net::RetryPolicy;
 use gentoo_mkimg::progress::Verbosity;
 
 use support::mirror::{Mirror, Request, http_date, parse_http_date};
@@ -45,7 +46,13 @@ impl Env {
     }
 
     fn fetcher(&self, tries: u32) -> Fetcher {
-        self.fetcher_with(FetchOptions { tries, ..quick() })
+        self.fetcher_with(FetchOptions {
+            retry: RetryPolicy {
+                tries,
+                ..quick().retry
+            },
+            ..quick()
+        })
     }
 
     fn fetcher_with(&self, opts: FetchOptions) -> Fetcher {
@@ -65,9 +72,11 @@ impl Env {
 fn quick() -> FetchOptions {
     FetchOptions {
         verbosity: Verbosity::Quiet,
-        tries: 3,
-        base_delay: Duration::from_millis(10),
-        max_delay: Duration::from_millis(50),
+        retry: RetryPolicy {
+            tries: 3,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+        },
         idle_timeout: Duration::from_secs(10),
         ..FetchOptions::default()
     }
@@ -412,7 +421,10 @@ fn a_stalled_transfer_times_out_and_resumes() {
     let url = env.put(ART, &data);
     env.mirror.stall_after(ART, 150_000, Duration::from_secs(5));
     let f = env.fetcher_with(FetchOptions {
-        tries: 2,
+        retry: RetryPolicy {
+            tries: 2,
+            ..quick().retry
+        },
         idle_timeout: Duration::from_millis(1500),
         ..quick()
     });

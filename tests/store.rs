@@ -584,5 +584,5 @@ fn gc_removes_what_no_image_uses_and_dry_run_nothing() {
 }
 
 fn human(bytes: u64) -> String {
-    gentoo_mkimg::images::human_size(bytes)
+    gentoo_mkimg::progress::human_size(bytes)
 }

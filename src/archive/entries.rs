@@ -10,7 +10,34 @@ use std::io::{self, Read};
 
 use anyhow::{Result, anyhow, bail};
 
-use crate::image::layer::{EntryKind, EntryMeta};
+/// What an entry is, with what only that kind carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    Regular { size: u64 },
+    Directory,
+    Symlink { target: Vec<u8> },
+    HardLink { target: Vec<u8> },
+    Char { major: u32, minor: u32 },
+    Block { major: u32, minor: u32 },
+    Fifo,
+}
+
+/// One filesystem entry as it goes into a layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryMeta {
+    /// Relative path without a leading `./`; empty for the root directory itself.
+    pub path: Vec<u8>,
+    pub kind: EntryKind,
+    /// Permission bits including setuid, setgid and sticky.
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub uname: Vec<u8>,
+    pub gname: Vec<u8>,
+    pub mtime: u64,
+    /// Extended attributes, in the order they are to be written.
+    pub xattrs: Vec<(String, Vec<u8>)>,
+}
 
 /// Strip a leading `./` (any number) and check that `path` stays inside the tree.
 /// The root itself (`.` or `./`) becomes the empty path.

@@ -26,10 +26,10 @@ use nix::sys::stat::{
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, linkat, symlinkat, unlinkat};
 
+use crate::archive::entries::{EntryKind, EntryMeta};
 use crate::archive::entries::{TopDirStripper, TrailerCheck, display_path, entry_meta};
 use crate::archive::ids::IdShift;
 use crate::archive::pinned::Dir;
-use crate::image::layer::{EntryKind, EntryMeta};
 
 /// What an extraction did.
 #[derive(Debug, Clone, Default)]

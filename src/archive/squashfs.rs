@@ -10,9 +10,9 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow};
 use backhand::{FilesystemReader, InnerNode};
 
+use crate::archive::entries::{EntryKind, EntryMeta};
 use crate::archive::entries::{display_path, normalize_path};
 use crate::archive::extract::{ExtractOptions, Extracted, Unpacker};
-use crate::image::layer::{EntryKind, EntryMeta};
 
 /// The magic at the start of a squashfs 4 image (little-endian "hsqs").
 const MAGIC: &[u8; 4] = b"hsqs";

@@ -750,7 +750,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         store: opts.store.clone(),
         raw_reference: refs["raw"].clone(),
         mounts,
-        env: crate::shell::session_env(&[])?,
+        env: crate::engine::session_env(&[])?,
         command: vec!["/bin/sh".into(), format!("{INPUT_DIR}/driver.sh")],
         interactive: false,
         hostname: "gentoo-mkimg-build".into(),
@@ -920,7 +920,7 @@ impl BuildSummary {
                 "{:<44} {:>9} {:>10}  {}",
                 img.reference,
                 pkgs.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
-                crate::images::human_size(img.size()),
+                crate::progress::human_size(img.size()),
                 img.manifest.digest
             );
         };

@@ -17,7 +17,7 @@ pub mod userns;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use crate::image::reference::Reference;
 use crate::image::store::Store;
@@ -91,5 +91,51 @@ pub fn run_exporting<T: Send>(
     match kind {
         EngineKind::Sandbox => sandbox::run_exporting(session, exports, read),
         EngineKind::Docker => docker::run_exporting(session, exports, read),
+    }
+}
+
+/// The command's environment: a clean PATH, HOME, TERM and LANG plus `extra`.
+pub fn session_env(extra: &[String]) -> Result<Vec<(String, String)>> {
+    let mut env = vec![
+        (
+            "PATH".to_string(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        ),
+        ("HOME".to_string(), "/root".to_string()),
+        (
+            "TERM".to_string(),
+            std::env::var("TERM").unwrap_or_else(|_| "dumb".to_string()),
+        ),
+        (
+            "LANG".to_string(),
+            std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".to_string()),
+        ),
+    ];
+    for item in extra {
+        let Some((name, value)) = item.split_once('=') else {
+            bail!("-e {item:?}: expected NAME=VALUE");
+        };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            bail!("-e {item:?}: {name:?} is not a valid variable name");
+        }
+        env.retain(|(k, _)| k != name);
+        env.push((name.to_string(), value.to_string()));
+    }
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_is_clean_plus_extras() {
+        let env = session_env(&["USE=-X".into(), "PATH=/bin".into()]).unwrap();
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("PATH"), Some("/bin"));
+        assert_eq!(get("USE"), Some("-X"));
+        assert_eq!(get("HOME"), Some("/root"));
+        assert!(session_env(&["NOVALUE".into()]).is_err());
+        assert!(session_env(&["BAD NAME=1".into()]).is_err());
     }
 }

@@ -53,7 +53,7 @@ impl fmt::Display for GcReport {
         let bytes = self.bytes();
         let n = self.removed.len();
         let files = if n == 1 { "file" } else { "files" };
-        let size = crate::images::human_size(bytes);
+        let size = crate::progress::human_size(bytes);
         if self.dry_run {
             writeln!(
                 f,

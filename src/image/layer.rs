@@ -22,6 +22,9 @@ use sha2::{Digest as _, Sha256};
 
 use crate::image::store::{Digest, PendingBlob, Store};
 
+/// The entry types are the archive module's: layers are written from what archives read.
+pub use crate::archive::entries::{EntryKind, EntryMeta};
+
 /// How layer blobs are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -72,35 +75,6 @@ impl fmt::Display for LayerCompression {
             LayerCompression::None => "none",
         })
     }
-}
-
-/// What an entry is, with what only that kind carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EntryKind {
-    Regular { size: u64 },
-    Directory,
-    Symlink { target: Vec<u8> },
-    HardLink { target: Vec<u8> },
-    Char { major: u32, minor: u32 },
-    Block { major: u32, minor: u32 },
-    Fifo,
-}
-
-/// One filesystem entry as it goes into a layer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EntryMeta {
-    /// Relative path without a leading `./`; empty for the root directory itself.
-    pub path: Vec<u8>,
-    pub kind: EntryKind,
-    /// Permission bits including setuid, setgid and sticky.
-    pub mode: u32,
-    pub uid: u64,
-    pub gid: u64,
-    pub uname: Vec<u8>,
-    pub gname: Vec<u8>,
-    pub mtime: u64,
-    /// Extended attributes, in the order they are to be written.
-    pub xattrs: Vec<(String, Vec<u8>)>,
 }
 
 /// The finished layer: what a manifest and a config need to know about it.

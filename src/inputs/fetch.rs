@@ -31,7 +31,7 @@ use reqwest::header::{self, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 
-use crate::net::{describe, is_tls_refusal, redact, retry_after};
+use crate::net::{RetryPolicy, describe, is_tls_refusal, redact, retry_after};
 use crate::progress::{self, Verbosity};
 
 /// Extended attribute on a `.part` holding the version it is a prefix of (a strong ETag or
@@ -70,12 +70,8 @@ pub enum FetchError {
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
     pub verbosity: Verbosity,
-    /// Tries per download, the first one included (1: no retries).
-    pub tries: u32,
-    /// Delay after the first failure; doubled after each further one.
-    pub base_delay: Duration,
-    /// Longest delay between tries, `Retry-After` included.
-    pub max_delay: Duration,
+    /// Tries per download and the delays between them.
+    pub retry: RetryPolicy,
     pub connect_timeout: Duration,
     /// A try fails when no answer or no body bytes came for this long.
     pub idle_timeout: Duration,
@@ -87,9 +83,11 @@ impl Default for FetchOptions {
     fn default() -> Self {
         FetchOptions {
             verbosity: Verbosity::Normal,
-            tries: 5,
-            base_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(30),
+            retry: RetryPolicy {
+                tries: 5,
+                base_delay: Duration::from_secs(1),
+                max_delay: Duration::from_secs(30),
+            },
             connect_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             small_limit: SMALL_LIMIT,
@@ -422,7 +420,7 @@ impl Fetcher {
         url: &Url,
         mut attempt: impl AsyncFnMut() -> Result<T, Failure>,
     ) -> Result<T, Failure> {
-        let tries = self.opts.tries.max(1);
+        let tries = self.opts.retry.tries.max(1);
         let mut n = 0;
         loop {
             n += 1;
@@ -441,9 +439,7 @@ impl Fetcher {
                     err
                 }));
             }
-            let delay = after
-                .unwrap_or_else(|| backoff(self.opts.base_delay, n))
-                .min(self.opts.max_delay);
+            let delay = self.opts.retry.delay(n, after);
             tracing::warn!(
                 "{url}: {:#}; trying again in {:.1} s ({}/{tries})",
                 failure.err,
@@ -863,11 +859,6 @@ fn parse_unsatisfied_range(v: &str) -> Option<u64> {
         .ok()
 }
 
-/// The delay after the `n`th failure (1-based): `base`, doubled each time.
-fn backoff(base: Duration, n: u32) -> Duration {
-    base.saturating_mul(1u32 << n.saturating_sub(1).min(16))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -885,15 +876,6 @@ mod tests {
         assert_eq!(parse_content_range("bytes */10"), None);
         assert_eq!(parse_unsatisfied_range("bytes */10"), Some(10));
         assert_eq!(parse_unsatisfied_range("bytes 0-1/10"), None);
-    }
-
-    #[test]
-    fn backoff_doubles() {
-        let b = Duration::from_millis(100);
-        assert_eq!(backoff(b, 1), Duration::from_millis(100));
-        assert_eq!(backoff(b, 2), Duration::from_millis(200));
-        assert_eq!(backoff(b, 4), Duration::from_millis(800));
-        assert!(backoff(b, 1000) >= Duration::from_secs(6000));
     }
 
     #[test]

@@ -745,9 +745,68 @@ fn cache_path(url: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// A tag from a stage file name: its release timestamp (`20260214T170533Z`) when it has
+/// one, otherwise the name without its tarball extensions.
+pub fn tag_from_stage(stage: &Path) -> String {
+    let name = stage
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let bytes = name.as_bytes();
+    for i in 0..bytes.len() {
+        let rest = &bytes[i..];
+        if rest.len() >= 16
+            && rest[..8].iter().all(u8::is_ascii_digit)
+            && rest[8] == b'T'
+            && rest[9..15].iter().all(u8::is_ascii_digit)
+            && rest[15] == b'Z'
+        {
+            return name[i..i + 16].to_string();
+        }
+    }
+    let mut stem = name.as_str();
+    for ext in [
+        ".xz", ".bz2", ".gz", ".zst", ".tar", ".tgz", ".tbz2", ".txz",
+    ] {
+        stem = stem.strip_suffix(ext).unwrap_or(stem);
+    }
+    let tag: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect();
+    let tag = tag.trim_start_matches(['.', '-']).to_string();
+    if tag.is_empty() {
+        "latest".to_string()
+    } else {
+        tag
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tags_come_from_stage_names() {
+        let t = |n: &str| tag_from_stage(Path::new(n));
+        assert_eq!(
+            t("stage3-amd64-musl-openrc-20260214T170533Z.tar.xz"),
+            "20260214T170533Z"
+        );
+        assert_eq!(
+            t("/x/stage3-amd64-musl-20200101T000000Z.tar.bz2"),
+            "20200101T000000Z"
+        );
+        assert_eq!(t("my stage.tar.zst"), "my_stage");
+        assert_eq!(t(".tar"), "latest");
+    }
 
     #[test]
     fn sources_parse() {

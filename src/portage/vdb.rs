@@ -12,8 +12,7 @@ use std::io::Read;
 
 use anyhow::{Result, anyhow};
 
-use crate::archive::entries::walk_layer;
-use crate::image::layer::EntryKind;
+use crate::archive::entries::{EntryKind, walk_layer};
 
 /// The most of one vdb file kept (USE, LICENSE and RDEPEND of real packages are far smaller).
 pub const VALUE_MAX: u64 = 1 << 20;

@@ -39,29 +39,9 @@ use super::auth::{self, Credential};
 use crate::image::reference::Reference;
 use crate::image::store::{CorruptBlob, Descriptor, Digest, Found, INDEX_MEDIA_TYPE, Index, Store};
 use crate::image::{StoredImage, open_image};
+pub use crate::net::RetryPolicy;
 use crate::net::{describe, is_tls_refusal, retry_after, tls_config};
 use crate::progress::Verbosity;
-
-/// How often and how patiently a request is tried.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// Tries per request (and per blob upload), the first one included.
-    pub tries: u32,
-    /// Delay after the first failure; doubled after each further one.
-    pub base_delay: Duration,
-    /// Longest delay between tries, `Retry-After` included.
-    pub max_delay: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            tries: 5,
-            base_delay: Duration::from_millis(500),
-            max_delay: Duration::from_secs(30),
-        }
-    }
-}
 
 /// How to push.
 #[derive(Debug, Clone)]
@@ -903,11 +883,7 @@ impl Registry {
     }
 
     fn delay(&self, failures: u32, after: Option<Duration>) -> Duration {
-        let backoff = self
-            .retry
-            .base_delay
-            .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-        after.unwrap_or(backoff).min(self.retry.max_delay)
+        self.retry.delay(failures, after)
     }
 
     /// `req` with `Authorization: value` when it goes to the registry itself (an upload

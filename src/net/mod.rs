@@ -1,6 +1,9 @@
 //! HTTP client pieces shared by publishing (registries) and inputs (mirrors): the TLS
 //! configuration with the system's CA roots, one-line descriptions of request errors, and
-//! the redaction of credentials in URLs (`http://user:password@host/`) for messages and paths.
+//! the redaction of credentials in URLs (`http://user:password@host/`) for messages and paths;
+//! and the Docker Engine API connection ([`docker`]).
+
+pub mod docker;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -140,22 +143,103 @@ pub fn is_tls_refusal(err: &reqwest::Error) -> bool {
     false
 }
 
-/// The server's `Retry-After`, in seconds (the HTTP-date form is not honoured).
+/// How often and how patiently a request is tried: downloads (inputs) and registry calls
+/// (publish) alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Tries per request (a download, a blob upload), the first one included (1: no retries).
+    pub tries: u32,
+    /// Delay after the first failure; doubled after each further one.
+    pub base_delay: std::time::Duration,
+    /// Longest delay between tries, `Retry-After` included.
+    pub max_delay: std::time::Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            tries: 5,
+            base_delay: std::time::Duration::from_millis(500),
+            max_delay: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after the `failures`th failure (1-based): what the server asked for
+    /// (`Retry-After`), or `base_delay` doubled for each failure before; never more than
+    /// `max_delay`.
+    pub fn delay(&self, failures: u32, after: Option<std::time::Duration>) -> std::time::Duration {
+        let backoff = self
+            .base_delay
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+        after.unwrap_or(backoff).min(self.max_delay)
+    }
+}
+
+/// How long a response's `Retry-After` asks to wait (callers cap it): delay-seconds, or an
+/// HTTP-date (RFC 9110 section 10.2.3), a date already past being no wait at all.
 pub fn retry_after(resp: &reqwest::Response) -> Option<std::time::Duration> {
     let v = resp
         .headers()
         .get(reqwest::header::RETRY_AFTER)?
         .to_str()
         .ok()?;
-    v.trim()
-        .parse::<u64>()
-        .ok()
-        .map(std::time::Duration::from_secs)
+    parse_retry_after(v, std::time::SystemTime::now())
+}
+
+/// A `Retry-After` value as a wait from `now`; `None` when it is neither form.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<std::time::Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(std::time::Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(now).unwrap_or_default())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{RetryPolicy, parse_retry_after, redact};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    #[test]
+    fn delays_double_up_to_the_cap_and_follow_retry_after() {
+        let p = RetryPolicy {
+            tries: 5,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(30),
+        };
+        assert_eq!(p.delay(1, None), Duration::from_millis(100));
+        assert_eq!(p.delay(2, None), Duration::from_millis(200));
+        assert_eq!(p.delay(4, None), Duration::from_millis(800));
+        assert_eq!(p.delay(1000, None), Duration::from_secs(30));
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(70))),
+            Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        // Sun, 06 Nov 1994 08:49:37 GMT, the RFC's example, is 784111777.
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_777 - 90);
+        let secs = |v| parse_retry_after(v, now).map(|d| d.as_secs());
+        assert_eq!(secs(" 120 "), Some(120));
+        assert_eq!(secs("Sun, 06 Nov 1994 08:49:37 GMT"), Some(90));
+        // The obsolete forms HTTP-date still allows.
+        assert_eq!(secs("Sunday, 06-Nov-94 08:49:37 GMT"), Some(90));
+        assert_eq!(secs("Sun Nov  6 08:49:37 1994"), Some(90));
+        // Past: no wait. Neither form: none.
+        assert_eq!(secs("Sat, 05 Nov 1994 08:49:37 GMT"), Some(0));
+        assert_eq!(secs("soon"), None);
+        assert_eq!(secs("-5"), None);
+        assert!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", SystemTime::now()).is_some());
+    }
 
     #[test]
     fn credentials_in_urls_are_redacted() {
