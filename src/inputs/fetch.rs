@@ -31,7 +31,7 @@ use reqwest::header::{self, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 
-use crate::net::{RetryPolicy, describe, is_tls_refusal, redact, retry_after};
+use crate::net::{Retries, RetryPolicy, describe, is_tls_refusal, redact, retry_after};
 use crate::progress::{self, Verbosity};
 
 /// Extended attribute on a `.part` holding the version it is a prefix of (a strong ETag or
@@ -421,9 +421,8 @@ impl Fetcher {
         mut attempt: impl AsyncFnMut() -> Result<T, Failure>,
     ) -> Result<T, Failure> {
         let tries = self.opts.retry.tries.max(1);
-        let mut n = 0;
+        let mut retries = Retries::new(&self.opts.retry);
         loop {
-            n += 1;
             let failure = match attempt().await {
                 Ok(v) => return Ok(v),
                 Err(f) => f,
@@ -431,21 +430,14 @@ impl Fetcher {
             let FailureKind::Retry(after) = failure.kind else {
                 return Err(failure);
             };
-            if n >= tries {
+            let Some(delay) = retries.failed(url, &format_args!("{:#}", failure.err), after) else {
                 let err = failure.err;
                 return Err(Failure::fatal(if tries > 1 {
-                    err.context(format!("{url}: giving up after {tries} tries"))
+                    err.context(format!("{url}: {}", retries.gave_up()))
                 } else {
                     err
                 }));
-            }
-            let delay = self.opts.retry.delay(n, after);
-            tracing::warn!(
-                "{url}: {:#}; trying again in {:.1} s ({}/{tries})",
-                failure.err,
-                delay.as_secs_f64(),
-                n + 1
-            );
+            };
             tokio::time::sleep(delay).await;
         }
     }

@@ -177,6 +177,50 @@ impl RetryPolicy {
     }
 }
 
+/// The failures of one request so far, against its [`RetryPolicy`]: one way to count, wait
+/// and give up for downloads (inputs), registry calls and blob uploads (publish).
+pub struct Retries<'a> {
+    policy: &'a RetryPolicy,
+    failures: u32,
+}
+
+impl<'a> Retries<'a> {
+    pub fn new(policy: &'a RetryPolicy) -> Self {
+        Retries {
+            policy,
+            failures: 0,
+        }
+    }
+
+    /// Count a failure of `what` for `reason` (`after`: what the server's `Retry-After`
+    /// asked for): the wait before the next try, said in a warning, or `None` when the tries
+    /// are spent (see [`Retries::gave_up`]).
+    pub fn failed(
+        &mut self,
+        what: &dyn std::fmt::Display,
+        reason: &dyn std::fmt::Display,
+        after: Option<std::time::Duration>,
+    ) -> Option<std::time::Duration> {
+        self.failures += 1;
+        let tries = self.policy.tries.max(1);
+        if self.failures >= tries {
+            return None;
+        }
+        let delay = self.policy.delay(self.failures, after);
+        tracing::warn!(
+            "{what}: {reason}; trying again in {:.1} s ({}/{tries})",
+            delay.as_secs_f64(),
+            self.failures + 1
+        );
+        Some(delay)
+    }
+
+    /// Why the request ended: `gave up after N tries`.
+    pub fn gave_up(&self) -> String {
+        format!("gave up after {} tries", self.failures)
+    }
+}
+
 /// How long a response's `Retry-After` asks to wait (callers cap it): delay-seconds, or an
 /// HTTP-date (RFC 9110 section 10.2.3), a date already past being no wait at all.
 pub fn retry_after(resp: &reqwest::Response) -> Option<std::time::Duration> {
@@ -200,7 +244,7 @@ pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<std:
 
 #[cfg(test)]
 mod tests {
-    use super::{RetryPolicy, parse_retry_after, redact};
+    use super::{Retries, RetryPolicy, parse_retry_after, redact};
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     #[test]
@@ -222,6 +266,20 @@ mod tests {
             p.delay(1, Some(Duration::from_secs(70))),
             Duration::from_secs(30)
         );
+        // Five tries: four waits, then the fifth failure gives up.
+        let mut r = Retries::new(&p);
+        let waits: Vec<_> = (0..5)
+            .map(|_| r.failed(&"GET x", &"HTTP 503", None))
+            .collect();
+        let want: Vec<_> = [100, 200, 400, 800]
+            .map(|ms| Some(Duration::from_millis(ms)))
+            .into_iter()
+            .chain([None])
+            .collect();
+        assert_eq!(waits, want);
+        assert_eq!(r.gave_up(), "gave up after 5 tries");
+        let once = RetryPolicy { tries: 0, ..p };
+        assert_eq!(Retries::new(&once).failed(&"x", &"y", None), None);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use reqwest::header;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use super::registry::{PushOptions, Registry, auth_host, body_text, http_clients};
+use super::registry::{PushOptions, Registry, auth_host, body_text, runtime_and_clients};
 use crate::image::reference::Reference;
 use crate::image::store::{Descriptor, Digest, INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, Manifest};
 
@@ -77,12 +77,7 @@ pub struct Puller {
 impl Puller {
     /// `opts`: the insecure hosts, timeouts and retries (as for push).
     pub fn new(opts: PushOptions) -> Result<Self> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("cannot start the async runtime")?;
-        let (secure, insecure) = http_clients(&opts)?;
+        let (runtime, secure, insecure) = runtime_and_clients(&opts)?;
         Ok(Puller {
             opts,
             runtime: Arc::new(runtime),
