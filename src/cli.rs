@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::{InputSettings, Settings};
 use crate::engine::EngineKind;
-use crate::image::layer::{LayerCompression, LayerSplit};
+use crate::image::layer::LayerCompression;
 
 /// Build Gentoo container images (musl stages first of all) from a stage3 tarball and a
 /// Portage snapshot, without a Docker daemon.
@@ -90,29 +91,6 @@ pub enum Command {
     Inspect(InspectArgs),
 }
 
-/// Where inputs come from and how they are verified (build, shell, import, fetch, verify).
-#[derive(Debug, Args, Clone, Default)]
-pub struct InputArgs {
-    /// Gentoo mirror for stage3:VARIANT and snapshot:... sources
-    /// [default: https://distfiles.gentoo.org].
-    #[arg(long, value_name = "URL")]
-    pub mirror: Option<String>,
-    /// OpenPGP keys to verify with [default: /usr/share/openpgp-keys/gentoo-release.asc,
-    /// else Gentoo's keys fetched by WKD].
-    #[arg(long, value_name = "FILE")]
-    pub keyring: Option<PathBuf>,
-    /// Trust signatures by this key (fingerprint; repeatable). Replaces the built-in pins
-    /// (Gentoo's release and snapshot keys).
-    #[arg(long = "trusted-key", value_name = "FINGERPRINT")]
-    pub trusted_keys: Vec<String>,
-    /// Verify local files too: their companion files must sit beside them.
-    #[arg(long, conflicts_with = "no_verify")]
-    pub verify: bool,
-    /// Verify nothing, not even downloads (prints a warning).
-    #[arg(long)]
-    pub no_verify: bool,
-}
-
 #[derive(Debug, Args)]
 pub struct FetchArgs {
     /// Sources: stage3:VARIANT[@TIMESTAMP], snapshot:latest, snapshot:YYYYMMDD,
@@ -120,7 +98,7 @@ pub struct FetchArgs {
     #[arg(required = true, value_name = "SOURCE")]
     pub sources: Vec<String>,
     #[command(flatten)]
-    pub inputs: InputArgs,
+    pub inputs: InputSettings,
 }
 
 #[derive(Debug, Args)]
@@ -185,61 +163,15 @@ pub struct PushArgs {
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// The stage3: a tarball, a URL, or stage3:VARIANT[@TIMESTAMP] from the mirror
-    /// [default without arguments: stage3:amd64-musl-openrc].
-    pub stage3: Option<String>,
-    /// The Portage tree: a snapshot tarball, a squashfs snapshot, a directory, a URL, or
-    /// snapshot:latest, snapshot:YYYYMMDD, snapshot:sqfs:latest [default: snapshot:latest].
-    pub snapshot: Option<String>,
-    /// Registry/namespace part of the image names, e.g. `localhost` or `docker.io/me`.
-    pub repo: Option<String>,
-    /// Prefix of the image names: REPO/BASENAME-{raw,dev,rt}:TAG.
-    pub basename: Option<String>,
-    /// Tag of the images; also names packages/TAG and portage/TAG.
-    #[arg(value_name = "TAG")]
-    pub tag_positional: Option<String>,
-
-    /// A TOML config file (see examples/gentoo-mkimg.toml); options here override it.
+    #[command(flatten)]
+    pub settings: Settings,
+    /// A TOML config file (see examples/gentoo-mkimg.toml): the keys are the settings'
+    /// option names; options here override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Tag (same as the TAG argument).
-    #[arg(long, conflicts_with = "tag_positional")]
-    pub tag: Option<String>,
-    /// Where the build runs.
-    #[arg(long, value_enum)]
-    pub engine: Option<EngineKind>,
-    /// Parallel jobs for make and emerge; above 1, dev and rt are merged at the same time
-    /// [default: the CPU count].
-    #[arg(long)]
-    pub jobs: Option<usize>,
-    /// USE flags added for the build, e.g. "-X ipv6" (a value may start with "-").
-    #[arg(long = "use", value_name = "FLAGS", allow_hyphen_values = true)]
-    pub use_flags: Option<String>,
-    /// The runtime package set installed into rt (space-separated atoms) [default:
-    /// sys-apps/baselayout app-alternatives/sh app-alternatives/awk app-arch/bzip2
-    /// app-arch/gzip app-arch/tar app-arch/xz-utils app-shells/bash net-misc/iputils
-    /// net-misc/rsync net-misc/wget sys-apps/coreutils sys-apps/file sys-apps/findutils
-    /// sys-apps/gawk sys-apps/grep sys-apps/kbd sys-apps/less sys-apps/openrc
-    /// sys-process/procps sys-process/psmisc sys-apps/sed sys-apps/shadow sys-apps/which
-    /// sys-apps/util-linux sys-devel/gcc (its runtime libraries: the compiler is masked)
-    /// virtual/libc virtual/package-manager virtual/service-manager].
-    #[arg(long, value_name = "ATOMS")]
-    pub rt_packages: Option<String>,
-    /// Extra packages built and installed into dev (space-separated atoms).
-    #[arg(long, value_name = "ATOMS")]
-    pub dev_packages: Option<String>,
-    /// The Portage profile to build with, as under the snapshot's profiles/ (e.g.
-    /// default/linux/amd64/23.0/hardened) [default: the stage's]. For the whole build: the
-    /// stage must have the profile's layout (split-usr or merged-usr).
-    #[arg(long, value_name = "PROFILE")]
-    pub profile: Option<String>,
-    /// Do not check rt after the build (every ELF's interpreter and libraries, every #!
-    /// interpreter, /bin/sh); a warning says so.
-    #[arg(long)]
-    pub no_check: bool,
-    /// Go on building other packages when one fails (emerge --keep-going).
-    #[arg(long)]
-    pub keep_going: bool,
+    #[arg(long = "tag", value_name = "TAG", conflicts_with = "tag")]
+    pub tag_option: Option<String>,
     /// Build even when nothing changed. Without it, a build whose inputs (stage, snapshot,
     /// repositories, settings, binary packages, the tool's version) are those of the dev and
     /// rt images in the store keeps them and builds nothing.
@@ -250,22 +182,6 @@ pub struct BuildArgs {
     /// Portage rebuilds only those whose USE flags or dependencies changed.
     #[arg(long)]
     pub fresh_packages: bool,
-    /// Compression of the image layers.
-    #[arg(long, value_enum)]
-    pub compression: Option<LayerCompression>,
-    /// How dev and rt are cut into layers: by package (an update changes only the layers of
-    /// the packages that changed, and dev and rt share the layers of packages they hold
-    /// alike), or one layer each.
-    #[arg(long, value_enum, value_name = "HOW")]
-    pub layers: Option<LayerSplit>,
-    /// With --layers packages: at most this many layers per image (default 32; at least 2).
-    #[arg(long, value_name = "N")]
-    pub max_layers: Option<usize>,
-    /// Also write the SPDX 2.3 SBOMs of dev and rt to DIR/dev.spdx.json and
-    /// DIR/rt.spdx.json (the store keeps them anyway, attached to the images; `push` sends
-    /// them along).
-    #[arg(long, value_name = "DIR")]
-    pub sbom: Option<PathBuf>,
     /// Push the dev and rt images to their registry afterwards (as `push`).
     #[arg(long)]
     pub push: bool,
@@ -279,7 +195,7 @@ pub struct BuildArgs {
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub insecure_registries: Vec<String>,
     #[command(flatten)]
-    pub inputs: InputArgs,
+    pub inputs: InputSettings,
 }
 
 #[derive(Debug, Args)]
@@ -313,7 +229,7 @@ pub struct ShellArgs {
     pub command: Vec<String>,
 
     #[command(flatten)]
-    pub inputs: InputArgs,
+    pub inputs: InputSettings,
 }
 
 #[derive(Debug, Args)]
@@ -338,7 +254,7 @@ pub struct ImportArgs {
     pub platform: Option<String>,
 
     #[command(flatten)]
-    pub inputs: InputArgs,
+    pub inputs: InputSettings,
 }
 
 #[derive(Debug, Args)]
@@ -366,6 +282,31 @@ pub struct InspectArgs {
 mod tests {
     use super::*;
 
+    /// clap's own checks of the definitions (ids that `conflicts_with` names exist, ...), and
+    /// `--tag` is the TAG argument's other spelling.
+    #[test]
+    fn the_definitions_are_consistent_and_tag_has_two_spellings() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["gentoo-mkimg", "build", "s", "n", "--tag", "t1"]).unwrap();
+        let Command::Build(build) = cli.command else {
+            panic!("not a build");
+        };
+        assert_eq!(build.tag_option.as_deref(), Some("t1"));
+        let both = [
+            "gentoo-mkimg",
+            "build",
+            "s",
+            "n",
+            "r",
+            "b",
+            "t1",
+            "--tag",
+            "t2",
+        ];
+        assert!(Cli::try_parse_from(both).is_err());
+    }
+
     /// `--use "-X ipv6"`, the help's own example: a value that starts with "-" is the value,
     /// not an unknown option.
     #[test]
@@ -378,7 +319,7 @@ mod tests {
             let Command::Build(build) = cli.command else {
                 panic!("not a build");
             };
-            assert_eq!(build.use_flags.as_deref(), Some(args[3]));
+            assert_eq!(build.settings.use_flags.as_deref(), Some(args[3]));
         }
     }
 }

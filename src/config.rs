@@ -1,6 +1,9 @@
-//! The build's settings: a TOML file (see `examples/gentoo-mkimg.toml`) and the command line,
-//! merged into one plain [`BuildPlan`]. Command-line options win over the file; unknown keys
-//! in the file are errors, so a typo never goes unnoticed.
+//! The build's settings: each declared once in [`Settings`] (or [`InputSettings`]) as both a
+//! command-line option and a key of the TOML file (see `examples/gentoo-mkimg.toml`), merged
+//! once (the command line wins), their defaults filled in one place ([`Settings::into_plan`])
+//! to make the plain [`BuildPlan`]. Unknown keys in the file are errors, so a typo never goes
+//! unnoticed. Fetching the stage3 and snapshot is the inputs step's: this module only names
+//! them ([`Settings::sources`]).
 
 use std::path::{Path, PathBuf};
 
@@ -88,115 +91,262 @@ pub struct ExtraRepo {
     pub priority: Option<i32>,
 }
 
-/// The TOML file, as written.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub stage3: Option<String>,
-    pub snapshot: Option<String>,
-    pub repo: Option<String>,
-    pub basename: Option<String>,
-    pub tag: Option<String>,
-    pub engine: Option<EngineKind>,
-    pub jobs: Option<usize>,
-    #[serde(rename = "use")]
-    pub use_flags: Option<String>,
-    pub dev_packages: Option<Vec<String>>,
-    pub rt_packages: Option<Vec<String>>,
-    pub install_mask: Option<Vec<String>>,
-    pub profile: Option<String>,
-    pub check: Option<bool>,
-    pub keep_going: Option<bool>,
-    pub compression: Option<LayerCompression>,
-    pub layers: Option<LayerSplit>,
-    pub max_layers: Option<usize>,
-    /// Also write the SPDX SBOMs of dev and rt here (relative to the file).
-    pub sbom: Option<PathBuf>,
-    pub make_conf: Option<Vec<String>>,
-    pub package_use: Option<Vec<String>>,
-    pub package_accept_keywords: Option<Vec<String>>,
-    pub package_mask: Option<Vec<String>>,
-    pub package_unmask: Option<Vec<String>>,
-    #[serde(default)]
-    pub repos: Vec<ExtraRepo>,
-    pub mirror: Option<String>,
-    pub keyring: Option<PathBuf>,
-    pub trusted_keys: Option<Vec<String>>,
-    pub verify: Option<bool>,
+/// Space-separated package atoms on the command line, a list of them in the file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Atoms(pub Vec<String>);
+
+impl std::str::FromStr for Atoms {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Atoms(s.split_whitespace().map(str::to_string).collect()))
+    }
 }
 
-/// Where inputs come from and how they are checked: the file's keys and the command line's
-/// options, merged (the command line wins).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct InputSettings {
-    pub mirror: Option<String>,
-    pub keyring: Option<PathBuf>,
-    /// Replaces the built-in pins when not empty.
-    pub trusted_keys: Vec<String>,
-    /// `Some(true)`: verify local files too; `Some(false)`: verify nothing.
-    pub verify: Option<bool>,
+/// Declares a settings struct whose every field is optional, with `or`, which merges two of
+/// them field by field: a setting is written once, with its flag, its file key and its help.
+macro_rules! settings {
+    ($(#[$meta:meta])* pub struct $name:ident {
+        $( $(#[$field_meta:meta])* pub $field:ident: Option<$ty:ty>, )*
+    }) => {
+        $(#[$meta])*
+        pub struct $name {
+            $( $(#[$field_meta])* pub $field: Option<$ty>, )*
+        }
+
+        impl $name {
+            /// `self`'s values, and `under`'s where `self` has none.
+            pub fn or(self, under: Self) -> Self {
+                Self { $( $field: self.$field.or(under.$field), )* }
+            }
+        }
+    };
+}
+
+settings! {
+    /// Every setting of a build: an option or argument of `build` and a key of the config
+    /// file alike (the key is the option's name with `_` for `-`; `check` is `--no-check`).
+    /// Nothing here has a default: [`Settings::into_plan`] fills them in, in one place.
+    #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+    pub struct Settings {
+        /// The stage3: a tarball, a URL, or stage3:VARIANT[@TIMESTAMP] from the mirror
+        /// [default without arguments: stage3:amd64-musl-openrc].
+        pub stage3: Option<String>,
+        /// The Portage tree: a snapshot tarball, a squashfs snapshot, a directory, a URL, or
+        /// snapshot:latest, snapshot:YYYYMMDD, snapshot:sqfs:latest [default: snapshot:latest].
+        pub snapshot: Option<String>,
+        /// Registry/namespace part of the image names, e.g. `localhost` or `docker.io/me`
+        /// [default: localhost].
+        pub repo: Option<String>,
+        /// Prefix of the image names: REPO/BASENAME-{raw,dev,rt}:TAG [default: gentoo-musl
+        /// without a STAGE3, else gentoo].
+        pub basename: Option<String>,
+        /// Tag of the images; also names packages/TAG and portage/TAG [default: the stage's
+        /// timestamp or name].
+        #[arg(value_name = "TAG")]
+        pub tag: Option<String>,
+        /// Where the build runs [default: sandbox].
+        #[arg(long, value_enum)]
+        pub engine: Option<EngineKind>,
+        /// Parallel jobs for make and emerge; above 1, dev and rt are merged at the same time
+        /// [default: the CPU count].
+        #[arg(long)]
+        pub jobs: Option<usize>,
+        /// USE flags added for the build, e.g. "-X ipv6" (a value may start with "-").
+        #[arg(long = "use", value_name = "FLAGS", allow_hyphen_values = true)]
+        #[serde(rename = "use")]
+        pub use_flags: Option<String>,
+        /// The runtime package set installed into rt (space-separated atoms) [default:
+        /// sys-apps/baselayout app-alternatives/sh app-alternatives/awk app-arch/bzip2
+        /// app-arch/gzip app-arch/tar app-arch/xz-utils app-shells/bash net-misc/iputils
+        /// net-misc/rsync net-misc/wget sys-apps/coreutils sys-apps/file sys-apps/findutils
+        /// sys-apps/gawk sys-apps/grep sys-apps/kbd sys-apps/less sys-apps/openrc
+        /// sys-process/procps sys-process/psmisc sys-apps/sed sys-apps/shadow sys-apps/which
+        /// sys-apps/util-linux sys-devel/gcc (its runtime libraries: the compiler is masked)
+        /// virtual/libc virtual/package-manager virtual/service-manager].
+        #[arg(long, value_name = "ATOMS")]
+        pub rt_packages: Option<Atoms>,
+        /// Extra packages built and installed into dev (space-separated atoms).
+        #[arg(long, value_name = "ATOMS")]
+        pub dev_packages: Option<Atoms>,
+        /// What rt leaves out (INSTALL_MASK patterns; config file only) [default: docs,
+        /// headers, static libraries and gcc's compiler programs].
+        #[arg(skip)]
+        pub install_mask: Option<Vec<String>>,
+        /// The Portage profile to build with, as under the snapshot's profiles/ (e.g.
+        /// default/linux/amd64/23.0/hardened) [default: the stage's]. For the whole build: the
+        /// stage must have the profile's layout (split-usr or merged-usr).
+        #[arg(long, value_name = "PROFILE")]
+        pub profile: Option<String>,
+        /// Do not check rt after the build (every ELF's interpreter and libraries, every #!
+        /// interpreter, /bin/sh); a warning says so. In the file: `check = false`.
+        #[arg(long = "no-check", num_args = 0, default_missing_value = "false")]
+        pub check: Option<bool>,
+        /// Go on building other packages when one fails (emerge --keep-going).
+        #[arg(long, num_args = 0, default_missing_value = "true")]
+        pub keep_going: Option<bool>,
+        /// Compression of the image layers [default: gzip].
+        #[arg(long, value_enum)]
+        pub compression: Option<LayerCompression>,
+        /// How dev and rt are cut into layers: by package (an update changes only the layers
+        /// of the packages that changed, and dev and rt share the layers of packages they
+        /// hold alike), or one layer each [default: packages].
+        #[arg(long, value_enum, value_name = "HOW")]
+        pub layers: Option<LayerSplit>,
+        /// With --layers packages: at most this many layers per image (default 32; at least
+        /// 2).
+        #[arg(long, value_name = "N")]
+        pub max_layers: Option<usize>,
+        /// Also write the SPDX 2.3 SBOMs of dev and rt to DIR/dev.spdx.json and
+        /// DIR/rt.spdx.json (the store keeps them anyway, attached to the images; `push`
+        /// sends them along).
+        #[arg(long, value_name = "DIR")]
+        pub sbom: Option<PathBuf>,
+        /// Lines added to the stage's make.conf (config file only).
+        #[arg(skip)]
+        pub make_conf: Option<Vec<String>>,
+        /// Lines of /etc/portage/package.use (config file only).
+        #[arg(skip)]
+        pub package_use: Option<Vec<String>>,
+        /// Lines of /etc/portage/package.accept_keywords (config file only).
+        #[arg(skip)]
+        pub package_accept_keywords: Option<Vec<String>>,
+        /// Lines of /etc/portage/package.mask (config file only).
+        #[arg(skip)]
+        pub package_mask: Option<Vec<String>>,
+        /// Lines of /etc/portage/package.unmask (config file only).
+        #[arg(skip)]
+        pub package_unmask: Option<Vec<String>>,
+        /// Extra ebuild repositories from host directories (config file only: `[[repos]]`).
+        #[arg(skip)]
+        pub repos: Option<Vec<ExtraRepo>>,
+    }
+}
+
+settings! {
+    /// Where inputs come from and how they are checked (build, shell, import, fetch): options,
+    /// and keys of `build`'s config file.
+    #[derive(Debug, Default, Clone, PartialEq, Eq, clap::Args, Deserialize)]
+    pub struct InputSettings {
+        /// Gentoo mirror for stage3:VARIANT and snapshot:... sources
+        /// [default: https://distfiles.gentoo.org].
+        #[arg(long, value_name = "URL")]
+        pub mirror: Option<String>,
+        /// OpenPGP keys to verify with [default: /usr/share/openpgp-keys/gentoo-release.asc,
+        /// else Gentoo's keys fetched by WKD].
+        #[arg(long, value_name = "FILE")]
+        pub keyring: Option<PathBuf>,
+        /// Trust signatures by this key (fingerprint; repeatable). Replaces the built-in pins
+        /// (Gentoo's release and snapshot keys).
+        #[arg(long = "trusted-key", value_name = "FINGERPRINT")]
+        pub trusted_keys: Option<Vec<String>>,
+        /// Verify local files too: their companion files must sit beside them. In the file:
+        /// `verify = true`, or `false` for --no-verify.
+        #[arg(long, num_args = 0, default_missing_value = "true", conflicts_with = "no_verify")]
+        pub verify: Option<bool>,
+        /// Verify nothing, not even downloads (prints a warning).
+        #[arg(long, num_args = 0, default_missing_value = "true")]
+        #[serde(skip)]
+        pub no_verify: Option<bool>,
+    }
 }
 
 impl InputSettings {
-    /// Merge the file (if any) under `self`; a relative keyring path in the file is taken
-    /// relative to the file.
-    pub fn merge_file(self, file: Option<(&Path, &FileConfig)>) -> InputSettings {
-        let Some((path, f)) = file else { return self };
-        let base = path.parent().unwrap_or(Path::new("."));
-        InputSettings {
-            mirror: self.mirror.or_else(|| f.mirror.clone()),
-            keyring: self
-                .keyring
-                .or_else(|| f.keyring.as_ref().map(|k| base.join(k))),
-            trusted_keys: if self.trusted_keys.is_empty() {
-                f.trusted_keys.clone().unwrap_or_default()
-            } else {
-                self.trusted_keys
-            },
-            verify: self.verify.or(f.verify),
+    /// `Some(true)`: verify local files too; `Some(false)`: verify nothing; `None`: verify
+    /// downloads.
+    pub fn verify(&self) -> Option<bool> {
+        match self.no_verify {
+            Some(true) => Some(false),
+            _ => self.verify,
         }
     }
 }
 
-impl FileConfig {
+/// A config file: the build's settings and the inputs' (see `examples/gentoo-mkimg.toml`).
+/// Relative paths in it are taken relative to its directory.
+#[derive(Debug, Default, Clone)]
+pub struct ConfigFile {
+    pub settings: Settings,
+    pub inputs: InputSettings,
+}
+
+impl ConfigFile {
+    /// Read and check a config file: a key that neither the build's nor the inputs' settings
+    /// know is an error naming its line.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read the config file", path.display()))?;
-        toml::from_str(&text).map_err(|e| {
-            let msg = e.message().to_string();
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            match line {
-                Some(l) => anyhow::anyhow!("{}:{l}: {msg}", path.display()),
-                None => anyhow::anyhow!("{}: {msg}", path.display()),
-            }
+        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+        let mut unknown = Vec::new();
+        let settings: Settings = parse(&text, path, &line_of, &mut unknown)?;
+        let mut unknown_to_inputs = Vec::new();
+        let inputs: InputSettings = parse(&text, path, &line_of, &mut unknown_to_inputs)?;
+        if let Some(key) = unknown.iter().find(|k| unknown_to_inputs.contains(k)) {
+            let line = key_line(&text, key)
+                .map(|l| format!(":{l}"))
+                .unwrap_or_default();
+            bail!("{}{line}: unknown key `{key}`", path.display());
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        let source = |spec: String| match Source::parse(&spec) {
+            Ok(Source::Path(p)) if p.is_relative() => base.join(p).to_string_lossy().into_owned(),
+            _ => spec,
+        };
+        Ok(ConfigFile {
+            settings: Settings {
+                stage3: settings.stage3.map(source),
+                snapshot: settings.snapshot.map(source),
+                sbom: settings.sbom.map(rel),
+                repos: settings.repos.map(|repos| {
+                    repos
+                        .into_iter()
+                        .map(|r| ExtraRepo {
+                            path: rel(r.path),
+                            ..r
+                        })
+                        .collect()
+                }),
+                ..settings
+            },
+            inputs: InputSettings {
+                keyring: inputs.keyring.map(rel),
+                ..inputs
+            },
         })
     }
 }
 
-/// Command-line values for `build` (each `None` leaves the file's value).
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub stage3: Option<String>,
-    pub snapshot: Option<String>,
-    pub repo: Option<String>,
-    pub basename: Option<String>,
-    pub tag: Option<String>,
-    pub engine: Option<EngineKind>,
-    pub jobs: Option<usize>,
-    pub use_flags: Option<String>,
-    pub dev_packages: Option<Vec<String>>,
-    pub rt_packages: Option<Vec<String>>,
-    pub profile: Option<String>,
-    /// `--no-check`: skip the runtime audit of rt.
-    pub no_check: bool,
-    pub keep_going: bool,
-    pub compression: Option<LayerCompression>,
-    pub layers: Option<LayerSplit>,
-    pub max_layers: Option<usize>,
-    /// `--sbom DIR`.
-    pub sbom: Option<PathBuf>,
+/// One reading of a config file as `T`, gathering the top-level keys `T` does not know.
+fn parse<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    line_of: &dyn Fn(usize) -> usize,
+    unknown: &mut Vec<String>,
+) -> Result<T> {
+    let located = |e: toml::de::Error| match e.span() {
+        Some(span) => anyhow::anyhow!(
+            "{}:{}: {}",
+            path.display(),
+            line_of(span.start),
+            e.message()
+        ),
+        None => anyhow::anyhow!("{}: {}", path.display(), e.message()),
+    };
+    let de = toml::de::Deserializer::parse(text).map_err(located)?;
+    serde_ignored::deserialize(de, |key| unknown.push(key.to_string())).map_err(located)
+}
+
+/// The line where a top-level key or table is written.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|line| {
+            let line = line.trim_start().trim_start_matches('[').trim_start();
+            line.strip_prefix(key)
+                .or_else(|| line.strip_prefix(&format!("\"{key}\"")))
+                .is_some_and(|rest| rest.trim_start().starts_with(['=', ']', '.']))
+        })
+        .map(|i| i + 1)
 }
 
 /// Everything a build needs, resolved.
@@ -252,136 +402,90 @@ fn check_profile(name: &str) -> Result<String> {
     Ok(name.to_string())
 }
 
-/// The engine a build runs in: the command line's, else the config file's, else the sandbox.
-pub fn engine(cli: Option<EngineKind>, file: Option<&FileConfig>) -> EngineKind {
-    cli.or(file.and_then(|f| f.engine))
-        .unwrap_or(EngineKind::Sandbox)
-}
+impl Settings {
+    /// The engine the build runs in.
+    pub fn engine(&self) -> EngineKind {
+        self.engine.unwrap_or(EngineKind::Sandbox)
+    }
 
-impl BuildPlan {
-    /// Merge the file (if any) and the command line. Relative paths in the file are taken
-    /// relative to the file's directory.
-    ///
-    /// `get` turns a stage3 or snapshot source (a path, a URL, `stage3:VARIANT`,
-    /// `snapshot:latest`) into a local path: the inputs step. Without any stage3, the
-    /// default is the newest amd64 musl OpenRC stage with the latest snapshot, named
-    /// `gentoo-musl`.
-    pub fn resolve(
-        file: Option<(&Path, FileConfig)>,
-        cli: Overrides,
-        mut get: impl FnMut(&Source) -> Result<PathBuf>,
-    ) -> Result<Self> {
-        let (base, f) = match file {
-            Some((path, f)) => (path.parent().map(Path::to_path_buf), f),
-            None => (None, FileConfig::default()),
+    /// The stage3 and the snapshot to fetch, once the settings are found sound (so nothing
+    /// is downloaded for a build that cannot start). Without any stage3, the newest amd64
+    /// musl OpenRC stage with the latest snapshot.
+    pub fn sources(&self) -> Result<(Source, Source)> {
+        self.checked()?;
+        let stage3 = Source::parse(self.stage3.as_deref().unwrap_or(inputs::DEFAULT_STAGE3))?;
+        let snapshot = match (&self.snapshot, &self.stage3) {
+            (Some(s), _) => Source::parse(s)?,
+            (None, None) => Source::parse(inputs::DEFAULT_SNAPSHOT)?,
+            (None, Some(_)) => bail!("no snapshot given (argument or config key `snapshot`)"),
         };
-        let engine = engine(cli.engine, Some(&f));
-        let rel = |p: String| -> PathBuf {
-            let p = PathBuf::from(p);
-            match (&base, p.is_relative()) {
-                (Some(b), true) => b.join(p),
-                _ => p,
-            }
-        };
-        // A source from the file: paths relative to the file.
-        let from_file = |spec: String| -> Result<Source> {
-            Ok(match Source::parse(&spec)? {
-                Source::Path(p) => Source::Path(rel(p.to_string_lossy().into_owned())),
-                other => other,
-            })
-        };
-        let defaulted = cli.stage3.is_none() && f.stage3.is_none();
-        let stage3 = match (cli.stage3, f.stage3) {
-            (Some(s), _) => Source::parse(&s)?,
-            (None, Some(s)) => from_file(s)?,
-            (None, None) => Source::parse(inputs::DEFAULT_STAGE3)?,
-        };
-        let snapshot = match (cli.snapshot, f.snapshot) {
-            (Some(s), _) => Source::parse(&s)?,
-            (None, Some(s)) => from_file(s)?,
-            (None, None) if defaulted => Source::parse(inputs::DEFAULT_SNAPSHOT)?,
-            (None, None) => bail!("no snapshot given (argument or config key `snapshot`)"),
-        };
-        // Check the cheap things before fetching anything.
-        let jobs_given = cli.jobs.or(f.jobs);
-        if jobs_given == Some(0) {
+        Ok((stage3, snapshot))
+    }
+
+    /// The settings' own checks: jobs, max layers, profile.
+    fn checked(&self) -> Result<(usize, Option<String>)> {
+        if self.jobs == Some(0) {
             bail!("jobs must be at least 1");
         }
-        let max_layers = cli
-            .max_layers
-            .or(f.max_layers)
-            .unwrap_or(DEFAULT_MAX_LAYERS);
+        let max_layers = self.max_layers.unwrap_or(DEFAULT_MAX_LAYERS);
         if max_layers < MIN_LAYERS {
             bail!(
                 "max-layers must be at least {MIN_LAYERS} (one layer shared by the packages, \
                  and the last); --layers single makes one-layer images"
             );
         }
-        let profile = cli
-            .profile
-            .or(f.profile)
-            .map(|p| check_profile(&p))
-            .transpose()?;
-        let stage3 = get(&stage3).context("the stage3")?;
-        let snapshot = get(&snapshot).context("the snapshot")?;
-        let tag = match cli.tag.or(f.tag) {
-            Some(t) => t,
-            None => crate::inputs::tag_from_stage(&stage3),
-        };
-        let jobs = jobs_given.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        });
-        let repos = f
-            .repos
-            .into_iter()
-            .map(|mut r| {
-                r.path = rel(r.path.to_string_lossy().into_owned());
-                r
-            })
-            .collect();
-        Ok(BuildPlan {
-            stage3,
-            snapshot,
-            repo: cli
-                .repo
-                .or(f.repo)
-                .unwrap_or_else(|| "localhost".to_string()),
-            basename: cli
-                .basename
-                .or(f.basename)
-                .unwrap_or_else(|| if defaulted { "gentoo-musl" } else { "gentoo" }.to_string()),
-            tag,
-            engine,
-            jobs,
-            use_flags: cli.use_flags.or(f.use_flags).unwrap_or_default(),
-            dev_packages: cli.dev_packages.or(f.dev_packages).unwrap_or_default(),
-            rt_packages: cli
-                .rt_packages
-                .or(f.rt_packages)
-                .unwrap_or_else(|| DEFAULT_RT_PACKAGES.iter().map(|s| s.to_string()).collect()),
-            install_mask: f
-                .install_mask
-                .unwrap_or_else(|| DEFAULT_INSTALL_MASK.iter().map(|s| s.to_string()).collect()),
-            profile,
-            check: !cli.no_check && f.check.unwrap_or(true),
-            keep_going: cli.keep_going || f.keep_going.unwrap_or(false),
-            compression: cli.compression.or(f.compression).unwrap_or_default(),
-            layers: cli.layers.or(f.layers).unwrap_or_default(),
-            max_layers,
-            sbom: cli
-                .sbom
-                .or(f.sbom.map(|p| rel(p.to_string_lossy().into_owned()))),
-            make_conf: f.make_conf.unwrap_or_default(),
-            package_use: f.package_use.unwrap_or_default(),
-            package_accept_keywords: f.package_accept_keywords.unwrap_or_default(),
-            package_mask: f.package_mask.unwrap_or_default(),
-            package_unmask: f.package_unmask.unwrap_or_default(),
-            repos,
-        })
+        let profile = self.profile.as_deref().map(check_profile).transpose()?;
+        Ok((max_layers, profile))
     }
 
+    /// The plan: every default filled in, with the local stage3 and snapshot that the
+    /// inputs step made of [`Settings::sources`].
+    pub fn into_plan(self, stage3: PathBuf, snapshot: PathBuf) -> Result<BuildPlan> {
+        let (max_layers, profile) = self.checked()?;
+        let defaulted = self.stage3.is_none();
+        let engine = self.engine();
+        let owned = |list: &[&str]| list.iter().map(|s| s.to_string()).collect();
+        Ok(BuildPlan {
+            tag: self.tag.unwrap_or_else(|| inputs::tag_from_stage(&stage3)),
+            stage3,
+            snapshot,
+            repo: self.repo.unwrap_or_else(|| "localhost".to_string()),
+            basename: self
+                .basename
+                .unwrap_or_else(|| if defaulted { "gentoo-musl" } else { "gentoo" }.to_string()),
+            engine,
+            jobs: self.jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            }),
+            use_flags: self.use_flags.unwrap_or_default(),
+            dev_packages: self.dev_packages.unwrap_or_default().0,
+            rt_packages: self
+                .rt_packages
+                .map(|a| a.0)
+                .unwrap_or_else(|| owned(DEFAULT_RT_PACKAGES)),
+            install_mask: self
+                .install_mask
+                .unwrap_or_else(|| owned(DEFAULT_INSTALL_MASK)),
+            profile,
+            check: self.check.unwrap_or(true),
+            keep_going: self.keep_going.unwrap_or(false),
+            compression: self.compression.unwrap_or_default(),
+            layers: self.layers.unwrap_or_default(),
+            max_layers,
+            sbom: self.sbom,
+            make_conf: self.make_conf.unwrap_or_default(),
+            package_use: self.package_use.unwrap_or_default(),
+            package_accept_keywords: self.package_accept_keywords.unwrap_or_default(),
+            package_mask: self.package_mask.unwrap_or_default(),
+            package_unmask: self.package_unmask.unwrap_or_default(),
+            repos: self.repos.unwrap_or_default(),
+        })
+    }
+}
+
+impl BuildPlan {
     /// `REPO/BASENAME-KIND:TAG`.
     pub fn reference(&self, kind: &str) -> String {
         format!("{}/{}-{kind}:{}", self.repo, self.basename, self.tag)
@@ -392,51 +496,16 @@ impl BuildPlan {
 mod tests {
     use super::*;
 
-    #[test]
-    fn unknown_keys_are_errors_with_a_line_number() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        std::fs::write(&path, "stage3 = \"s.tar.xz\"\n\nrt_pakages = [\"a\"]\n").unwrap();
-        let err = FileConfig::load(&path).unwrap_err().to_string();
-        assert!(err.contains("c.toml:3"), "{err}");
-        assert!(err.contains("rt_pakages"), "{err}");
-    }
-
-    #[test]
-    fn command_line_wins_and_paths_are_relative_to_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        std::fs::write(
-            &path,
-            "stage3 = \"stage3-amd64-musl-openrc-20260214T170533Z.tar.xz\"\n\
-             snapshot = \"snap\"\nuse = \"-X\"\njobs = 3\nrt_packages = [\"app-misc/hello\"]\n",
-        )
-        .unwrap();
-        let file = FileConfig::load(&path).unwrap();
-        let cli = Overrides {
-            use_flags: Some("ipv6".into()),
-            basename: Some("musl".into()),
-            ..Default::default()
+    /// The build's steps for tests: the file under the command line, local inputs only.
+    fn resolve(file: Option<&ConfigFile>, cli: Settings) -> Result<BuildPlan> {
+        let settings = match file {
+            Some(f) => cli.or(f.settings.clone()),
+            None => cli,
         };
-        let plan = BuildPlan::resolve(Some((&path, file)), cli, local).unwrap();
-        assert_eq!(plan.use_flags, "ipv6");
-        assert_eq!(plan.jobs, 3);
-        assert_eq!(plan.snapshot, dir.path().join("snap"));
-        assert_eq!(plan.tag, "20260214T170533Z");
-        assert_eq!(plan.rt_packages, ["app-misc/hello"]);
-        assert_eq!(plan.reference("rt"), "localhost/musl-rt:20260214T170533Z");
-        assert!(plan.install_mask.iter().any(|m| m == "*.a"));
-    }
-
-    #[test]
-    fn the_example_config_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gentoo-mkimg.toml");
-        let file = FileConfig::load(&path).unwrap();
-        assert_eq!(file.basename.as_deref(), Some("gentoo-musl"));
-        assert_eq!(file.engine, Some(EngineKind::Sandbox));
-        let plan = BuildPlan::resolve(Some((&path, file)), Overrides::default(), local).unwrap();
-        assert_eq!(plan.tag, "20260214T170533Z");
-        assert_eq!(plan.rt_packages.len(), DEFAULT_RT_PACKAGES.len());
+        let (stage3, snapshot) = settings.sources()?;
+        let stage3 = local(&stage3).context("the stage3")?;
+        let snapshot = local(&snapshot).context("the snapshot")?;
+        settings.into_plan(stage3, snapshot)
     }
 
     /// The inputs step for tests: local paths only.
@@ -448,60 +517,122 @@ mod tests {
     }
 
     #[test]
+    fn unknown_keys_are_errors_with_a_line_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "stage3 = \"s.tar.xz\"\n\nrt_pakages = [\"a\"]\n").unwrap();
+        let err = ConfigFile::load(&path).unwrap_err().to_string();
+        assert!(err.contains("c.toml:3"), "{err}");
+        assert!(err.contains("rt_pakages"), "{err}");
+        // A table of an unknown name, and a key that only the command line has.
+        std::fs::write(&path, "mirror = \"http://127.0.0.1:1/m\"\n[extra]\na = 1\n").unwrap();
+        let err = ConfigFile::load(&path).unwrap_err().to_string();
+        assert!(err.contains("c.toml:2") && err.contains("extra"), "{err}");
+        std::fs::write(&path, "no_verify = true\n").unwrap();
+        let err = ConfigFile::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("c.toml:1") && err.contains("no_verify"),
+            "{err}"
+        );
+        // A value of the wrong type is named with its line too.
+        std::fs::write(&path, "stage3 = \"s\"\njobs = \"many\"\n").unwrap();
+        let err = ConfigFile::load(&path).unwrap_err().to_string();
+        assert!(err.contains("c.toml:2"), "{err}");
+    }
+
+    #[test]
+    fn command_line_wins_and_paths_are_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "stage3 = \"stage3-amd64-musl-openrc-20260214T170533Z.tar.xz\"\n\
+             snapshot = \"snap\"\nuse = \"-X\"\njobs = 3\nrt_packages = [\"app-misc/hello\"]\n\
+             sbom = \"sboms\"\n[[repos]]\nname = \"local\"\npath = \"overlay\"\n",
+        )
+        .unwrap();
+        let file = ConfigFile::load(&path).unwrap();
+        let cli = Settings {
+            use_flags: Some("ipv6".into()),
+            basename: Some("musl".into()),
+            ..Default::default()
+        };
+        let plan = resolve(Some(&file), cli).unwrap();
+        assert_eq!(plan.use_flags, "ipv6");
+        assert_eq!(plan.jobs, 3);
+        assert_eq!(plan.snapshot, dir.path().join("snap"));
+        assert_eq!(plan.sbom, Some(dir.path().join("sboms")));
+        assert_eq!(plan.repos[0].path, dir.path().join("overlay"));
+        assert_eq!(plan.tag, "20260214T170533Z");
+        assert_eq!(plan.rt_packages, ["app-misc/hello"]);
+        assert_eq!(plan.reference("rt"), "localhost/musl-rt:20260214T170533Z");
+        assert!(plan.install_mask.iter().any(|m| m == "*.a"));
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gentoo-mkimg.toml");
+        let file = ConfigFile::load(&path).unwrap();
+        assert_eq!(file.settings.basename.as_deref(), Some("gentoo-musl"));
+        assert_eq!(file.settings.engine, Some(EngineKind::Sandbox));
+        let plan = resolve(Some(&file), Settings::default()).unwrap();
+        assert_eq!(plan.tag, "20260214T170533Z");
+        assert_eq!(plan.rt_packages.len(), DEFAULT_RT_PACKAGES.len());
+    }
+
+    #[test]
     fn profiles_stay_inside_the_snapshot_and_the_check_is_on_by_default() {
-        let cli = |profile: &str| Overrides {
+        let cli = |profile: &str| Settings {
             stage3: Some("stage3-amd64-musl-openrc-20260101T000000Z.tar.xz".into()),
             snapshot: Some("snap".into()),
             profile: Some(profile.into()),
             ..Default::default()
         };
-        let plan =
-            BuildPlan::resolve(None, cli("default/linux/amd64/23.0/split-usr/"), local).unwrap();
+        let plan = resolve(None, cli("default/linux/amd64/23.0/split-usr/")).unwrap();
         assert_eq!(
             plan.profile.as_deref(),
             Some("default/linux/amd64/23.0/split-usr")
         );
         assert!(plan.check);
         for bad in ["/etc", "../x", "a/../../b", "", "a b"] {
-            let err = BuildPlan::resolve(None, cli(bad), local).unwrap_err();
+            // Refused before anything is fetched.
+            let err = cli(bad).sources().unwrap_err();
             assert!(err.to_string().contains("profile"), "{bad}: {err}");
         }
-        let no_check = Overrides {
-            no_check: true,
+        let no_check = Settings {
+            check: Some(false),
             ..cli("default/linux/amd64/23.0")
         };
-        assert!(!BuildPlan::resolve(None, no_check, local).unwrap().check);
+        assert!(!resolve(None, no_check).unwrap().check);
     }
 
     #[test]
     fn missing_inputs_are_named() {
-        let cli = Overrides {
+        let cli = Settings {
             stage3: Some("stage3-amd64-openrc-20260101T000000Z.tar.xz".into()),
             ..Default::default()
         };
-        let err = BuildPlan::resolve(None, cli, local).unwrap_err();
+        let err = resolve(None, cli).unwrap_err();
         assert!(err.to_string().contains("snapshot"), "{err}");
     }
 
     #[test]
     fn without_inputs_the_newest_musl_stage_and_snapshot_are_built() {
-        let mut asked = Vec::new();
-        let plan = BuildPlan::resolve(None, Overrides::default(), |s| {
-            asked.push(s.clone());
-            Ok(match s {
-                Source::Stage3 { .. } => "/c/stage3-amd64-musl-openrc-20261122T170547Z.tar.xz",
-                _ => "/c/gentoo-latest.tar.xz",
-            }
-            .into())
-        })
-        .unwrap();
+        let settings = Settings::default();
+        let asked = settings.sources().unwrap();
         assert_eq!(
             asked,
-            [
+            (
                 Source::parse("stage3:amd64-musl-openrc").unwrap(),
                 Source::parse("snapshot:latest").unwrap()
-            ]
+            )
         );
+        let plan = settings
+            .into_plan(
+                "/c/stage3-amd64-musl-openrc-20261122T170547Z.tar.xz".into(),
+                "/c/gentoo-latest.tar.xz".into(),
+            )
+            .unwrap();
         assert_eq!(
             plan.reference("dev"),
             "localhost/gentoo-musl-dev:20261122T170547Z"
@@ -518,19 +649,70 @@ mod tests {
              trusted_keys = [\"AAAA\"]\nverify = false\n",
         )
         .unwrap();
-        let file = FileConfig::load(&path).unwrap();
-        let merged = InputSettings::default().merge_file(Some((&path, &file)));
+        let file = ConfigFile::load(&path).unwrap();
+        let merged = InputSettings::default().or(file.inputs.clone());
         assert_eq!(merged.mirror.as_deref(), Some("http://127.0.0.1:1/m"));
         assert_eq!(merged.keyring, Some(dir.path().join("keys.asc")));
-        assert_eq!(merged.trusted_keys, ["AAAA"]);
-        assert_eq!(merged.verify, Some(false));
+        assert_eq!(
+            merged.trusted_keys.as_deref(),
+            Some(&["AAAA".to_string()][..])
+        );
+        assert_eq!(merged.verify(), Some(false));
         let cli = InputSettings {
-            trusted_keys: vec!["BBBB".into()],
+            trusted_keys: Some(vec!["BBBB".into()]),
             verify: Some(true),
             ..Default::default()
         };
-        let merged = cli.merge_file(Some((&path, &file)));
-        assert_eq!(merged.trusted_keys, ["BBBB"]);
-        assert_eq!(merged.verify, Some(true));
+        let merged = cli.or(file.inputs);
+        assert_eq!(
+            merged.trusted_keys.as_deref(),
+            Some(&["BBBB".to_string()][..])
+        );
+        assert_eq!(merged.verify(), Some(true));
+    }
+
+    /// Each setting's flag sets it, and an absent flag leaves the file's value: `--no-check`
+    /// and `--keep-going` are flags of `check` and `keep_going`, atoms split on spaces.
+    #[test]
+    fn flags_set_their_settings_and_absent_flags_set_nothing() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Probe {
+            #[command(flatten)]
+            settings: Settings,
+            #[command(flatten)]
+            inputs: InputSettings,
+        }
+        let none = Probe::try_parse_from(["probe"]).unwrap();
+        assert_eq!(
+            (none.settings.check, none.settings.keep_going),
+            (None, None)
+        );
+        assert_eq!(
+            (none.inputs.verify(), none.inputs.trusted_keys),
+            (None, None)
+        );
+        let given = Probe::try_parse_from([
+            "probe",
+            "s.tar",
+            "snap",
+            "--no-check",
+            "--keep-going",
+            "--rt-packages",
+            "a/b  c/d",
+            "--no-verify",
+            "--trusted-key",
+            "K1",
+            "--trusted-key",
+            "K2",
+        ])
+        .unwrap();
+        let s = given.settings;
+        assert_eq!((s.check, s.keep_going), (Some(false), Some(true)));
+        assert_eq!(s.rt_packages, Some(Atoms(vec!["a/b".into(), "c/d".into()])));
+        assert_eq!(s.snapshot.as_deref(), Some("snap"));
+        assert_eq!(given.inputs.verify(), Some(false));
+        assert_eq!(given.inputs.trusted_keys.map(|k| k.len()), Some(2));
+        assert!(Probe::try_parse_from(["probe", "--verify", "--no-verify"]).is_err());
     }
 }

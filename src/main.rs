@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use gentoo_mkimg::cli::{Cli, Command, InputArgs};
+use gentoo_mkimg::cli::{Cli, Command};
 use gentoo_mkimg::config::InputSettings;
 use gentoo_mkimg::image::reference::Reference;
 use gentoo_mkimg::image::store::Store;
@@ -81,29 +81,20 @@ fn cache_dir(cli: &Cli) -> Result<std::path::PathBuf> {
     }
 }
 
-fn settings(args: &InputArgs) -> InputSettings {
-    InputSettings {
-        mirror: args.mirror.clone(),
-        keyring: args.keyring.clone(),
-        trusted_keys: args.trusted_keys.clone(),
-        verify: match (args.verify, args.no_verify) {
-            (true, _) => Some(true),
-            (_, true) => Some(false),
-            _ => None,
-        },
-    }
-}
-
 /// The inputs step, set up from the merged settings.
 fn inputs(cli: &Cli, settings: InputSettings, verbosity: Verbosity) -> Result<Inputs> {
     let mut opts = InputOptions::new(cache_dir(cli)?, verbosity);
+    opts.verify = match settings.verify() {
+        Some(true) => VerifyMode::Always,
+        Some(false) => VerifyMode::Never,
+        None => VerifyMode::Auto,
+    };
     if let Some(mirror) = settings.mirror {
         opts.mirror = mirror;
     }
     opts.keyring = settings.keyring;
-    if !settings.trusted_keys.is_empty() {
-        opts.pins = settings
-            .trusted_keys
+    if let Some(keys) = settings.trusted_keys.filter(|k| !k.is_empty()) {
+        opts.pins = keys
             .iter()
             .map(|k| {
                 k.parse()
@@ -111,11 +102,6 @@ fn inputs(cli: &Cli, settings: InputSettings, verbosity: Verbosity) -> Result<In
             })
             .collect::<Result<_>>()?;
     }
-    opts.verify = match settings.verify {
-        Some(true) => VerifyMode::Always,
-        Some(false) => VerifyMode::Never,
-        None => VerifyMode::Auto,
-    };
     Ok(Inputs::new(opts))
 }
 
@@ -137,7 +123,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 }
                 engine::sandbox::check_usable()?; // before anything is downloaded
             }
-            let inputs = inputs(&cli, settings(&args.inputs), verbosity)?;
+            let inputs = inputs(&cli, args.inputs.clone(), verbosity)?;
             let opts = shell::ShellOptions {
                 stage: local(&inputs, &args.stage3, "stage3")?,
                 snapshot: args
@@ -160,46 +146,26 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
         }
         Command::Build(args) => {
             let file = match &args.config {
-                Some(path) => Some((path.as_path(), config::FileConfig::load(path)?)),
-                None => None,
+                Some(path) => config::ConfigFile::load(path)?,
+                None => config::ConfigFile::default(),
             };
-            let atoms = |s: &Option<String>| {
-                s.as_ref()
-                    .map(|s| s.split_whitespace().map(str::to_string).collect::<Vec<_>>())
-            };
-            let overrides = config::Overrides {
-                stage3: args.stage3.clone(),
-                snapshot: args.snapshot.clone(),
-                repo: args.repo.clone(),
-                basename: args.basename.clone(),
-                tag: args.tag.clone().or(args.tag_positional.clone()),
-                engine: args.engine,
-                jobs: args.jobs,
-                use_flags: args.use_flags.clone(),
-                dev_packages: atoms(&args.dev_packages),
-                rt_packages: atoms(&args.rt_packages),
-                profile: args.profile.clone(),
-                no_check: args.no_check,
-                keep_going: args.keep_going,
-                compression: args.compression,
-                layers: args.layers,
-                max_layers: args.max_layers,
-                sbom: args.sbom.clone(),
-            };
-            // Refuse an unusable engine before anything is downloaded.
-            let engine = config::engine(args.engine, file.as_ref().map(|(_, f)| f));
-            if engine == engine::EngineKind::Sandbox {
+            let mut given = args.settings.clone();
+            given.tag = given.tag.or(args.tag_option.clone());
+            let settings = given.or(file.settings);
+            // Refuse an unusable engine or settings before anything is downloaded.
+            if settings.engine() == engine::EngineKind::Sandbox {
                 if let Some(code) = engine::userns::reexec_for_user()? {
                     return Ok(exit_code(code));
                 }
                 engine::sandbox::check_usable()?;
             }
-            let merged = settings(&args.inputs).merge_file(file.as_ref().map(|(p, f)| (*p, f)));
-            let inputs = inputs(&cli, merged, verbosity)?;
+            let (stage3, snapshot) = settings.sources()?;
+            let inputs = inputs(&cli, args.inputs.clone().or(file.inputs), verbosity)?;
             let resolving = std::time::Instant::now();
-            let plan =
-                config::BuildPlan::resolve(file, overrides, |source| Ok(inputs.get(source)?.path))?;
+            let stage3 = inputs.get(&stage3).context("the stage3")?.path;
+            let snapshot = inputs.get(&snapshot).context("the snapshot")?.path;
             let inputs_took = resolving.elapsed();
+            let plan = settings.into_plan(stage3, snapshot)?;
             let opts = build::BuildOptions {
                 plan,
                 work_dir: cli.work_dir.clone(),
@@ -240,7 +206,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
             }
         }
         Command::Import(args) => {
-            let inputs = inputs(&cli, settings(&args.inputs), verbosity)?;
+            let inputs = inputs(&cli, args.inputs.clone(), verbosity)?;
             let opts = import::ImportOptions {
                 stage: local(&inputs, &args.stage3, "stage3")?,
                 reference: args.reference.parse()?,
@@ -259,7 +225,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
             }
         }
         Command::Fetch(args) => {
-            let inputs = inputs(&cli, settings(&args.inputs), verbosity)?;
+            let inputs = inputs(&cli, args.inputs.clone(), verbosity)?;
             for spec in &args.sources {
                 let got = inputs.get(&Source::parse(spec)?)?;
                 if verbosity == Verbosity::Verbose {
@@ -273,7 +239,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
         Command::Verify(args) => {
             let settings = InputSettings {
                 keyring: args.keyring.clone(),
-                trusted_keys: args.trusted_keys.clone(),
+                trusted_keys: Some(args.trusted_keys.clone()),
                 verify: Some(true),
                 ..Default::default()
             };
