@@ -31,7 +31,9 @@ use reqwest::header::{self, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 
-use crate::net::{Retries, RetryPolicy, describe, is_tls_refusal, redact, retry_after};
+use crate::net::{
+    Failure, Retries, RetryPolicy, Tried, describe, is_tls_refusal, redact, retry_after,
+};
 use crate::progress::{self, Verbosity};
 
 /// Extended attribute on a `.part` holding the version it is a prefix of (a strong ETag or
@@ -126,40 +128,21 @@ struct Validators {
     last_modified: Option<String>,
 }
 
-/// Why a try failed, and what to do about it.
-struct Failure {
-    err: anyhow::Error,
-    kind: FailureKind,
+/// A failure after which the `.part` is worthless (more bytes than announced, another
+/// size than expected): the download ends and the `.part` is deleted.
+#[derive(Debug)]
+struct Worthless(String);
+
+impl std::fmt::Display for Worthless {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
-enum FailureKind {
-    /// Try again (after `Retry-After` when the server said so).
-    Retry(Option<Duration>),
-    /// No use trying again.
-    Fatal,
-    /// No use trying again, and the `.part` is worthless.
-    Discard,
-}
+impl std::error::Error for Worthless {}
 
-impl Failure {
-    fn retry(err: anyhow::Error) -> Self {
-        Failure {
-            err,
-            kind: FailureKind::Retry(None),
-        }
-    }
-    fn fatal(err: anyhow::Error) -> Self {
-        Failure {
-            err,
-            kind: FailureKind::Fatal,
-        }
-    }
-    fn discard(err: anyhow::Error) -> Self {
-        Failure {
-            err,
-            kind: FailureKind::Discard,
-        }
-    }
+fn discard(text: String) -> Failure {
+    Failure::Fatal(Worthless(text).into())
 }
 
 /// One large download in progress.
@@ -296,15 +279,15 @@ impl Fetcher {
         if let Some(bar) = dl.bar.take() {
             bar.finish();
         }
-        if let Err(failure) = result {
+        if let Err(err) = result {
             let empty = dl.file.metadata().is_ok_and(|m| m.len() == 0);
-            let kept = if matches!(failure.kind, FailureKind::Discard) || empty {
+            let kept = if err.downcast_ref::<Worthless>().is_some() || empty {
                 let _ = fs::remove_file(&part_path);
                 "deleted"
             } else {
                 "kept for resuming"
             };
-            return Err(failure.err.context(format!(
+            return Err(err.context(format!(
                 "cannot download {parsed} to {} ({kept})",
                 part_path.display()
             )));
@@ -372,13 +355,10 @@ impl Fetcher {
         } else {
             None
         };
-        let got = self
-            .runtime
-            .block_on(self.retrying(&parsed, async || {
-                self.small_attempt(&parsed, &request, validators.as_ref(), limit)
-                    .await
-            }))
-            .map_err(|f| f.err)?;
+        let got = self.runtime.block_on(self.retrying(&parsed, async || {
+            self.small_attempt(&parsed, &request, validators.as_ref(), limit)
+                .await
+        }))?;
         match got {
             Small::NotModified => read_small(&dest, limit),
             Small::Fresh {
@@ -418,38 +398,25 @@ impl Fetcher {
     async fn retrying<T>(
         &self,
         url: &Url,
-        mut attempt: impl AsyncFnMut() -> Result<T, Failure>,
-    ) -> Result<T, Failure> {
-        let tries = self.opts.retry.tries.max(1);
+        mut attempt: impl AsyncFnMut() -> Tried<T>,
+    ) -> Result<T> {
         let mut retries = Retries::new(&self.opts.retry);
         loop {
-            let failure = match attempt().await {
+            match attempt().await {
                 Ok(v) => return Ok(v),
-                Err(f) => f,
-            };
-            let FailureKind::Retry(after) = failure.kind else {
-                return Err(failure);
-            };
-            let Some(delay) = retries.failed(url, &format_args!("{:#}", failure.err), after) else {
-                let err = failure.err;
-                return Err(Failure::fatal(if tries > 1 {
-                    err.context(format!("{url}: {}", retries.gave_up()))
-                } else {
-                    err
-                }));
-            };
-            tokio::time::sleep(delay).await;
+                Err(failure) => tokio::time::sleep(retries.judge(url, failure)?).await,
+            }
         }
     }
 
-    async fn download(&self, dl: &mut Download<'_>) -> Result<(), Failure> {
+    async fn download(&self, dl: &mut Download<'_>) -> Result<()> {
         let url = dl.url;
         self.retrying(url, async || self.download_attempt(dl).await)
             .await
     }
 
     /// Send `req`; no answer for the idle timeout is a failure to retry.
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, Failure> {
+    async fn send(&self, req: reqwest::RequestBuilder) -> Tried<reqwest::Response> {
         let idle = self.opts.idle_timeout;
         match tokio::time::timeout(idle, req.send()).await {
             Err(_) => Err(Failure::retry(anyhow!(
@@ -457,7 +424,7 @@ impl Fetcher {
                 idle.as_secs_f64()
             ))),
             Ok(Err(e)) if e.is_builder() || is_tls_refusal(&e) => {
-                Err(Failure::fatal(anyhow!(describe(&e))))
+                Err(Failure::Fatal(anyhow!(describe(&e))))
             }
             Ok(Err(e)) => Err(Failure::retry(anyhow!(describe(&e)))),
             Ok(Ok(resp)) => Ok(resp),
@@ -468,32 +435,31 @@ impl Fetcher {
     fn bad_status(url: &Url, resp: &reqwest::Response) -> Failure {
         let status = resp.status();
         if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
-            return Failure::fatal(
+            return Failure::Fatal(
                 FetchError::NotFound {
                     url: url.to_string(),
                 }
                 .into(),
             );
         }
-        let err = anyhow!("{url}: HTTP {status}");
         if status.is_server_error()
             || status == StatusCode::TOO_MANY_REQUESTS
             || status == StatusCode::REQUEST_TIMEOUT
         {
-            Failure {
-                err,
-                kind: FailureKind::Retry(retry_after(resp)),
+            Failure::Retry {
+                err: anyhow!("HTTP {status}"),
+                after: retry_after(resp),
             }
         } else {
-            Failure::fatal(err)
+            Failure::Fatal(anyhow!("{url}: HTTP {status}"))
         }
     }
 
     /// One try of a large download: from the end of the `.part`.
-    async fn download_attempt(&self, dl: &mut Download<'_>) -> Result<(), Failure> {
+    async fn download_attempt(&self, dl: &mut Download<'_>) -> Tried<()> {
         let part_display = dl.part_path.display().to_string();
         let io_fail = |e: io::Error, what: &str| {
-            Failure::fatal(anyhow::Error::new(e).context(format!("cannot {what} {part_display}")))
+            Failure::Fatal(anyhow::Error::new(e).context(format!("cannot {what} {part_display}")))
         };
         let mut offset = dl.file.metadata().map_err(|e| io_fail(e, "read"))?.len();
         if dl.expected.is_some_and(|exp| offset > exp) {
@@ -522,15 +488,13 @@ impl Fetcher {
                     let Some((start, _end, total)) = range else {
                         truncate(&dl.file).map_err(|e| io_fail(e, "truncate"))?;
                         return Err(Failure::retry(anyhow!(
-                            "{}: 206 answer without a usable Content-Range; starting over",
-                            dl.url
+                            "206 answer without a usable Content-Range; starting over"
                         )));
                     };
                     if start != offset {
                         truncate(&dl.file).map_err(|e| io_fail(e, "truncate"))?;
                         return Err(Failure::retry(anyhow!(
-                            "{}: asked for bytes {offset}-, got bytes {start}-; starting over",
-                            dl.url
+                            "asked for bytes {offset}-, got bytes {start}-; starting over"
                         )));
                     }
                     dl.file
@@ -574,7 +538,7 @@ impl Fetcher {
         if let (Some(expected), Some(total)) = (dl.expected, total)
             && expected != total
         {
-            return Err(Failure::discard(anyhow!(
+            return Err(discard(format!(
                 "{}: the mirror has {total} bytes, {expected} were expected",
                 dl.url
             )));
@@ -592,16 +556,14 @@ impl Fetcher {
             let chunk = match tokio::time::timeout(idle, stream.next()).await {
                 Err(_) => {
                     break Some(Failure::retry(anyhow!(
-                        "{}: no data for {} s at byte {pos}",
-                        dl.url,
+                        "no data for {} s at byte {pos}",
                         idle.as_secs_f64()
                     )));
                 }
                 Ok(None) => break None,
                 Ok(Some(Err(e))) => {
                     break Some(Failure::retry(anyhow!(
-                        "{}: transfer broken at byte {pos}: {}",
-                        dl.url,
+                        "transfer broken at byte {pos}: {}",
                         describe(&e)
                     )));
                 }
@@ -612,7 +574,7 @@ impl Fetcher {
             // caller expects); more than that is nonsense and must not fill the disk.
             let cap = total.or(dl.expected);
             if cap.is_some_and(|t| pos + len > t) {
-                break Some(Failure::discard(anyhow!(
+                break Some(discard(format!(
                     "{}: more data than the expected {} bytes",
                     dl.url,
                     cap.unwrap_or(0)
@@ -634,8 +596,7 @@ impl Fetcher {
         }
         match total {
             Some(t) if pos != t => Err(Failure::retry(anyhow!(
-                "{}: transfer ended at byte {pos} of {t}",
-                dl.url
+                "transfer ended at byte {pos} of {t}"
             ))),
             _ => Ok(()),
         }
@@ -648,7 +609,7 @@ impl Fetcher {
         request: &Url,
         validators: Option<&Validators>,
         limit: u64,
-    ) -> Result<Small, Failure> {
+    ) -> Tried<Small> {
         let mut req = self.client.get(request.clone());
         if let Some(v) = validators {
             if let Some(etag) = v
@@ -675,7 +636,7 @@ impl Fetcher {
             return Err(Self::bad_status(url, &resp));
         }
         let too_large = || {
-            Failure::fatal(
+            Failure::Fatal(
                 FetchError::TooLarge {
                     url: url.to_string(),
                     limit,
@@ -701,16 +662,13 @@ impl Fetcher {
             match tokio::time::timeout(idle, stream.next()).await {
                 Err(_) => {
                     return Err(Failure::retry(anyhow!(
-                        "{url}: no data for {} s",
+                        "no data for {} s",
                         idle.as_secs_f64()
                     )));
                 }
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
-                    return Err(Failure::retry(anyhow!(
-                        "{url}: transfer broken: {}",
-                        describe(&e)
-                    )));
+                    return Err(Failure::retry(anyhow!("transfer broken: {}", describe(&e))));
                 }
                 Ok(Some(Ok(chunk))) => {
                     if body.len() as u64 + chunk.len() as u64 > limit {

@@ -219,7 +219,59 @@ impl<'a> Retries<'a> {
     pub fn gave_up(&self) -> String {
         format!("gave up after {} tries", self.failures)
     }
+
+    /// Count `failure` of `what`: `Ok` with the wait before the next try, or `Err` with the
+    /// error that ends the request: a fatal one as it is; the last of several tries as
+    /// `WHAT: gave up after N tries: ERROR`; the only try's as `WHAT: ERROR`.
+    pub fn judge(
+        &mut self,
+        what: &dyn std::fmt::Display,
+        failure: Failure,
+    ) -> Result<std::time::Duration> {
+        match failure {
+            Failure::Fatal(err) => Err(err),
+            Failure::Retry { err, after } => {
+                match self.failed(what, &format_args!("{err:#}"), after) {
+                    Some(delay) => Ok(delay),
+                    None if self.failures > 1 => {
+                        Err(err.context(format!("{what}: {}", self.gave_up())))
+                    }
+                    None => Err(err.context(what.to_string())),
+                }
+            }
+        }
+    }
 }
+
+/// What ended one try of a request, and what to do about it: the one outcome that
+/// downloads (inputs), registry calls and blob uploads (publish) give [`Retries::judge`].
+#[derive(Debug)]
+pub enum Failure {
+    /// Worth another try: after `after` when the server said so (`Retry-After`).
+    Retry {
+        err: anyhow::Error,
+        after: Option<std::time::Duration>,
+    },
+    /// No use trying again.
+    Fatal(anyhow::Error),
+}
+
+impl Failure {
+    /// A failure worth another try, as soon as the backoff allows.
+    pub fn retry(err: anyhow::Error) -> Self {
+        Failure::Retry { err, after: None }
+    }
+}
+
+/// An error inside a try (a file that cannot be read, a bad answer) ends the request.
+impl From<anyhow::Error> for Failure {
+    fn from(err: anyhow::Error) -> Self {
+        Failure::Fatal(err)
+    }
+}
+
+/// The result of one try of a request.
+pub type Tried<T> = std::result::Result<T, Failure>;
 
 /// How long a response's `Retry-After` asks to wait (callers cap it): delay-seconds, or an
 /// HTTP-date (RFC 9110 section 10.2.3), a date already past being no wait at all.
@@ -244,7 +296,7 @@ pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<std:
 
 #[cfg(test)]
 mod tests {
-    use super::{Retries, RetryPolicy, parse_retry_after, redact};
+    use super::{Failure, Retries, RetryPolicy, parse_retry_after, redact};
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     #[test]
@@ -280,6 +332,41 @@ mod tests {
         assert_eq!(r.gave_up(), "gave up after 5 tries");
         let once = RetryPolicy { tries: 0, ..p };
         assert_eq!(Retries::new(&once).failed(&"x", &"y", None), None);
+    }
+
+    /// The one outcome: a retry waits (as the server asked, capped), a fatal failure ends at
+    /// once as it is, the last retry ends with what was tried and how often.
+    #[test]
+    fn failures_are_judged_into_waits_or_the_final_error() {
+        let p = RetryPolicy {
+            tries: 3,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(30),
+        };
+        let mut r = Retries::new(&p);
+        let retry = |after| Failure::Retry {
+            err: anyhow::anyhow!("HTTP 503"),
+            after,
+        };
+        let wait = r.judge(&"GET x", retry(Some(Duration::from_secs(2))));
+        assert_eq!(wait.unwrap(), Duration::from_secs(2));
+        assert_eq!(
+            r.judge(&"GET x", Failure::retry(anyhow::anyhow!("reset")))
+                .unwrap(),
+            Duration::from_millis(200)
+        );
+        let last = r.judge(&"GET x", retry(None)).unwrap_err();
+        assert_eq!(
+            format!("{last:#}"),
+            "GET x: gave up after 3 tries: HTTP 503"
+        );
+        let fatal = Retries::new(&p).judge(&"GET x", anyhow::anyhow!("refused").into());
+        assert_eq!(format!("{:#}", fatal.unwrap_err()), "refused");
+        let once = RetryPolicy { tries: 1, ..p };
+        let only = Retries::new(&once)
+            .judge(&"GET x", retry(None))
+            .unwrap_err();
+        assert_eq!(format!("{only:#}"), "GET x: HTTP 503");
     }
 
     #[test]

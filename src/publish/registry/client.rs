@@ -17,7 +17,7 @@ use reqwest::{StatusCode, Url};
 
 use crate::image::store::{Descriptor, Digest, INDEX_MEDIA_TYPE, Index};
 pub use crate::net::RetryPolicy;
-use crate::net::{Retries, describe, is_tls_refusal, retry_after, tls_config};
+use crate::net::{Failure, Retries, Tried, describe, is_tls_refusal, retry_after, tls_config};
 use crate::publish::auth::{self, Credential};
 
 use super::PushOptions;
@@ -122,31 +122,28 @@ impl Activity {
     }
 }
 
-/// A request that got no answer.
-pub(super) struct Failure {
-    pub(super) text: String,
-    /// Not worth another try (TLS refused the server).
-    pub(super) fatal: bool,
-}
-
-/// Send `req`, failing when it makes no progress (body sent, answer head) for `stall`.
+/// Send `req`, failing when it makes no progress (body sent, answer head) for `stall`; a
+/// request that got no answer is worth another try, unless TLS refused the server.
 pub(super) async fn exchange(
     req: reqwest::RequestBuilder,
     activity: &Activity,
     stall: Duration,
-) -> std::result::Result<reqwest::Response, Failure> {
+) -> Tried<reqwest::Response> {
     let send = req.send();
     tokio::pin!(send);
     let tick = (stall / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
     loop {
         tokio::select! {
-            r = &mut send => return r.map_err(|e| Failure { text: describe(&e), fatal: is_tls_refusal(&e) }),
+            r = &mut send => return r.map_err(|e| match is_tls_refusal(&e) {
+                true => Failure::Fatal(anyhow!(describe(&e))),
+                false => Failure::retry(anyhow!(describe(&e))),
+            }),
             _ = tokio::time::sleep(tick) => {
                 if activity.idle() >= stall {
-                    return Err(Failure {
-                        text: format!("no progress for {} s (timed out)", stall.as_secs_f64()),
-                        fatal: false,
-                    });
+                    return Err(Failure::retry(anyhow!(
+                        "no progress for {} s (timed out)",
+                        stall.as_secs_f64()
+                    )));
                 }
             }
         }
@@ -171,16 +168,6 @@ pub(in crate::publish) async fn body_text(resp: reqwest::Response, stall: Durati
 
 pub(super) fn is_retryable(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
-}
-
-/// What one try of a request gave.
-pub(super) enum Outcome {
-    Done(reqwest::Response),
-    Unauthorized(reqwest::Response),
-    Retry {
-        reason: String,
-        after: Option<Duration>,
-    },
 }
 
 #[derive(Clone)]
@@ -560,35 +547,30 @@ impl Registry {
         Ok(reqwest::RequestBuilder::from_parts(client, built))
     }
 
-    /// One try: send, classify the answer.
+    /// One try: send, and classify the answer: an answer to try again (429, 5xx) or no
+    /// answer is a failure; any other answer, 401 included, is the caller's to judge.
     pub(super) async fn attempt(
         &self,
         repo: Option<&str>,
         req: reqwest::RequestBuilder,
         activity: &Activity,
-    ) -> Result<Outcome> {
+    ) -> Tried<reqwest::Response> {
         let req = match self.authorization(repo).await? {
             Some(h) => self.with_authorization(req, h)?,
             None => req,
         };
         activity.touch();
         match exchange(req, activity, self.stall).await {
-            Err(f) if f.fatal => bail!("{}: {}", self.host, f.text),
-            Err(f) => Ok(Outcome::Retry {
-                reason: f.text,
-                after: None,
-            }),
-            Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
-                Ok(Outcome::Unauthorized(resp))
-            }
+            Err(Failure::Fatal(e)) => Err(Failure::Fatal(anyhow!("{}: {e:#}", self.host))),
+            Err(retry) => Err(retry),
             Ok(resp) if is_retryable(resp.status()) => {
                 let after = retry_after(&resp);
-                Ok(Outcome::Retry {
-                    reason: body_text(resp, self.stall).await,
+                Err(Failure::Retry {
+                    err: anyhow!(body_text(resp, self.stall).await),
                     after,
                 })
             }
-            Ok(resp) => Ok(Outcome::Done(resp)),
+            Ok(resp) => Ok(resp),
         }
     }
 
@@ -606,27 +588,27 @@ impl Registry {
         let what_here = format!("{}: {what}", self.host);
         loop {
             let activity = Activity::new();
-            match self.attempt(repo, build()?, &activity).await? {
-                Outcome::Done(resp) if resp.status() == StatusCode::FORBIDDEN && handle_auth => {
+            let resp = match self.attempt(repo, build()?, &activity).await {
+                Ok(resp) => resp,
+                Err(failure) => {
+                    tokio::time::sleep(retries.judge(&what_here, failure)?).await;
+                    continue;
+                }
+            };
+            match resp.status() {
+                StatusCode::FORBIDDEN if handle_auth => {
                     let text = body_text(resp, self.stall).await;
                     return Err(self.auth_failed(format!("{what}: access denied ({text})")));
                 }
-                Outcome::Done(resp) => return Ok(resp),
-                Outcome::Unauthorized(resp) if handle_auth && !reauthenticated => {
+                StatusCode::UNAUTHORIZED if handle_auth && !reauthenticated => {
                     reauthenticated = true;
                     self.take_challenge(&resp, repo).await?;
                 }
-                Outcome::Unauthorized(resp) if handle_auth => {
+                StatusCode::UNAUTHORIZED if handle_auth => {
                     let text = body_text(resp, self.stall).await;
                     return Err(self.auth_failed(format!("{what}: {text}")));
                 }
-                Outcome::Unauthorized(resp) => return Ok(resp),
-                Outcome::Retry { reason, after } => {
-                    let Some(delay) = retries.failed(&what_here, &reason, after) else {
-                        bail!("{what_here}: {}: {reason}", retries.gave_up());
-                    };
-                    tokio::time::sleep(delay).await;
-                }
+                _ => return Ok(resp),
             }
         }
     }

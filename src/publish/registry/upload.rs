@@ -19,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::image::StoredImage;
 use crate::image::store::{CorruptBlob, Descriptor, Digest, Found, Store};
-use crate::net::Retries;
+use crate::net::{Failure, Retries, Tried};
 
 use super::client::*;
 use super::*;
@@ -358,12 +358,6 @@ impl ImagePush<'_> {
         let chunked = desc.size >= self.opts.chunk_threshold && self.opts.chunk_size > 0;
         let mut retries = Retries::new(&registry.retry);
         let what = format!("{}: upload of {digest} to {repo}", registry.host);
-        let mut fail = |reason: String, after: Option<Duration>| -> Result<Duration> {
-            match retries.failed(&what, &reason, after) {
-                Some(delay) => Ok(delay),
-                None => bail!("{what}: {}: {reason}", retries.gave_up()),
-            }
-        };
         // (session URL, bytes the registry has) of an upload in progress.
         let mut resume: Option<(Url, u64)> = None;
         loop {
@@ -402,10 +396,8 @@ impl ImagePush<'_> {
                     tracing::info!("{repo}: uploaded {digest} ({} bytes)", desc.size);
                     return Ok(());
                 }
-                Err(UploadError::Fatal(e)) => return Err(e),
-                Err(UploadError::Retry { reason, after }) => {
-                    let delay = fail(reason, after)?;
-                    tokio::time::sleep(delay).await;
+                Err(failure) => {
+                    tokio::time::sleep(retries.judge(&what, failure)?).await;
                     if chunked {
                         resume = self.upload_status(&location).await;
                         if let Some((_, at)) = &resume {
@@ -424,7 +416,7 @@ impl ImagePush<'_> {
     pub(super) async fn upload_status(&self, location: &Url) -> Option<(Url, u64)> {
         let registry = self.registry;
         let activity = Activity::new();
-        let Ok(Outcome::Done(resp)) = registry
+        let Ok(resp) = registry
             .attempt(
                 Some(self.repository),
                 registry.client.get(location.clone()),
@@ -450,7 +442,7 @@ impl ImagePush<'_> {
         check: &Arc<UploadCheck>,
         location: &Url,
         bar: Option<ProgressBar>,
-    ) -> std::result::Result<(), UploadError> {
+    ) -> Tried<()> {
         let registry = self.registry;
         let mut url = location.clone();
         url.query_pairs_mut()
@@ -463,8 +455,7 @@ impl ImagePush<'_> {
             activity.clone(),
             self.sent.clone(),
             bar,
-        )
-        .map_err(UploadError::Fatal)?;
+        )?;
         let req = registry
             .client
             .put(url)
@@ -482,7 +473,7 @@ impl ImagePush<'_> {
         location: &mut Url,
         offset: &mut u64,
         bar: Option<ProgressBar>,
-    ) -> std::result::Result<(), UploadError> {
+    ) -> Tried<()> {
         let registry = self.registry;
         while *offset < desc.size {
             let len = (desc.size - *offset).min(self.opts.chunk_size);
@@ -494,8 +485,7 @@ impl ImagePush<'_> {
                 activity.clone(),
                 self.sent.clone(),
                 bar.clone(),
-            )
-            .map_err(UploadError::Fatal)?;
+            )?;
             let req = registry
                 .client
                 .patch(location.clone())
@@ -508,14 +498,11 @@ impl ImagePush<'_> {
                 .body(body);
             let outcome = registry
                 .attempt(Some(self.repository), req, &activity)
-                .await
-                .map_err(UploadError::Fatal)?;
+                .await;
             let resp = self
                 .finished(outcome, StatusCode::ACCEPTED, "PATCH blob")
                 .await?;
-            *location = registry
-                .location(&resp, "PATCH blob")
-                .map_err(UploadError::Fatal)?;
+            *location = registry.location(&resp, "PATCH blob")?;
             *offset += len;
         }
         let mut url = location.clone();
@@ -527,16 +514,11 @@ impl ImagePush<'_> {
     }
 
     /// The `PUT` that ends an upload (with the whole blob, or empty after the chunks).
-    async fn put_blob(
-        &self,
-        req: reqwest::RequestBuilder,
-        activity: &Activity,
-    ) -> Result<(), UploadError> {
+    async fn put_blob(&self, req: reqwest::RequestBuilder, activity: &Activity) -> Tried<()> {
         let outcome = self
             .registry
             .attempt(Some(self.repository), req, activity)
-            .await
-            .map_err(UploadError::Fatal)?;
+            .await;
         self.finished(outcome, StatusCode::CREATED, "PUT blob")
             .await
             .map(|_| ())
@@ -545,61 +527,53 @@ impl ImagePush<'_> {
     /// Judge the answer to an upload request.
     pub(super) async fn finished(
         &self,
-        outcome: Outcome,
+        outcome: Tried<reqwest::Response>,
         expected: StatusCode,
         what: &str,
-    ) -> std::result::Result<reqwest::Response, UploadError> {
+    ) -> Tried<reqwest::Response> {
         let registry = self.registry;
-        match outcome {
-            Outcome::Done(resp) if resp.status() == expected => Ok(resp),
-            Outcome::Done(resp) => {
-                let status = resp.status();
-                let text = body_text(resp, registry.stall).await;
-                if matches!(
-                    status,
-                    StatusCode::NOT_FOUND | StatusCode::RANGE_NOT_SATISFIABLE
-                ) {
-                    // The session is gone or out of step: start over.
-                    return Err(UploadError::Retry {
-                        reason: format!("{what}: {text}"),
-                        after: None,
-                    });
-                }
-                if status == StatusCode::FORBIDDEN {
-                    return Err(UploadError::Fatal(
-                        registry.auth_failed(format!("{what}: access denied ({text})")),
-                    ));
-                }
-                Err(UploadError::Fatal(anyhow!(
-                    "{}: {what} {} to {}: {text}",
-                    registry.host,
-                    self.image.reference,
-                    self.repository
-                )))
+        let resp = match outcome {
+            Ok(resp) => resp,
+            Err(Failure::Retry { err, after }) => {
+                return Err(Failure::Retry {
+                    err: anyhow!("{what}: {err:#}"),
+                    after,
+                });
             }
-            Outcome::Unauthorized(resp) => {
-                // A token that expired during a long upload: a new one, and start over.
-                registry
-                    .take_challenge(&resp, Some(self.repository))
-                    .await
-                    .map_err(UploadError::Fatal)?;
-                Err(UploadError::Retry {
-                    reason: format!("{what}: HTTP 401, authenticated again"),
-                    after: Some(Duration::ZERO),
-                })
-            }
-            Outcome::Retry { reason, after } => Err(UploadError::Retry {
-                reason: format!("{what}: {reason}"),
-                after,
-            }),
+            Err(fatal) => return Err(fatal),
+        };
+        let status = resp.status();
+        if status == expected {
+            return Ok(resp);
         }
+        if status == StatusCode::UNAUTHORIZED {
+            // A token that expired during a long upload: a new one, and start over.
+            registry
+                .take_challenge(&resp, Some(self.repository))
+                .await?;
+            return Err(Failure::Retry {
+                err: anyhow!("{what}: HTTP 401, authenticated again"),
+                after: Some(Duration::ZERO),
+            });
+        }
+        let text = body_text(resp, registry.stall).await;
+        if matches!(
+            status,
+            StatusCode::NOT_FOUND | StatusCode::RANGE_NOT_SATISFIABLE
+        ) {
+            // The session is gone or out of step: start over.
+            return Err(Failure::retry(anyhow!("{what}: {text}")));
+        }
+        if status == StatusCode::FORBIDDEN {
+            return Err(Failure::Fatal(
+                registry.auth_failed(format!("{what}: access denied ({text})")),
+            ));
+        }
+        Err(Failure::Fatal(anyhow!(
+            "{}: {what} {} to {}: {text}",
+            registry.host,
+            self.image.reference,
+            self.repository
+        )))
     }
-}
-
-pub(super) enum UploadError {
-    Fatal(anyhow::Error),
-    Retry {
-        reason: String,
-        after: Option<Duration>,
-    },
 }
