@@ -715,4 +715,58 @@ mod tests {
         assert_eq!(given.inputs.trusted_keys.map(|k| k.len()), Some(2));
         assert!(Probe::try_parse_from(["probe", "--verify", "--no-verify"]).is_err());
     }
+
+    /// The keys a serde struct reads (its `deserialize_struct` fields), without reading any.
+    fn keys<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+        use serde::de::{Error as _, Visitor, value::Error};
+        struct Fields(&'static [&'static str]);
+        impl<'de> serde::Deserializer<'de> for &mut Fields {
+            type Error = Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+                Err(Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Error> {
+                self.0 = fields;
+                Err(Error::custom("fields read"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+                identifier ignored_any
+            }
+        }
+        let mut fields = Fields(&[]);
+        let _ = T::deserialize(&mut fields);
+        fields.0
+    }
+
+    /// A setting added to `Settings` or `InputSettings` is documented where users look: the
+    /// example config (set or commented out) and the README's table of keys.
+    #[test]
+    fn every_key_is_in_the_example_config_and_the_readme() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let example = std::fs::read_to_string(root.join("examples/gentoo-mkimg.toml")).unwrap();
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let all: Vec<&str> = keys::<Settings>()
+            .iter()
+            .chain(keys::<InputSettings>())
+            .copied()
+            .collect();
+        assert!(all.len() > 25 && all.contains(&"use") && all.contains(&"verify"));
+        for key in all {
+            let in_example = example.lines().any(|line| {
+                let line = line.trim_start_matches('#').trim_start();
+                line.starts_with(&format!("{key} =")) || line.starts_with(&format!("[[{key}]]"))
+            });
+            assert!(in_example, "key {key} is not in examples/gentoo-mkimg.toml");
+            let in_readme =
+                readme.contains(&format!("`{key}`")) || readme.contains(&format!("`[[{key}]]`"));
+            assert!(in_readme, "key {key} is not in the README's table of keys");
+        }
+    }
 }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::archive::decompress;
-use crate::archive::entries::{TrailerCheck, display_path, entry_meta};
+use crate::archive::entries::walk_tar;
 use crate::image::config::{ImageSpec, Platform, platform_from_elf};
 use crate::image::layer::{EntryKind, EntrySink, LayerCompression, LayerInfo, LayerWriter};
 use crate::image::reference::Reference;
@@ -79,67 +79,53 @@ pub fn append_tar(
     opts: TarOptions,
     mut progress: impl FnMut(),
 ) -> Result<Scan> {
-    let mut checked = TrailerCheck::new(input);
     let mut scan = Scan::default();
-    let mut last = String::from("(start of archive)");
-    {
-        let mut archive = tar::Archive::new(&mut checked);
-        let entries = archive.entries().context("cannot read the tar stream")?;
-        for entry in entries {
-            let mut entry = entry
-                .map_err(|e| anyhow!("corrupt or truncated data after entry {last:?}: {e}"))?;
-            let mut meta = entry_meta(&mut entry)?;
-            last = display_path(&meta.path);
-            if meta.path.is_empty() && meta.kind != EntryKind::Directory {
-                // A runtime unpacking the layer would make its root a link to wherever
-                // this points (or a file).
-                bail!("entry {last:?}: the archive's root (./) is not a directory");
-            }
-            if let Some(clamp) = opts.clamp_mtime {
-                meta.mtime = meta.mtime.min(clamp);
-            }
-            scan.entries += 1;
-            scan.newest_mtime = scan.newest_mtime.max(meta.mtime);
-            if meta.path == b"usr/bin/emerge" {
-                scan.has_portage = true;
-            }
-            if meta.path == b"etc/portage/make.profile"
-                && let EntryKind::Symlink { target } = &meta.kind
-            {
-                scan.profile = profile_name(target);
-            }
-            if meta.kind == EntryKind::Directory
-                && let Some(pkg) = vdb::package_of_path(&meta.path)
-            {
-                scan.packages.push(pkg);
-            }
-            let appended = match meta.kind {
-                EntryKind::Regular { size }
-                    if scan.platform.is_none()
-                        && (64..=ELF_PROBE_LIMIT).contains(&size)
-                        && is_binary_dir(&meta.path) =>
-                {
-                    let mut data = Vec::with_capacity(size as usize);
-                    (&mut entry)
-                        .take(size)
-                        .read_to_end(&mut data)
-                        .map_err(|e| anyhow!("entry {last:?}: cannot read: {e}"))?;
-                    scan.platform = platform_from_elf(&data);
-                    layer.append(&meta, &mut data.as_slice())
-                }
-                _ => layer.append(&meta, &mut entry),
-            };
-            appended.map_err(|e| anyhow!("entry {last:?}: {e} (truncated or corrupt input?)"))?;
-            progress();
+    walk_tar(input, "archive", |mut meta, entry, last| {
+        if meta.path.is_empty() && meta.kind != EntryKind::Directory {
+            // A runtime unpacking the layer would make its root a link to wherever
+            // this points (or a file).
+            bail!("entry {last:?}: the archive's root (./) is not a directory");
         }
-    }
+        if let Some(clamp) = opts.clamp_mtime {
+            meta.mtime = meta.mtime.min(clamp);
+        }
+        scan.entries += 1;
+        scan.newest_mtime = scan.newest_mtime.max(meta.mtime);
+        if meta.path == b"usr/bin/emerge" {
+            scan.has_portage = true;
+        }
+        if meta.path == b"etc/portage/make.profile"
+            && let EntryKind::Symlink { target } = &meta.kind
+        {
+            scan.profile = profile_name(target);
+        }
+        if meta.kind == EntryKind::Directory
+            && let Some(pkg) = vdb::package_of_path(&meta.path)
+        {
+            scan.packages.push(pkg);
+        }
+        let appended = match meta.kind {
+            EntryKind::Regular { size }
+                if scan.platform.is_none()
+                    && (64..=ELF_PROBE_LIMIT).contains(&size)
+                    && is_binary_dir(&meta.path) =>
+            {
+                let mut data = Vec::with_capacity(size as usize);
+                entry
+                    .take(size)
+                    .read_to_end(&mut data)
+                    .map_err(|e| anyhow!("entry {last:?}: cannot read: {e}"))?;
+                scan.platform = platform_from_elf(&data);
+                layer.append(&meta, &mut data.as_slice())
+            }
+            _ => layer.append(&meta, entry),
+        };
+        appended.map_err(|e| anyhow!("entry {last:?}: {e} (truncated or corrupt input?)"))?;
+        progress();
+        Ok(())
+    })?;
     if scan.entries == 0 {
         bail!("the archive holds no entries");
-    }
-    if !checked.saw_end_marker() {
-        bail!(
-            "truncated: the archive ends after entry {last:?} without tar's end-of-archive marker"
-        );
     }
     scan.packages.sort();
     Ok(scan)
@@ -372,7 +358,7 @@ fn import_read(
         input.size,
         opts.reference
     );
-    let bar = progress::Bytes::new(opts.verbosity, "import", input.size);
+    let bar = progress::Bar::new(opts.verbosity, "import", input.size);
     let consumed = input.consumed.clone();
     let mut layer = LayerWriter::new(store, opts.compression)?;
     let scan = append_tar(input.reader, &mut layer, TarOptions::default(), || {

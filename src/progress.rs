@@ -14,27 +14,42 @@ pub enum Verbosity {
     Verbose,
 }
 
-/// A byte-count progress bar, or nothing.
-pub struct Bytes {
+/// A progress bar on stderr, or nothing (quiet, or stderr not a terminal); cleared when
+/// finished or dropped.
+pub struct Bar {
     bar: Option<ProgressBar>,
 }
 
-impl Bytes {
-    /// A bar for `total` bytes labelled `what`, drawn only on a terminal.
-    pub fn new(verbosity: Verbosity, what: &str, total: u64) -> Self {
+impl Bar {
+    fn drawn(verbosity: Verbosity, what: &str, total: Option<u64>, template: &str) -> Self {
         if verbosity == Verbosity::Quiet || !std::io::stderr().is_terminal() {
-            return Bytes { bar: None };
+            return Bar { bar: None };
         }
-        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
+        let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
+        let style = ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
         bar.set_style(style);
         bar.set_message(what.to_string());
         bar.enable_steady_tick(Duration::from_millis(200));
-        Bytes { bar: Some(bar) }
+        Bar { bar: Some(bar) }
+    }
+
+    /// A bar for `total` bytes labelled `what`.
+    pub fn new(verbosity: Verbosity, what: &str, total: u64) -> Self {
+        let template = "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}";
+        Bar::drawn(verbosity, what, Some(total), template)
+    }
+
+    /// A bar of items labelled `what` (entries of an archive whose byte size says little);
+    /// its total is given with each update ([`Bar::set_of`]).
+    pub fn counting(verbosity: Verbosity, what: &str) -> Self {
+        Bar::drawn(
+            verbosity,
+            what,
+            None,
+            "{msg} [{bar:30}] {pos}/{len} ETA {eta}",
+        )
     }
 
     pub fn set(&self, done: u64) {
@@ -43,42 +58,8 @@ impl Bytes {
         }
     }
 
-    pub fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-    }
-}
-
-impl Drop for Bytes {
-    fn drop(&mut self) {
-        self.finish();
-    }
-}
-
-/// A count-of-items progress bar (entries of an archive whose byte size says little), or
-/// nothing.
-pub struct Count {
-    bar: Option<ProgressBar>,
-}
-
-impl Count {
-    /// A bar labelled `what`; its total is given with each update.
-    pub fn new(verbosity: Verbosity, what: &str) -> Self {
-        if verbosity == Verbosity::Quiet || !std::io::stderr().is_terminal() {
-            return Count { bar: None };
-        }
-        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-        bar.set_style(style);
-        bar.set_message(what.to_string());
-        bar.enable_steady_tick(Duration::from_millis(200));
-        Count { bar: Some(bar) }
-    }
-
-    pub fn set(&self, done: u64, total: u64) {
+    /// `done` of `total` items.
+    pub fn set_of(&self, done: u64, total: u64) {
         if let Some(bar) = &self.bar {
             bar.set_length(total);
             bar.set_position(done);
@@ -92,21 +73,21 @@ impl Count {
     }
 }
 
-impl Drop for Count {
+impl Drop for Bar {
     fn drop(&mut self) {
         self.finish();
     }
 }
 
-/// A reader that moves a [`Bytes`] bar as it is read.
+/// A reader that moves a byte-count [`Bar`] as it is read.
 pub struct Reading<'a, R> {
     inner: R,
-    bar: &'a Bytes,
+    bar: &'a Bar,
     done: u64,
 }
 
 impl<'a, R> Reading<'a, R> {
-    pub fn new(inner: R, bar: &'a Bytes) -> Self {
+    pub fn new(inner: R, bar: &'a Bar) -> Self {
         Reading {
             inner,
             bar,

@@ -48,15 +48,15 @@ pub fn prepare(snapshot: &Path, dest: &Path, verbosity: Verbosity) -> Result<(Pa
             strip_top_dir: false,
             ..opts
         };
-        let bar = progress::Count::new(verbosity, "extracting snapshot");
+        let bar = progress::Bar::counting(verbosity, "extracting snapshot");
         squashfs::extract(snapshot, tmp.path(), opts, |done, total| {
-            bar.set(done, total)
+            bar.set_of(done, total)
         })
         .with_context(|| format!("{}: cannot extract the snapshot", snapshot.display()))?;
         bar.finish();
     } else {
         let input = decompress::open(snapshot)?;
-        let bar = progress::Bytes::new(verbosity, "extracting snapshot", input.size);
+        let bar = progress::Bar::new(verbosity, "extracting snapshot", input.size);
         let consumed = input.consumed.clone();
         extract::extract(input.reader, tmp.path(), opts, || {
             bar.set(consumed.load(Ordering::Relaxed))

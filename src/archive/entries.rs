@@ -189,16 +189,57 @@ impl TopDirStripper {
     }
 }
 
-/// Walk one image layer's tar stream: `each` gets every entry's metadata, its data and its
-/// name for messages. Fails on corrupt data and on a stream that ends without tar's
-/// end-of-archive marker; what follows the marker is read too, so a reader that checks a
-/// blob's digest as it streams sees all of it.
+/// A relative path's directory and last name (`("", path)` for a top-level name).
+pub fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (b"", path),
+    }
+}
+
+/// `dir/name` (`name` alone in the top directory `""`).
+pub fn join_path(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(dir.len() + 1 + name.len());
+    p.extend_from_slice(dir);
+    if !dir.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+/// What an OCI whiteout entry (image-spec `layer.md`) at `path` hides of the layers below:
+/// `Some((dir, true))` everything in `dir` (`dir/.wh..wh..opq`), `Some((path, false))` that
+/// path (`.wh.NAME`), `None` nothing (another name the spec reserves); the outer `None`:
+/// `path` is no whiteout but an entry.
+pub fn whiteout(path: &[u8]) -> Option<Option<(Vec<u8>, bool)>> {
+    let (parent, name) = split_parent(path);
+    if name == b".wh..wh..opq" {
+        return Some(Some((parent.to_vec(), true)));
+    }
+    let hidden = name.strip_prefix(b".wh.")?;
+    Some((!hidden.starts_with(b".wh.")).then(|| (join_path(parent, hidden), false)))
+}
+
+/// Walk one image layer's tar stream: [`walk_tar`] of a layer.
 pub fn walk_layer<R: Read>(
     input: R,
+    each: impl FnMut(EntryMeta, &mut dyn Read, &str) -> Result<()>,
+) -> Result<()> {
+    walk_tar(input, "layer", each)
+}
+
+/// Walk a tar stream (`what` names it in messages: "layer", "archive"): `each` gets every
+/// entry's metadata, its data and its name for messages. Fails on corrupt data and on a
+/// stream that has entries but ends without tar's end-of-archive marker; what follows the
+/// marker is read too, so a reader that checks a digest as it streams sees all of it.
+pub fn walk_tar<R: Read>(
+    input: R,
+    what: &str,
     mut each: impl FnMut(EntryMeta, &mut dyn Read, &str) -> Result<()>,
 ) -> Result<()> {
     let mut checked = TrailerCheck::new(input);
-    let mut last = String::from("(start of layer)");
+    let mut last = format!("(start of {what})");
     let mut any = false;
     {
         let mut archive = tar::Archive::new(&mut checked);
@@ -215,7 +256,9 @@ pub fn walk_layer<R: Read>(
         }
     }
     if any && !checked.saw_end_marker() {
-        bail!("truncated: the layer ends after entry {last:?} without tar's end-of-archive marker");
+        bail!(
+            "truncated: the {what} ends after entry {last:?} without tar's end-of-archive marker"
+        );
     }
     io::copy(&mut checked, &mut io::sink())
         .map_err(|e| anyhow!("after the end of the tar stream: {e}"))?;

@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::rc::Rc;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::sys::stat::{
@@ -27,7 +27,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, linkat, symlinkat, unlinkat};
 
 use crate::archive::entries::{EntryKind, EntryMeta};
-use crate::archive::entries::{TopDirStripper, TrailerCheck, display_path, entry_meta};
+use crate::archive::entries::{TopDirStripper, display_path, walk_tar};
 use crate::archive::ids::IdShift;
 use crate::archive::pinned::Dir;
 
@@ -73,37 +73,23 @@ pub fn extract(
     opts: ExtractOptions,
     mut progress: impl FnMut(),
 ) -> Result<Extracted> {
-    let mut checked = TrailerCheck::new(input);
     let mut state = Unpacker::new(dest, opts)?;
     let mut stripper = TopDirStripper::default();
     let mut done = Extracted::default();
-    let mut last = String::from("(start of archive)");
-    {
-        let mut archive = tar::Archive::new(&mut checked);
-        let entries = archive.entries().context("cannot read the tar stream")?;
-        for entry in entries {
-            let mut entry = entry
-                .map_err(|e| anyhow!("corrupt or truncated data after entry {last:?}: {e}"))?;
-            let mut meta = entry_meta(&mut entry)?;
-            last = display_path(&meta.path);
-            if opts.strip_top_dir && !stripper.strip(&mut meta)? {
-                continue;
-            }
-            state
-                .unpack(&meta, &mut entry)
-                .with_context(|| format!("entry {last:?}"))?;
-            done.entries += 1;
-            if let EntryKind::Regular { size } = meta.kind {
-                done.bytes += size;
-            }
-            progress();
+    walk_tar(input, "archive", |mut meta, data, name| {
+        if opts.strip_top_dir && !stripper.strip(&mut meta)? {
+            return Ok(());
         }
-    }
-    if !checked.saw_end_marker() {
-        bail!(
-            "truncated: the archive ends after entry {last:?} without tar's end-of-archive marker"
-        );
-    }
+        state
+            .unpack(&meta, data)
+            .with_context(|| format!("entry {name:?}"))?;
+        done.entries += 1;
+        if let EntryKind::Regular { size } = meta.kind {
+            done.bytes += size;
+        }
+        progress();
+        Ok(())
+    })?;
     state.finish()?;
     done.skipped = state.skipped.get();
     Ok(done)

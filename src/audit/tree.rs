@@ -9,7 +9,7 @@ use std::io::Read;
 
 use anyhow::{Result, anyhow};
 
-use crate::archive::entries::walk_layer;
+use crate::archive::entries::{join_path, split_parent, walk_layer, whiteout};
 use crate::audit::elf::{ElfInfo, SHEBANG_MAX, Shebang, parse_shebang};
 use crate::image::layer::EntryKind;
 use crate::portage::contents;
@@ -87,23 +87,6 @@ pub fn vdb_package(path: &[u8]) -> Option<String> {
     ))
 }
 
-fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
-    match path.iter().rposition(|&b| b == b'/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => (b"", path),
-    }
-}
-
-fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(dir.len() + 1 + name.len());
-    p.extend_from_slice(dir);
-    if !dir.is_empty() {
-        p.push(b'/');
-    }
-    p.extend_from_slice(name);
-    p
-}
-
 /// Fill `buf` as far as `r` allows; the number of bytes read.
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
@@ -139,7 +122,7 @@ impl Tree {
         let prefix = if dir.is_empty() {
             Vec::new()
         } else {
-            join(dir, b"")
+            join_path(dir, b"")
         };
         self.nodes
             .range(prefix.clone()..)
@@ -155,7 +138,7 @@ impl Tree {
         let prefix = if path.is_empty() {
             Vec::new()
         } else {
-            join(path, b"")
+            join_path(path, b"")
         };
         let mut doomed: Vec<Vec<u8>> = self
             .nodes
@@ -207,14 +190,9 @@ impl Tree {
     /// Apply one layer (a tar stream) on top of what is there.
     pub fn apply_layer(&mut self, input: impl Read, layer: usize) -> Result<()> {
         walk_layer(input, |meta, mut entry, last| {
-            let (parent, name) = split_parent(&meta.path);
-            if name == b".wh..wh..opq" {
-                self.remove_lower(parent, true, layer);
-                return Ok(());
-            }
-            if let Some(hidden) = name.strip_prefix(b".wh.") {
-                if !hidden.starts_with(b".wh.") {
-                    self.remove_lower(&join(parent, hidden), false, layer);
+            if let Some(hides) = whiteout(&meta.path) {
+                if let Some((path, everything_in)) = hides {
+                    self.remove_lower(&path, everything_in, layer);
                 }
                 return Ok(());
             }
@@ -310,7 +288,7 @@ pub fn resolve_in_root<'a>(
             _ => {}
         }
         let last = todo.iter().all(|c| c.is_empty() || c == b".");
-        let next = join(&cur, &c);
+        let next = join_path(&cur, &c);
         match node(&next) {
             None if last && !follow_last => cur = next,
             None => return None,

@@ -636,14 +636,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             let (dev, rt) = (packages_of(dev)?, packages_of(rt)?);
             write_sboms(opts, &packages, &dev, &rt)?;
             return Ok(BuildSummary {
-                phases,
-                raw,
-                dev,
-                rt,
-                binary_packages: count_binary_packages(&packages),
-                key,
                 unchanged: true,
-                carried: None,
+                ..BuildSummary::new(phases, raw, dev, rt, &packages, key)
             });
         }
         phases.push(("build key".to_string(), t.elapsed()));
@@ -869,18 +863,33 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     phases.push(("tag dev and rt".to_string(), t.elapsed()));
     blobs.commit();
     Ok(BuildSummary {
-        phases,
-        raw,
-        dev,
-        rt,
-        binary_packages: count_binary_packages(&packages),
-        key,
-        unchanged: false,
         carried,
+        ..BuildSummary::new(phases, raw, dev, rt, &packages, key)
     })
 }
 
 impl BuildSummary {
+    /// The summary of a build that built dev and rt, with the binary packages in `packages`.
+    fn new(
+        phases: Vec<(String, Duration)>,
+        raw: StoredImage,
+        dev: BuiltImage,
+        rt: BuiltImage,
+        packages: &Path,
+        key: String,
+    ) -> Self {
+        BuildSummary {
+            phases,
+            raw,
+            dev,
+            rt,
+            binary_packages: count_binary_packages(packages),
+            key,
+            unchanged: false,
+            carried: None,
+        }
+    }
+
     /// The end-of-build report.
     pub fn render(&self) -> String {
         let mut s = String::new();

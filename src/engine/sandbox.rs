@@ -396,14 +396,7 @@ pub fn prepare_stage(
     // 0700, root only: the stage holds setuid binaries and device nodes (made 0755 before).
     let private = || fs::Permissions::from_mode(0o700);
     let lock_path = stages.join(format!("{digest}.lock"));
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("{}: cannot open", lock_path.display()))?;
-    lock.lock()
-        .with_context(|| format!("{}: cannot lock", lock_path.display()))?;
+    let _lock = crate::image::store::lock_file(&lock_path, "the extracted stage")?;
     if done.join(".complete").is_file() {
         fs::set_permissions(&done, private())
             .with_context(|| format!("{}: cannot make it private", done.display()))?;
@@ -422,7 +415,7 @@ pub fn prepare_stage(
     std::os::unix::fs::lchown(&tmp_root, Some(root_id), Some(root_id))
         .with_context(|| format!("{}: cannot set the owner", tmp_root.display()))?;
     let input = decompress::open(stage)?;
-    let bar = progress::Bytes::new(verbosity, "extracting stage", input.size);
+    let bar = progress::Bar::new(verbosity, "extracting stage", input.size);
     let consumed = input.consumed.clone();
     // No shift: the tool runs in a user namespace (see userns::session_shift).
     let unprivileged = ids == IdShift::NONE;
@@ -914,24 +907,31 @@ fn setup_dev(root: &pinned::Dir) -> Result<()> {
         let host = Path::new("/dev").join(node);
         mnt(Some(&host), &at, None, MsFlags::MS_BIND, None)?;
     }
-    let pts = dev.join("pts");
-    fs::create_dir(&pts).context("cannot create /dev/pts")?;
-    mnt(
-        Some(Path::new("devpts")),
-        &pts,
-        Some("devpts"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620"),
-    )?;
-    let shm = dev.join("shm");
-    fs::create_dir(&shm).context("cannot create /dev/shm")?;
-    mnt(
-        Some(Path::new("tmpfs")),
-        &shm,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777"),
-    )?;
+    let own_filesystems = [
+        (
+            "pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620",
+        ),
+        (
+            "shm",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            "mode=1777",
+        ),
+    ];
+    for (name, fstype, flags, data) in own_filesystems {
+        let at = dev.join(name);
+        fs::create_dir(&at).with_context(|| format!("cannot create /dev/{name}"))?;
+        mnt(
+            Some(Path::new(fstype)),
+            &at,
+            Some(fstype),
+            flags,
+            Some(data),
+        )?;
+    }
     for (name, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),

@@ -588,16 +588,7 @@ impl Store {
 
     /// An exclusive lock on the store, held while `index.json` is rewritten.
     fn lock(&self) -> Result<File> {
-        let path = self.root.join(".lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("{}: cannot open the store lock", path.display()))?;
-        file.lock()
-            .with_context(|| format!("{}: cannot lock the store", path.display()))?;
-        Ok(file)
+        lock_file(&self.root.join(".lock"), "the store")
     }
 
     /// The writer lock held exclusively: no other command is writing to the store. This
@@ -1045,6 +1036,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(|e| e.error)
         .with_context(|| format!("{}: cannot replace", path.display()))?;
     sync_dir(dir)
+}
+
+/// Open (or make) the lock file `path` and wait for its exclusive lock (flock: it goes with
+/// the process), which keeps `what` (for messages) while the file is open.
+pub fn lock_file(path: &Path, what: &str) -> Result<File> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("{}: cannot open {what} lock", path.display()))?;
+    file.lock()
+        .with_context(|| format!("{}: cannot lock {what}", path.display()))?;
+    Ok(file)
 }
 
 #[cfg(test)]

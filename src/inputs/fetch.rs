@@ -128,6 +128,11 @@ struct Validators {
     last_modified: Option<String>,
 }
 
+/// A header of `resp` as text, if it is there and is text.
+fn header_str(resp: &reqwest::Response, name: header::HeaderName) -> Option<&str> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
 /// A failure after which the `.part` is worthless (more bytes than announced, another
 /// size than expected): the download ends and the `.part` is deleted.
 #[derive(Debug)]
@@ -158,7 +163,7 @@ struct Download<'a> {
     downloaded: u64,
     resumed_from: Option<u64>,
     label: String,
-    bar: Option<progress::Bytes>,
+    bar: Option<progress::Bar>,
 }
 
 /// What one try of a small download got.
@@ -193,12 +198,7 @@ impl Fetcher {
             .build()
             .context("cannot start the async runtime")?;
         let tls = crate::net::tls_config(&[])?;
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .connect_timeout(opts.connect_timeout)
-            .user_agent(concat!("gentoo-mkimg/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("cannot set up the HTTP client")?;
+        let client = crate::net::http_client(Some(tls), opts.connect_timeout)?;
         Ok(Fetcher {
             cache_dir: cache_dir.to_path_buf(),
             opts,
@@ -480,11 +480,8 @@ impl Fetcher {
             let resp = self.send(req).await?;
             match resp.status() {
                 StatusCode::PARTIAL_CONTENT if offset > 0 => {
-                    let range = resp
-                        .headers()
-                        .get(header::CONTENT_RANGE)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_content_range);
+                    let range =
+                        header_str(&resp, header::CONTENT_RANGE).and_then(parse_content_range);
                     let Some((start, _end, total)) = range else {
                         truncate(&dl.file).map_err(|e| io_fail(e, "truncate"))?;
                         return Err(Failure::retry(anyhow!(
@@ -518,11 +515,8 @@ impl Fetcher {
                     break (resp, total);
                 }
                 StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => {
-                    let total = resp
-                        .headers()
-                        .get(header::CONTENT_RANGE)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_unsatisfied_range);
+                    let total =
+                        header_str(&resp, header::CONTENT_RANGE).and_then(parse_unsatisfied_range);
                     if dl.expected.or(total) == Some(offset) {
                         tracing::debug!("{}: {part_display} is complete", dl.url);
                         return Ok(());
@@ -545,7 +539,7 @@ impl Fetcher {
         }
         if dl.bar.is_none() {
             let len = total.or(dl.expected).unwrap_or(0);
-            dl.bar = Some(progress::Bytes::new(self.opts.verbosity, &dl.label, len));
+            dl.bar = Some(progress::Bar::new(self.opts.verbosity, &dl.label, len));
         }
         let idle = self.opts.idle_timeout;
         let mut stream = resp.bytes_stream();
@@ -647,14 +641,8 @@ impl Fetcher {
         if resp.content_length().is_some_and(|n| n > limit) {
             return Err(too_large());
         }
-        let header_text = |name: header::HeaderName| {
-            resp.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        let etag = header_text(header::ETAG);
-        let last_modified = header_text(header::LAST_MODIFIED);
+        let etag = header_str(&resp, header::ETAG).map(str::to_string);
+        let last_modified = header_str(&resp, header::LAST_MODIFIED).map(str::to_string);
         let idle = self.opts.idle_timeout;
         let mut body = Vec::new();
         let mut stream = resp.bytes_stream();

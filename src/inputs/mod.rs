@@ -488,8 +488,7 @@ impl Inputs {
     fn record_text(&self, companions: &str, file: &Path) -> Result<String> {
         let size = fs::metadata(file).map(|m| m.len()).unwrap_or(0);
         let name = file.file_name().unwrap_or_default().to_string_lossy();
-        let bar =
-            crate::progress::Bytes::new(self.opts.verbosity, &format!("checking {name}"), size);
+        let bar = crate::progress::Bar::new(self.opts.verbosity, &format!("checking {name}"), size);
         let hashes = digests::hash_file(file, &[digests::Algorithm::Sha256], |n| bar.set(n))?;
         bar.finish();
         let sha256 = hashes

@@ -169,7 +169,7 @@ pub fn check_file(
                 let outcome = File::open(file)
                     .map_err(|e| format!("cannot read {}: {e}", file.display()))
                     .and_then(|f| {
-                        let bar = progress::Bytes::new(
+                        let bar = progress::Bar::new(
                             trust.verbosity,
                             &format!("checking {}", companion.name),
                             f.metadata().map(|m| m.len()).unwrap_or(0),
@@ -211,14 +211,8 @@ pub fn check_file(
                             outcome: Ok(signer(&v)),
                             anchor: false,
                         });
-                        match digests::parse(&payload, default) {
-                            Ok(lines) => wanted.push((companion.name.clone(), true, lines)),
-                            Err(e) => checks.push(Check {
-                                what: format!("contents ({})", companion.name),
-                                outcome: Err(format!("{e:#}")),
-                                anchor: false,
-                            }),
-                        }
+                        let parsed = digests::parse(&payload, default);
+                        take_digests(parsed, &companion.name, true, &mut wanted, &mut checks);
                     }
                     Err(e) => checks.push(Check {
                         what,
@@ -228,15 +222,8 @@ pub fn check_file(
                 }
             }
             CompanionKind::TransferDigest => {
-                let text = String::from_utf8_lossy(content);
-                match digests::parse(&text, None) {
-                    Ok(lines) => wanted.push((companion.name.clone(), false, lines)),
-                    Err(e) => checks.push(Check {
-                        what: format!("contents ({})", companion.name),
-                        outcome: Err(format!("{e:#}")),
-                        anchor: false,
-                    }),
-                }
+                let parsed = digests::parse(&String::from_utf8_lossy(content), None);
+                take_digests(parsed, &companion.name, false, &mut wanted, &mut checks);
             }
         }
     }
@@ -250,7 +237,7 @@ pub fn check_file(
         .collect();
     let algs = digests::algorithms(&listed);
     let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
-    let bar = progress::Bytes::new(trust.verbosity, &format!("hashing {name}"), size);
+    let bar = progress::Bar::new(trust.verbosity, &format!("hashing {name}"), size);
     let hashes = match digests::hash_file(file, &algs, |done| bar.set(done)) {
         Ok(h) => h,
         Err(e) => {
@@ -293,6 +280,25 @@ pub fn check_file(
         }
     }
     checks
+}
+
+/// A companion's digest lines (`signed`: read from a verified signature) go to `wanted`; a
+/// companion that cannot be read is a failed check.
+fn take_digests(
+    parsed: Result<Vec<digests::DigestLine>>,
+    companion: &str,
+    signed: bool,
+    wanted: &mut Vec<(String, bool, Vec<digests::DigestLine>)>,
+    checks: &mut Vec<Check>,
+) {
+    match parsed {
+        Ok(lines) => wanted.push((companion.to_string(), signed, lines)),
+        Err(e) => checks.push(Check {
+            what: format!("contents ({companion})"),
+            outcome: Err(format!("{e:#}")),
+            anchor: false,
+        }),
+    }
 }
 
 fn signer(v: &Verified) -> String {

@@ -77,6 +77,25 @@ pub fn tls_config(extra: &[PathBuf]) -> Result<rustls::ClientConfig> {
     Ok(config)
 }
 
+/// The tool's HTTP client: TLS by `tls` (`None`: any certificate, for the hosts the user
+/// called insecure), connections given up after `connect_timeout`, our user agent.
+pub fn http_client(
+    tls: Option<rustls::ClientConfig>,
+    connect_timeout: std::time::Duration,
+) -> Result<reqwest::Client> {
+    let builder = match tls {
+        Some(tls) => reqwest::Client::builder().tls_backend_preconfigured(tls),
+        None => reqwest::Client::builder()
+            .tls_backend_rustls()
+            .tls_danger_accept_invalid_certs(true),
+    };
+    builder
+        .connect_timeout(connect_timeout)
+        .user_agent(concat!("gentoo-mkimg/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("cannot set up the HTTP client")
+}
+
 /// A reqwest error with its causes, on one line, credentials in URLs redacted.
 pub fn describe(err: &reqwest::Error) -> String {
     let mut text = err.to_string();

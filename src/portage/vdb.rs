@@ -12,7 +12,7 @@ use std::io::Read;
 
 use anyhow::{Result, anyhow};
 
-use crate::archive::entries::{EntryKind, walk_layer};
+use crate::archive::entries::{EntryKind, walk_layer, whiteout};
 
 /// The most of one vdb file kept (USE, LICENSE and RDEPEND of real packages are far smaller).
 pub const VALUE_MAX: u64 = 1 << 20;
@@ -76,22 +76,6 @@ fn split_package(path: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((&path[..dir_len], below))
 }
 
-fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
-    match path.iter().rposition(|&b| b == b'/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => (b"", path),
-    }
-}
-
-fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
-    let mut p = dir.to_vec();
-    if !p.is_empty() {
-        p.push(b'/');
-    }
-    p.extend_from_slice(name);
-    p
-}
-
 /// `a` is `b` or below it.
 fn is_under(a: &[u8], b: &[u8]) -> bool {
     b.is_empty() || a == b || (a.starts_with(b) && a.get(b.len()) == Some(&b'/'))
@@ -144,17 +128,12 @@ impl Vdb {
     /// Apply one layer (a tar stream) on top of what is there.
     pub fn apply_layer(&mut self, input: impl Read, layer: usize) -> Result<()> {
         walk_layer(input, |meta, mut entry, last| {
-            let (parent, name) = split_parent(&meta.path);
-            if name == b".wh..wh..opq" {
-                if let Some((dir, b"")) = split_package(parent) {
-                    self.touch(dir, layer);
-                }
-                self.hide_lower(parent, true, layer);
-                return Ok(());
-            }
-            if let Some(hidden) = name.strip_prefix(b".wh.") {
-                if !hidden.starts_with(b".wh.") {
-                    self.hide_lower(&join(parent, hidden), false, layer);
+            if let Some(hides) = whiteout(&meta.path) {
+                if let Some((path, everything_in)) = hides {
+                    if let (true, Some((dir, b""))) = (everything_in, split_package(&path)) {
+                        self.touch(dir, layer);
+                    }
+                    self.hide_lower(&path, everything_in, layer);
                 }
                 return Ok(());
             }

@@ -17,7 +17,9 @@ use reqwest::header;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use super::registry::{PushOptions, Registry, auth_host, body_text, runtime_and_clients};
+use super::registry::{
+    PushOptions, Registry, auth_host, body_text, content_digest, runtime_and_clients,
+};
 use crate::image::reference::Reference;
 use crate::image::store::{Descriptor, Digest, INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, Manifest};
 
@@ -245,11 +247,7 @@ async fn get_manifest(
             body_text(resp, registry.stall).await
         ),
     }
-    let said = resp
-        .headers()
-        .get("docker-content-digest")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let said = content_digest(&resp);
     let mut resp = resp;
     let mut bytes = Vec::new();
     loop {

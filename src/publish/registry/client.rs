@@ -17,7 +17,9 @@ use reqwest::{StatusCode, Url};
 
 use crate::image::store::{Descriptor, Digest, INDEX_MEDIA_TYPE, Index};
 pub use crate::net::RetryPolicy;
-use crate::net::{Failure, Retries, Tried, describe, is_tls_refusal, retry_after, tls_config};
+use crate::net::{
+    Failure, Retries, Tried, describe, http_client, is_tls_refusal, retry_after, tls_config,
+};
 use crate::publish::auth::{self, Credential};
 
 use super::PushOptions;
@@ -39,20 +41,8 @@ pub(in crate::publish) fn runtime_and_clients(
 
 /// The verified and the unverified (insecure hosts only) HTTP clients.
 fn http_clients(opts: &PushOptions) -> Result<(reqwest::Client, reqwest::Client)> {
-    let tls = tls_config(&opts.ca_files)?;
-    let secure = reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .connect_timeout(opts.connect_timeout)
-        .user_agent(concat!("gentoo-mkimg/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .context("cannot set up the HTTP client")?;
-    let insecure = reqwest::Client::builder()
-        .tls_backend_rustls()
-        .tls_danger_accept_invalid_certs(true)
-        .connect_timeout(opts.connect_timeout)
-        .user_agent(concat!("gentoo-mkimg/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .context("cannot set up the HTTP client")?;
+    let secure = http_client(Some(tls_config(&opts.ca_files)?), opts.connect_timeout)?;
+    let insecure = http_client(None, opts.connect_timeout)?;
     Ok((secure, insecure))
 }
 
@@ -148,6 +138,14 @@ pub(super) async fn exchange(
             }
         }
     }
+}
+
+/// The digest a registry says its answer's content has (`Docker-Content-Digest`).
+pub(in crate::publish) fn content_digest(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// The start of an answer's body, for error messages (registries answer with JSON errors).
@@ -717,11 +715,7 @@ impl Registry {
                 body_text(resp, self.stall).await
             );
         }
-        let digest = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let digest = content_digest(&resp);
         Ok((digest, resp.headers().contains_key("oci-subject")))
     }
 

@@ -38,7 +38,9 @@ use crate::progress::Verbosity;
 mod client;
 mod upload;
 
-pub(in crate::publish) use client::{Registry, auth_host, body_text, runtime_and_clients};
+pub(in crate::publish) use client::{
+    Registry, auth_host, body_text, content_digest, runtime_and_clients,
+};
 use upload::*;
 
 /// How to push.
