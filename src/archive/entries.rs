@@ -221,21 +221,32 @@ pub fn whiteout(path: &[u8]) -> Option<Option<(Vec<u8>, bool)>> {
     Some((!hidden.starts_with(b".wh.")).then(|| (join_path(parent, hidden), false)))
 }
 
-/// Walk one image layer's tar stream: [`walk_tar`] of a layer.
+/// Walk one image layer's tar stream as [`walk_tar`] does, except that a layer with no
+/// entries at all needs no end-of-archive marker.
 pub fn walk_layer<R: Read>(
     input: R,
     each: impl FnMut(EntryMeta, &mut dyn Read, &str) -> Result<()>,
 ) -> Result<()> {
-    walk_tar(input, "layer", each)
+    walk(input, "layer", true, each)
 }
 
-/// Walk a tar stream (`what` names it in messages: "layer", "archive"): `each` gets every
-/// entry's metadata, its data and its name for messages. Fails on corrupt data and on a
-/// stream that has entries but ends without tar's end-of-archive marker; what follows the
-/// marker is read too, so a reader that checks a digest as it streams sees all of it.
+/// Walk a tar stream (`what` names it in messages, e.g. "archive"): `each` gets every entry's
+/// metadata, its data and its name for messages. Fails on corrupt data and on a stream that
+/// ends without tar's end-of-archive marker (so an empty or cut file is no archive); what
+/// follows the marker is read too, so a reader that checks a digest as it streams sees all
+/// of it.
 pub fn walk_tar<R: Read>(
     input: R,
     what: &str,
+    each: impl FnMut(EntryMeta, &mut dyn Read, &str) -> Result<()>,
+) -> Result<()> {
+    walk(input, what, false, each)
+}
+
+fn walk<R: Read>(
+    input: R,
+    what: &str,
+    empty_ok: bool,
     mut each: impl FnMut(EntryMeta, &mut dyn Read, &str) -> Result<()>,
 ) -> Result<()> {
     let mut checked = TrailerCheck::new(input);
@@ -255,7 +266,7 @@ pub fn walk_tar<R: Read>(
             each(meta, &mut entry, &last)?;
         }
     }
-    if any && !checked.saw_end_marker() {
+    if (any || !empty_ok) && !checked.saw_end_marker() {
         bail!(
             "truncated: the {what} ends after entry {last:?} without tar's end-of-archive marker"
         );
@@ -323,5 +334,15 @@ mod tests {
         let mut r = TrailerCheck::new(&data[..]);
         io::copy(&mut r, &mut io::sink()).unwrap();
         assert!(r.saw_end_marker());
+    }
+
+    /// An empty or cut stream is no archive; an empty layer is a layer.
+    #[test]
+    fn an_archive_needs_its_end_marker_and_an_empty_layer_none() {
+        let none = |_: EntryMeta, _: &mut dyn Read, _: &str| Ok(());
+        let err = walk_tar(&b""[..], "archive", none).unwrap_err();
+        assert!(err.to_string().contains("truncated: the archive"), "{err}");
+        walk_layer(&b""[..], none).unwrap();
+        walk_tar(&[0u8; 1024][..], "archive", none).unwrap();
     }
 }
