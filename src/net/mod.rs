@@ -214,7 +214,7 @@ impl<'a> Retries<'a> {
     /// Count a failure of `what` for `reason` (`after`: what the server's `Retry-After`
     /// asked for): the wait before the next try, said in a warning, or `None` when the tries
     /// are spent (see [`Retries::gave_up`]).
-    pub fn failed(
+    fn failed(
         &mut self,
         what: &dyn std::fmt::Display,
         reason: &dyn std::fmt::Display,
@@ -235,7 +235,7 @@ impl<'a> Retries<'a> {
     }
 
     /// Why the request ended: `gave up after N tries`.
-    pub fn gave_up(&self) -> String {
+    fn gave_up(&self) -> String {
         format!("gave up after {} tries", self.failures)
     }
 

@@ -397,7 +397,15 @@ impl ImagePush<'_> {
                     return Ok(());
                 }
                 Err(failure) => {
-                    tokio::time::sleep(retries.judge(&what, failure)?).await;
+                    let delay = match retries.judge(&what, failure) {
+                        Ok(delay) => delay,
+                        Err(e) => {
+                            // No session is left open at the registry.
+                            registry.cancel_upload(repo, location).await;
+                            return Err(e);
+                        }
+                    };
+                    tokio::time::sleep(delay).await;
                     if chunked {
                         resume = self.upload_status(&location).await;
                         if let Some((_, at)) = &resume {
