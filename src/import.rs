@@ -14,7 +14,7 @@ use crate::archive::entries::walk_tar;
 use crate::image::config::{ImageSpec, Platform, platform_from_elf};
 use crate::image::layer::{EntryKind, EntrySink, LayerCompression, LayerInfo, LayerWriter};
 use crate::image::reference::Reference;
-use crate::image::store::Store;
+use crate::image::store::{DescriptorExt, Store};
 use crate::image::{StoredImage, commit_image, open_image};
 use crate::portage::vdb;
 use crate::progress::{self, Verbosity};
@@ -222,8 +222,8 @@ pub fn import_stage(store: &Store, opts: &ImportOptions) -> Result<Imported> {
     let reference = opts.reference.to_string();
     let stored = store
         .read_index()?
-        .manifests
-        .into_iter()
+        .manifests()
+        .iter()
         .any(|d| d.ref_name() == Some(reference.as_str()));
     let known = match &opts.stage_digest {
         Some(digest) => Some(digest.clone()),
@@ -262,7 +262,7 @@ fn stored_import(
     let image = open_image(store, &reference)?;
     let bytes = store.read_descriptor(&image.config)?;
     let config: serde_json::Value = serde_json::from_slice(&bytes)
-        .with_context(|| format!("the config {} is not JSON", image.config.digest))?;
+        .with_context(|| format!("the config {} is not JSON", image.config.digest()))?;
     let labels = &config["config"]["Labels"];
     if labels[STAGE_LABEL].as_str() != Some(format!("sha256:{stage_digest}").as_str()) {
         return Ok(None); // another stage, or none recorded
@@ -275,35 +275,34 @@ fn stored_import(
     let [layer] = image.layers.as_slice() else {
         return Ok(None);
     };
-    if layer.media_type != opts.compression.media_type() || !store.has_blob(&layer.digest) {
+    if layer.kind() != opts.compression.media_type() || !store.has_blob(&layer.blob()?) {
         return Ok(None);
     }
     let diff_id = match config["rootfs"]["diff_ids"].as_array().map(Vec::as_slice) {
         Some([one]) => serde_json::from_value(one.clone())
-            .with_context(|| format!("the config {}: a bad diff_id", image.config.digest))?,
+            .with_context(|| format!("the config {}: a bad diff_id", image.config.digest()))?,
         _ => return Ok(None),
     };
     // The config this import would write over the stored layer; only the layer's digests
     // go into it (not its uncompressed size).
     let info = LayerInfo {
-        digest: layer.digest.clone(),
+        digest: layer.blob()?,
         diff_id,
-        size: layer.size,
+        size: layer.size(),
         tar_size: 0,
         media_type: opts.compression.media_type(),
     };
     let spec = import_spec(opts, &facts, stage_digest)?;
     let want = crate::image::config::config_json(&spec, std::slice::from_ref(&info))?;
-    if crate::image::store::Digest::of(&want) != image.config.digest {
+    if crate::image::store::Digest::of(&want) != image.config.blob()? {
         return Ok(None); // other settings (compression, platform, creation time, name)
     }
     // The layer must be whole (read through, its digest checked; far cheaper than importing):
     // a corrupt blob, which push and archive refuse with the advice to import again, is
     // replaced by importing again.
     let mut blob = store.open_blob(layer)?;
-    std::io::copy(&mut blob, &mut std::io::sink()).map_err(|e| {
-        crate::image::store::blob_error(e, &store.blob_path(&layer.digest), "the layer")
-    })?;
+    std::io::copy(&mut blob, &mut std::io::sink())
+        .map_err(|e| crate::image::store::blob_error(e, blob.path(), "the layer"))?;
     Ok(Some((image, facts)))
 }
 

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::image::store::{Descriptor, Store};
+use crate::image::store::{Descriptor, DescriptorExt, Store};
 use crate::portage::vdb::{Installed, Vdb};
 use crate::progress::human_size;
 use crate::publish::pull::Puller;
@@ -116,17 +116,17 @@ pub fn inspect_store(store: &Store, reference: &str) -> Result<Inspection> {
     let manifest_desc = store.resolve(&reference)?;
     let manifest = store.read_manifest(&manifest_desc).with_context(image)?;
     let config = store
-        .read_descriptor(&manifest.config)
+        .read_descriptor(manifest.config())
         .with_context(image)?;
     let platform = platform_of_config(&config)
-        .with_context(|| format!("image {reference}: config {}", manifest.config.digest))?;
-    let installed = installed_in_store(store, &reference, &manifest.layers, &KEYS)?;
+        .with_context(|| format!("image {reference}: config {}", manifest.config().digest()))?;
+    let installed = installed_in_store(store, &reference, manifest.layers(), &KEYS)?;
     Ok(Inspection {
         reference,
         source: "store".to_string(),
-        digest: manifest_desc.digest.to_string(),
+        digest: manifest_desc.digest().to_string(),
         platform,
-        layers: layer_rows(&manifest.layers),
+        layers: layer_rows(manifest.layers()),
         packages: packages(&installed),
     })
 }
@@ -157,12 +157,12 @@ fn installed_in_layers<R: std::io::Read + Send + 'static>(
                 "image {name}: layer {} of {} ({})",
                 i + 1,
                 layers.len(),
-                layer.digest
+                layer.digest()
             )
         };
         let blob = open(layer).with_context(what)?;
         vdb.apply_layer(
-            crate::image::layer::open_stream(&layer.media_type, blob).with_context(what)?,
+            crate::image::layer::open_stream(layer.kind(), blob).with_context(what)?,
             i,
         )
         .with_context(what)?;
@@ -175,10 +175,10 @@ fn installed_in_layers<R: std::io::Read + Send + 'static>(
 pub fn inspect_remote(puller: &mut Puller, reference: &str) -> Result<Inspection> {
     let image = puller.manifest(reference)?;
     let name = image.reference.clone();
-    let config = puller.read_small(&image, &image.manifest.config)?;
+    let config = puller.read_small(&image, image.manifest.config())?;
     let platform = platform_of_config(&config)
-        .with_context(|| format!("image {name}: config {}", image.manifest.config.digest))?;
-    let layers = &image.manifest.layers;
+        .with_context(|| format!("image {name}: config {}", image.manifest.config().digest()))?;
+    let layers = image.manifest.layers();
     let installed = installed_in_layers(&name, layers, &KEYS, |layer| {
         puller.open_blob(&image, layer)
     })?;
@@ -197,9 +197,9 @@ pub fn layer_rows(layers: &[Descriptor]) -> Vec<Layer> {
     layers
         .iter()
         .map(|l| Layer {
-            digest: l.digest.to_string(),
-            media_type: l.media_type.clone(),
-            size: l.size,
+            digest: l.digest().to_string(),
+            media_type: l.kind().to_string(),
+            size: l.size(),
         })
         .collect()
 }

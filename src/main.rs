@@ -221,7 +221,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 publish::docker_archive::write(&store, std::slice::from_ref(&image), path)?;
             }
             if verbosity != Verbosity::Quiet {
-                println!("{} {}", image.reference, image.manifest.digest);
+                println!("{} {}", image.reference, image.manifest.digest());
             }
         }
         Command::Fetch(args) => {

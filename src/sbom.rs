@@ -28,7 +28,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::image::StoredImage;
-use crate::image::store::{Descriptor, Store, write_atomic};
+use crate::image::store::{Descriptor, DescriptorExt, Store, write_atomic};
 use crate::portage::vdb::Installed;
 use crate::portage::{atom, license};
 
@@ -161,7 +161,7 @@ pub fn document(
         .map_or(reference, |(n, _)| n);
     let namespace = format!(
         "https://gentoo-mkimg.invalid/spdx/{name}/{}",
-        manifest.digest.hex()
+        manifest.digest().digest()
     );
     // Ids: one per CAT/PF, made unique in package order.
     let mut ids: Vec<String> = Vec::new();
@@ -190,11 +190,11 @@ pub fn document(
     let mut spdx_packages = vec![json!({
         "SPDXID": image_id,
         "name": reference,
-        "versionInfo": manifest.digest.as_str(),
+        "versionInfo": manifest.digest().to_string(),
         "downloadLocation": "NOASSERTION",
         "filesAnalyzed": false,
         "primaryPackagePurpose": "CONTAINER",
-        "checksums": [{"algorithm": "SHA256", "checksumValue": manifest.digest.hex()}],
+        "checksums": [{"algorithm": "SHA256", "checksumValue": manifest.digest().digest()}],
         "licenseConcluded": "NOASSERTION",
         "licenseDeclared": "NOASSERTION",
         "copyrightText": "NOASSERTION",
@@ -351,16 +351,16 @@ pub fn attach(
 /// The SBOM the store holds for `image`, if any (the last one attached).
 pub fn stored(store: &Store, image: &StoredImage) -> Result<Option<Vec<u8>>> {
     let Some(desc) = store
-        .referrers(&image.manifest.digest, Some(SPDX_MEDIA_TYPE))?
+        .referrers(&image.manifest.blob()?, Some(SPDX_MEDIA_TYPE))?
         .pop()
     else {
         return Ok(None);
     };
     let manifest = store.read_manifest(&desc)?;
     let Some(layer) = manifest
-        .layers
+        .layers()
         .iter()
-        .find(|l| l.media_type == SPDX_MEDIA_TYPE && l.size <= SBOM_MAX)
+        .find(|l| l.kind() == SPDX_MEDIA_TYPE && l.size() <= SBOM_MAX)
     else {
         return Ok(None);
     };
@@ -431,7 +431,7 @@ mod tests {
             pkg("sys-libs/ncurses-5.9", &[("SLOT", "5"), ("LICENSE", "MIT")]),
             pkg("virtual/libc-1-r1", &[("LICENSE", "metapackage")]),
         ];
-        let manifest = Descriptor::new("m", Digest::of(b"x"), 1);
+        let manifest = crate::image::oci::descriptor("m", &Digest::of(b"x"), 1);
         let doc = document(
             "localhost/g-rt:1",
             &manifest,
@@ -444,7 +444,7 @@ mod tests {
             doc["documentNamespace"],
             format!(
                 "https://gentoo-mkimg.invalid/spdx/localhost/g-rt/{}",
-                manifest.digest.hex()
+                manifest.digest().digest()
             )
         );
         let bash = &doc["packages"][1];

@@ -407,7 +407,7 @@ fn exit_status_and_first_load() {
     // The stage was imported into the empty store and loaded under its name.
     let stored = gentoo_mkimg::image::open_image(&s.store, REF).expect("the store has the image");
     let id = docker_ok(&["image", "inspect", "--format", "{{.Id}}", REF]);
-    assert_eq!(id.trim(), stored.config.digest.as_str());
+    assert_eq!(id.trim(), stored.config.digest().as_ref());
     assert_no_session_container(&before);
     // Again, with the image already there.
     let s = session(&world.stage, dirs.root(), &["/bin/sh", "-c", "exit 0"]);
@@ -683,9 +683,9 @@ fn another_image_under_the_same_name_is_replaced() {
     let stored = gentoo_mkimg::image::open_image(&s.store, REF).expect("stored");
     let first =
         gentoo_mkimg::image::open_image(&Store::new(dirs.path("store")), REF).expect("stored");
-    assert_ne!(stored.config.digest, first.config.digest);
+    assert_ne!(stored.config.digest(), first.config.digest());
     let id = docker_ok(&["image", "inspect", "--format", "{{.Id}}", REF]);
-    assert_eq!(id.trim(), stored.config.digest.as_str());
+    assert_eq!(id.trim(), stored.config.digest().as_ref());
     assert_no_session_container(&before);
     // And back, leaving the engine as the other tests expect it, without the other image.
     assert_eq!(
@@ -693,8 +693,8 @@ fn another_image_under_the_same_name_is_replaced() {
         0
     );
     let id = docker_ok(&["image", "inspect", "--format", "{{.Id}}", REF]);
-    assert_eq!(id.trim(), first.config.digest.as_str());
-    docker_ok(&["rmi", stored.config.digest.as_str()]);
+    assert_eq!(id.trim(), first.config.digest().as_ref());
+    docker_ok(&["rmi", stored.config.digest().as_ref()]);
     assert_no_session_container(&before);
 }
 
@@ -806,9 +806,9 @@ fn a_stored_image_of_another_stage_under_the_name_is_not_used() {
     let s = session(&world.stage, dirs.root(), &check);
     assert_eq!(run(&s).expect("run"), 0, "the other stage's image ran");
     let stored = gentoo_mkimg::image::open_image(&s.store, REF).expect("stored");
-    assert_ne!(stored.manifest.digest, other.manifest.digest);
+    assert_ne!(stored.manifest.digest(), other.manifest.digest());
     let id = docker_ok(&["image", "inspect", "--format", "{{.Id}}", REF]);
-    assert_eq!(id.trim(), stored.config.digest.as_str());
+    assert_eq!(id.trim(), stored.config.digest().as_ref());
     // Now it is this stage's: not imported again (the store's index is not rewritten).
     let index = dirs.path("store/index.json");
     let modified = || {
@@ -819,7 +819,7 @@ fn a_stored_image_of_another_stage_under_the_name_is_not_used() {
     let written = modified();
     assert_eq!(run(&s).expect("run"), 0);
     assert_eq!(modified(), written, "imported again");
-    docker_ok(&["rmi", other.config.digest.as_str()]);
+    docker_ok(&["rmi", other.config.digest().as_ref()]);
     assert_no_session_container(&before);
 }
 

@@ -578,14 +578,17 @@ fn a_stored_import_of_the_same_stage_does_not_read_it_again() {
     };
     let second = import_stage(&store, &known).expect("the stored raw image was not taken");
     assert!(second.reused);
-    assert_eq!(second.image.manifest.digest, first.image.manifest.digest);
+    assert_eq!(
+        second.image.manifest.digest(),
+        first.image.manifest.digest()
+    );
     assert_eq!(second.facts, first.facts);
     assert_eq!(second.stage_digest, digest);
 
     // Something not a tarball where the stage was: still not read.
     std::fs::write(&copy, b"not a tarball").unwrap();
     let third = import_stage(&store, &known).unwrap();
-    assert_eq!(third.image.manifest.digest, first.image.manifest.digest);
+    assert_eq!(third.image.manifest.digest(), first.image.manifest.digest());
     std::fs::remove_file(&copy).unwrap();
 
     // Another compression, creation time or digest would make another image: the stage is

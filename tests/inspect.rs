@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use gentoo_mkimg::image::oci::DescriptorExt;
 use gentoo_mkimg::image::store::{Descriptor, Digest, MANIFEST_MEDIA_TYPE, Store};
 
 use support::token::TokenServer;
@@ -309,7 +310,7 @@ fn check_table(table: &str, want: &[Pkg]) {
 fn stored(store: &Store, reference: &str) -> (Digest, Vec<Descriptor>) {
     let desc = store.resolve(reference).unwrap();
     let manifest = store.read_manifest(&desc).unwrap();
-    (desc.digest, manifest.layers)
+    (desc.blob().unwrap(), manifest.layers().clone())
 }
 
 fn check_json(report: &serde_json::Value, store: &Store, reference: &str, want: &[Pkg]) {
@@ -333,7 +334,7 @@ fn check_json(report: &serde_json::Value, store: &Store, reference: &str, want: 
         .collect();
     let want_layers: Vec<(String, String, u64)> = layers
         .iter()
-        .map(|l| (l.digest.to_string(), l.media_type.clone(), l.size))
+        .map(|l| (l.digest().to_string(), l.kind().to_string(), l.size()))
         .collect();
     assert_eq!(got, want_layers);
 }
@@ -361,7 +362,7 @@ fn a_store_image_and_the_same_image_in_a_registry_list_exactly_their_vdb() {
         "{table}"
     );
     let (_, layers) = stored(&store, &reference);
-    assert!(table.contains(layers[0].digest.as_str()), "{table}");
+    assert!(table.contains(&layers[0].digest().to_string()), "{table}");
     let local = inspect_json(&work, &[&reference]);
     check_json(&local, &store, &reference, &want);
     assert_eq!(local["source"], "store");

@@ -16,6 +16,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 
 use gentoo_mkimg::image::StoredImage;
 use gentoo_mkimg::image::layer::LayerCompression;
+use gentoo_mkimg::image::oci::DescriptorExt;
 use gentoo_mkimg::image::store::Store;
 use gentoo_mkimg::import::{ImportOptions, import};
 use gentoo_mkimg::progress::Verbosity;
@@ -192,7 +193,7 @@ fn manifest_status(reg: &Registry, repo: &str, tag: &str) -> u16 {
 
 fn layer_of(image: &StoredImage) -> String {
     assert_eq!(image.layers.len(), 1);
-    image.layers[0].digest.to_string()
+    image.layers[0].digest().to_string()
 }
 
 fn digest_query(digest: &str) -> String {
@@ -224,10 +225,10 @@ fn plain_registry_mounts_siblings_and_a_second_push_uploads_nothing() {
     let out = push_ok(&work, &home, &args);
     let expected: Vec<(String, String)> = images
         .iter()
-        .map(|i| (i.reference.clone(), i.manifest.digest.to_string()))
+        .map(|i| (i.reference.clone(), i.manifest.digest().to_string()))
         .collect();
     assert_eq!(printed(&out), expected, "{}", text(&out));
-    let layer_size = images[0].layers[0].size;
+    let layer_size = images[0].layers[0].size();
     let (up, mounted, skipped, bytes) = counts(&out, &names[0]);
     assert_eq!((up, mounted, skipped), (2, 0, 0), "{}", text(&out));
     assert!(bytes >= layer_size, "{}", text(&out));
@@ -265,7 +266,7 @@ fn plain_registry_mounts_siblings_and_a_second_push_uploads_nothing() {
         let direct = image.reference.replace(&host, &reg.host());
         assert_eq!(
             support::skopeo_digest(&direct, None, &home).as_deref(),
-            Some(image.manifest.digest.as_str()),
+            Some(image.manifest.digest().as_ref()),
             "{direct}"
         );
     }
@@ -303,7 +304,7 @@ fn plain_registry_mounts_siblings_and_a_second_push_uploads_nothing() {
     assert_eq!(
         support::skopeo_digest(&other.reference.replace(&host, &reg.host()), None, &home)
             .as_deref(),
-        Some(other.manifest.digest.as_str())
+        Some(other.manifest.digest().as_ref())
     );
 
     // A new repository in a new process: the shared layer is mounted from a repository the
@@ -314,7 +315,7 @@ fn plain_registry_mounts_siblings_and_a_second_push_uploads_nothing() {
     assert_eq!(
         support::skopeo_digest(&fresh.reference.replace(&host, &reg.host()), None, &home)
             .as_deref(),
-        Some(fresh.manifest.digest.as_str())
+        Some(fresh.manifest.digest().as_ref())
     );
 }
 
@@ -374,7 +375,7 @@ fn basic_auth_uses_config_files_and_helpers_and_never_shows_the_password() {
     assert_no_secret(&out, &secrets);
     assert_eq!(
         printed(&out),
-        [(raw.reference.clone(), raw.manifest.digest.to_string())]
+        [(raw.reference.clone(), raw.manifest.digest().to_string())]
     );
 
     // Podman's auth.json under XDG_RUNTIME_DIR.
@@ -429,7 +430,7 @@ fn basic_auth_uses_config_files_and_helpers_and_never_shows_the_password() {
     for image in [&raw, &dev, &rt] {
         assert_eq!(
             support::skopeo_digest(&image.reference, Some(&creds), &nobody).as_deref(),
-            Some(image.manifest.digest.as_str()),
+            Some(image.manifest.digest().as_ref()),
             "{}",
             image.reference
         );
@@ -483,7 +484,7 @@ fn bearer_tokens_ask_for_the_needed_scopes_only() {
     let out = push_ok(&work, &home, &args);
     for (name, image) in names.iter().zip(&images) {
         assert!(
-            printed(&out).contains(&(name.clone(), image.manifest.digest.to_string())),
+            printed(&out).contains(&(name.clone(), image.manifest.digest().to_string())),
             "{}",
             text(&out)
         );
@@ -540,7 +541,7 @@ fn bearer_tokens_ask_for_the_needed_scopes_only() {
     for image in &images {
         assert_eq!(
             support::skopeo_digest(&image.reference, Some(&creds), &work.path("nobody")).as_deref(),
-            Some(image.manifest.digest.as_str())
+            Some(image.manifest.digest().as_ref())
         );
     }
 }
@@ -566,13 +567,13 @@ fn check_pushed(
     image: &StoredImage,
     proxy: &Proxy,
 ) {
-    assert_eq!(report.digest, image.manifest.digest);
+    assert_eq!(report.digest, image.manifest.blob().unwrap());
     let direct = image
         .reference
         .replace(&proxy.addr.to_string(), &reg.host());
     assert_eq!(
         support::skopeo_digest(&direct, None, home).as_deref(),
-        Some(image.manifest.digest.as_str()),
+        Some(image.manifest.digest().as_ref()),
         "{direct}"
     );
 }
@@ -586,7 +587,7 @@ fn push_survives_errors_drops_and_stalls() {
     let image = work.import(&work.stage_a, &format!("{host}/test/f-raw:1"));
     let layer = layer_of(&image);
     assert!(
-        image.layers[0].size > 2 << 20,
+        image.layers[0].size() > 2 << 20,
         "the layer is big enough to cut in half"
     );
 
@@ -654,7 +655,7 @@ fn push_survives_errors_drops_and_stalls() {
         "Retry-After: 1 was honoured ({took:?})"
     );
     assert_eq!(report.uploaded, 2);
-    assert!(report.bytes_sent > image.layers[0].size, "{report:?}");
+    assert!(report.bytes_sent > image.layers[0].size(), "{report:?}");
 }
 
 #[test]
@@ -664,7 +665,7 @@ fn chunked_upload_resumes_where_the_registry_stands() {
     let proxy = Proxy::start(reg.addr);
     let host = proxy.addr.to_string();
     let image = work.import(&work.stage_a, &format!("{host}/test/c-raw:1"));
-    let size = image.layers[0].size;
+    let size = image.layers[0].size();
     let chunk = 512u64 << 10;
     let chunks = size.div_ceil(chunk) as usize;
     assert!(chunks >= 4);
@@ -704,7 +705,7 @@ fn chunked_upload_resumes_where_the_registry_stands() {
     assert_eq!(status_checks, 1, "{seen:#?}");
     assert_eq!(
         report.bytes_sent,
-        size + chunk + image.config.size,
+        size + chunk + image.config.size(),
         "{report:?}"
     );
 }
@@ -807,10 +808,10 @@ fn tls_is_verified_unless_the_host_is_insecure() {
     };
     let report = registry::push(&work.store, &image.reference, &trusting)
         .unwrap_or_else(|e| panic!("push with the CA trusted: {e:#}"));
-    assert_eq!(report.digest, image.manifest.digest);
+    assert_eq!(report.digest, image.manifest.blob().unwrap());
     assert_eq!(
         support::skopeo_digest(&image.reference, None, &work.path("home")).as_deref(),
-        Some(image.manifest.digest.as_str())
+        Some(image.manifest.digest().as_ref())
     );
     // Loopback hosts are insecure by default: unverified TLS works (nothing left to send).
     let report = registry::push(&work.store, &image.reference, &impatient()).unwrap();

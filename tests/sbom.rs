@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use gentoo_mkimg::image::StoredImage;
+use gentoo_mkimg::image::oci::DescriptorExt;
 use gentoo_mkimg::image::store::{
     Descriptor, Digest, EMPTY_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, Store,
 };
@@ -140,7 +141,7 @@ fn put_image(store: &Store, reference: &str, layer: &[u8]) -> StoredImage {
         "created": "2024-05-06T07:08:09Z",
         "architecture": "amd64",
         "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
+        "rootfs": {"type": "layers", "diff_ids": [layer.digest()]},
         "config": {},
     });
     let config = store
@@ -207,15 +208,22 @@ fn read_json(store: &Store, desc: &Descriptor) -> Value {
 /// Checks every SBOM artifact must pass: what the manifest says and that its subject is
 /// `image`. Returns the document.
 fn check_artifact(store: &Store, artifact: &Descriptor, image: &StoredImage) -> Value {
-    assert_eq!(artifact.media_type, MANIFEST_MEDIA_TYPE);
-    assert_eq!(artifact.artifact_type.as_deref(), Some(SPDX_MEDIA_TYPE));
+    assert_eq!(artifact.kind(), MANIFEST_MEDIA_TYPE);
+    assert_eq!(
+        artifact
+            .artifact_type()
+            .as_ref()
+            .map(|t| t.to_string())
+            .as_deref(),
+        Some(SPDX_MEDIA_TYPE)
+    );
     let m = read_json(store, artifact);
     assert_eq!(m["artifactType"], SPDX_MEDIA_TYPE);
     assert_eq!(m["config"]["mediaType"], EMPTY_MEDIA_TYPE);
     assert_eq!(m["config"]["digest"], Digest::of(b"{}").as_str());
     assert_eq!(m["config"]["size"], 2);
-    assert_eq!(m["subject"]["digest"], image.manifest.digest.as_str());
-    assert_eq!(m["subject"]["size"], image.manifest.size);
+    assert_eq!(m["subject"]["digest"], image.manifest.digest().to_string());
+    assert_eq!(m["subject"]["size"], image.manifest.size());
     assert_eq!(m["subject"]["mediaType"], MANIFEST_MEDIA_TYPE);
     assert!(m["subject"].get("annotations").is_none(), "{m}");
     let layers = m["layers"].as_array().unwrap();
@@ -281,7 +289,7 @@ fn the_sbom_lists_the_vdb_packages_is_valid_spdx_and_is_attached_to_the_image() 
 
     for (kind, img, pkgs) in [("dev", &image, PACKAGES), ("rt", &rt, &PACKAGES[1..3])] {
         let referrers = store
-            .referrers(&img.manifest.digest, Some(SPDX_MEDIA_TYPE))
+            .referrers(&img.manifest.blob().unwrap(), Some(SPDX_MEDIA_TYPE))
             .unwrap();
         assert_eq!(referrers.len(), 1, "{kind}");
         let doc = check_artifact(&store, &referrers[0], img);
@@ -306,7 +314,7 @@ fn the_sbom_lists_the_vdb_packages_is_valid_spdx_and_is_attached_to_the_image() 
             doc["documentNamespace"]
                 .as_str()
                 .unwrap()
-                .ends_with(img.manifest.digest.hex())
+                .ends_with(img.manifest.digest().digest())
         );
         let ncurses = by_name(&doc, "sys-libs/ncurses");
         assert_eq!(ncurses["licenseDeclared"], "MIT");
@@ -377,9 +385,11 @@ fn the_sbom_lists_the_vdb_packages_is_valid_spdx_and_is_attached_to_the_image() 
     let mut sums = sbom::BinpkgSums::new(Some(&binpkgs));
     let (again, bytes) = sbom::attach(&store, &image, &mut sums).unwrap();
     assert_eq!(bytes, first);
-    let referrers = store.referrers(&image.manifest.digest, None).unwrap();
+    let referrers = store
+        .referrers(&image.manifest.blob().unwrap(), None)
+        .unwrap();
     assert_eq!(referrers.len(), 1);
-    assert_eq!(referrers[0].digest, again.digest);
+    assert_eq!(referrers[0].digest(), again.digest());
 }
 
 #[test]
@@ -391,9 +401,9 @@ fn gc_keeps_the_sbom_of_a_kept_image_and_drops_it_with_the_image() {
     let (artifact, _) = sbom::attach(&store, &old, &mut sbom::BinpkgSums::new(None)).unwrap();
     let artifact_blobs: Vec<Digest> = {
         let m = store.read_manifest(&artifact).unwrap();
-        [artifact.digest.clone(), m.config.digest]
+        [artifact.blob().unwrap(), m.config().blob().unwrap()]
             .into_iter()
-            .chain(m.layers.into_iter().map(|l| l.digest))
+            .chain(m.layers().iter().map(|l| l.blob().unwrap()))
             .collect()
     };
 
@@ -404,7 +414,10 @@ fn gc_keeps_the_sbom_of_a_kept_image_and_drops_it_with_the_image() {
         assert!(store.has_blob(d), "{d}");
     }
     assert_eq!(
-        store.referrers(&old.manifest.digest, None).unwrap().len(),
+        store
+            .referrers(&old.manifest.blob().unwrap(), None)
+            .unwrap()
+            .len(),
         1
     );
 
@@ -415,31 +428,39 @@ fn gc_keeps_the_sbom_of_a_kept_image_and_drops_it_with_the_image() {
     let dry = store.collect_garbage(true).unwrap();
     assert!(!dry.is_empty());
     assert!(
-        store.has_blob(&artifact.digest),
+        store.has_blob(&artifact.blob().unwrap()),
         "a dry run removes nothing"
     );
     store.collect_garbage(false).unwrap();
-    assert!(!store.has_blob(&old.manifest.digest));
-    assert!(!store.has_blob(&artifact.digest));
+    assert!(!store.has_blob(&old.manifest.blob().unwrap()));
+    assert!(!store.has_blob(&artifact.blob().unwrap()));
     // The SBOM layer of the old image (its config, the empty blob, is shared).
     let old_layer = &artifact_blobs[2];
     assert!(!store.has_blob(old_layer));
-    assert!(store.has_blob(&new_artifact.digest));
+    assert!(store.has_blob(&new_artifact.blob().unwrap()));
     assert!(store.has_blob(&Digest::of(b"{}")));
     let index = store.read_index().unwrap();
     let untagged: Vec<&Descriptor> = index
-        .manifests
+        .manifests()
         .iter()
         .filter(|d| d.ref_name().is_none())
         .collect();
     assert_eq!(untagged.len(), 1);
-    assert_eq!(untagged[0].digest, new_artifact.digest);
+    assert_eq!(untagged[0].digest(), new_artifact.digest());
     assert_eq!(
-        store.referrers(&new.manifest.digest, None).unwrap().len(),
+        store
+            .referrers(&new.manifest.blob().unwrap(), None)
+            .unwrap()
+            .len(),
         1
     );
     // And the store still reads as a whole.
-    assert!(store.reachable().unwrap().contains(&new_artifact.digest));
+    assert!(
+        store
+            .reachable()
+            .unwrap()
+            .contains(&new_artifact.blob().unwrap())
+    );
 }
 
 /// GET `path` on the registry with `accept`: (status, body as JSON if any).
@@ -466,21 +487,21 @@ fn push_sends_the_sbom_and_links_it_to_the_image_on_the_registry() {
     };
 
     let report = push(&store, &reference, &opts).unwrap();
-    assert_eq!(report.digest, image.manifest.digest);
+    assert_eq!(report.digest, image.manifest.blob().unwrap());
     assert_eq!(report.referrers.len(), 1);
-    assert_eq!(report.referrers[0].digest, artifact.digest);
+    assert_eq!(report.referrers[0].digest, artifact.blob().unwrap());
 
     // The artifact is on the registry, by digest, with the image as its subject.
     let (status, manifest) = get_json(
         &reg,
-        &format!("/v2/{repo}/manifests/{}", artifact.digest),
+        &format!("/v2/{repo}/manifests/{}", artifact.digest()),
         MANIFEST_MEDIA_TYPE,
     );
     assert_eq!(status, 200);
     let manifest = manifest.unwrap();
     assert_eq!(
         manifest["subject"]["digest"],
-        image.manifest.digest.as_str()
+        image.manifest.digest().to_string()
     );
     assert_eq!(manifest["artifactType"], SPDX_MEDIA_TYPE);
     let layer = manifest["layers"][0]["digest"]
@@ -492,10 +513,10 @@ fn push_sends_the_sbom_and_links_it_to_the_image_on_the_registry() {
     assert_eq!((status, body), (200, bytes));
 
     // How the registry lists it: the referrers API if it has one, else the tag scheme.
-    let referrers_path = format!("/v2/{repo}/referrers/{}", image.manifest.digest);
+    let referrers_path = format!("/v2/{repo}/referrers/{}", image.manifest.digest());
     let tag_path = format!(
         "/v2/{repo}/manifests/sha256-{}",
-        image.manifest.digest.hex()
+        image.manifest.digest().digest()
     );
     let listed = |reg: &Registry| -> Vec<Value> {
         let (status, index) = get_json(reg, &referrers_path, INDEX);
@@ -515,7 +536,7 @@ fn push_sends_the_sbom_and_links_it_to_the_image_on_the_registry() {
     assert_eq!(report.referrers[0].by_api, api);
     let found = listed(&reg);
     assert_eq!(found.len(), 1, "{found:?}");
-    assert_eq!(found[0]["digest"], artifact.digest.as_str());
+    assert_eq!(found[0]["digest"], artifact.digest().to_string());
     assert_eq!(found[0]["artifactType"], SPDX_MEDIA_TYPE);
     assert_eq!(found[0]["mediaType"], MANIFEST_MEDIA_TYPE);
     if !api {
@@ -542,7 +563,7 @@ fn push_sends_the_sbom_and_links_it_to_the_image_on_the_registry() {
         .iter()
         .map(|d| d["digest"].as_str().unwrap().to_string())
         .collect();
-    let want: BTreeSet<String> = [artifact.digest.to_string(), other.digest.to_string()]
+    let want: BTreeSet<String> = [artifact.digest().to_string(), other.digest().to_string()]
         .into_iter()
         .collect();
     assert_eq!(digests, want);

@@ -18,6 +18,7 @@ use sha2::{Digest as _, Sha256};
 
 use gentoo_mkimg::image::StoredImage;
 use gentoo_mkimg::image::layer::LayerCompression;
+use gentoo_mkimg::image::oci::DescriptorExt;
 use gentoo_mkimg::image::store::Store;
 use gentoo_mkimg::import::{ImportOptions, import};
 use gentoo_mkimg::progress::Verbosity;
@@ -180,7 +181,7 @@ fn a_corrupt_blob_fails_the_archive_and_leaves_no_file() {
     let stage = stage(tmp.path(), 1, 256 << 10);
     let image = import_lib(&store, &stage, "localhost/s-raw:1");
     let layer = &image.layers[0];
-    let path = store.blob_path(&layer.digest);
+    let path = store.blob_path(&layer.blob().unwrap());
     let out_dir = tmp.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let dest = out_dir.join("archive.tar");
@@ -190,8 +191,8 @@ fn a_corrupt_blob_fails_the_archive_and_leaves_no_file() {
     assert_corrupt_message(
         &format!("{err:#}"),
         &path,
-        layer.size,
-        layer.digest.as_str(),
+        layer.size(),
+        layer.digest().as_ref(),
         &format!("{left} bytes with sha256:"),
     );
     assert_eq!(
@@ -207,15 +208,15 @@ fn a_corrupt_blob_fails_the_archive_and_leaves_no_file() {
     assert_corrupt_message(
         &format!("{err:#}"),
         &path,
-        layer.size,
-        layer.digest.as_str(),
-        &format!("{} bytes with sha256:", layer.size),
+        layer.size(),
+        layer.digest().as_ref(),
+        &format!("{} bytes with sha256:", layer.size()),
     );
     assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0);
 
     // The store's own reads of manifests and configs are checked too.
     let _ = import_lib(&store, &stage, "localhost/s-raw:1");
-    flip(&store.blob_path(&image.config.digest));
+    flip(&store.blob_path(&image.config.blob().unwrap()));
     let out = bin()
         .arg("--store")
         .arg(store.root())
@@ -225,10 +226,10 @@ fn a_corrupt_blob_fails_the_archive_and_leaves_no_file() {
     assert!(!out.status.success(), "{}", text(&out));
     assert_corrupt_message(
         &String::from_utf8_lossy(&out.stderr),
-        &store.blob_path(&image.config.digest),
-        image.config.size,
-        image.config.digest.as_str(),
-        &format!("{} bytes with sha256:", image.config.size),
+        &store.blob_path(&image.config.blob().unwrap()),
+        image.config.size(),
+        image.config.digest().as_ref(),
+        &format!("{} bytes with sha256:", image.config.size()),
     );
 }
 
@@ -240,7 +241,7 @@ fn a_corrupt_blob_is_not_loaded() {
     let reference = format!("localhost/gentoo-mkimg-test-corrupt:{}", std::process::id());
     let image = import_lib(&store, &stage, &reference);
     let layer = &image.layers[0];
-    let path = store.blob_path(&layer.digest);
+    let path = store.blob_path(&layer.blob().unwrap());
     let left = truncate(&path);
     let engine = common::engine::engine();
     let _ = engine.docker(&["rmi", "-f", &reference]);
@@ -257,8 +258,8 @@ fn a_corrupt_blob_is_not_loaded() {
     assert_corrupt_message(
         &String::from_utf8_lossy(&out.stderr),
         &path,
-        layer.size,
-        layer.digest.as_str(),
+        layer.size(),
+        layer.digest().as_ref(),
         &format!("{left} bytes with sha256:"),
     );
     assert!(
@@ -301,10 +302,10 @@ fn a_corrupt_blob_is_not_pushed_and_neither_is_the_manifest() {
         let reference = format!("{host}/{repo}:1");
         let image = import_lib(&store, &stage, &reference);
         let layer = &image.layers[0];
-        let path = store.blob_path(&layer.digest);
+        let path = store.blob_path(&layer.blob().unwrap());
         let found = if case == "flipped" {
             flip(&path);
-            format!("{} bytes with sha256:", layer.size)
+            format!("{} bytes with sha256:", layer.size())
         } else {
             format!("{} bytes)", truncate(&path))
         };
@@ -313,19 +314,19 @@ fn a_corrupt_blob_is_not_pushed_and_neither_is_the_manifest() {
         assert_corrupt_message(
             &String::from_utf8_lossy(&out.stderr),
             &path,
-            layer.size,
-            layer.digest.as_str(),
+            layer.size(),
+            layer.digest().as_ref(),
             &found,
         );
         not_there(&format!("/v2/{repo}/manifests/1"));
-        not_there(&format!("/v2/{repo}/blobs/{}", layer.digest));
+        not_there(&format!("/v2/{repo}/blobs/{}", layer.digest()));
     }
 
     // Uploaded in chunks (the check spans them), through the library.
     let reference = format!("{host}/test/chunked:1");
     let image = import_lib(&store, &stage, &reference);
     let layer = &image.layers[0];
-    let path = store.blob_path(&layer.digest);
+    let path = store.blob_path(&layer.blob().unwrap());
     flip(&path);
     let opts = registry::PushOptions {
         chunk_threshold: 1 << 20,
@@ -337,17 +338,17 @@ fn a_corrupt_blob_is_not_pushed_and_neither_is_the_manifest() {
     assert_corrupt_message(
         &format!("{err:#}"),
         &path,
-        layer.size,
-        layer.digest.as_str(),
-        &format!("{} bytes with sha256:", layer.size),
+        layer.size(),
+        layer.digest().as_ref(),
+        &format!("{} bytes with sha256:", layer.size()),
     );
     not_there("/v2/test/chunked/manifests/1");
-    not_there(&format!("/v2/test/chunked/blobs/{}", layer.digest));
+    not_there(&format!("/v2/test/chunked/blobs/{}", layer.digest()));
 
     // Imported again, the blob is whole and the push goes through.
     let image = import_lib(&store, &stage, &reference);
     let report = registry::push(&store, &reference, &opts).unwrap();
-    assert_eq!(report.digest, image.manifest.digest);
+    assert_eq!(report.digest, image.manifest.blob().unwrap());
 }
 
 #[test]

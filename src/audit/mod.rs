@@ -30,7 +30,7 @@ use std::io::Read;
 use anyhow::{Context, Result};
 use goblin::elf::header::{ET_DYN, ET_EXEC};
 
-use crate::image::store::{Descriptor, Store};
+use crate::image::store::{Descriptor, DescriptorExt, Store};
 use elf::ElfInfo;
 use tree::{Content, Kind, Tree};
 
@@ -131,7 +131,7 @@ pub fn audit_image(store: &Store, reference: &str) -> Result<Report> {
     let parsed = store
         .read_manifest(&manifest)
         .with_context(|| format!("image {reference}"))?;
-    audit_layers(store, &parsed.layers).with_context(|| format!("image {reference}"))
+    audit_layers(store, parsed.layers()).with_context(|| format!("image {reference}"))
 }
 
 /// Audit the image made of `layers` (blobs in `store`, lowest first).
@@ -143,7 +143,7 @@ pub fn audit_layers(store: &Store, layers: &[Descriptor]) -> Result<Report> {
 fn tree_of(store: &Store, layers: &[Descriptor]) -> Result<Tree> {
     let mut tree = Tree::new();
     for (i, layer) in layers.iter().enumerate() {
-        let what = || format!("layer {} of {} ({})", i + 1, layers.len(), layer.digest);
+        let what = || format!("layer {} of {} ({})", i + 1, layers.len(), layer.digest());
         let reader = open_layer(store, layer).with_context(what)?;
         tree.apply_layer(reader, i).with_context(what)?;
     }
@@ -164,10 +164,9 @@ pub fn installed_packages(store: &Store, layers: &[Descriptor]) -> Result<Vec<St
 /// The decompressed tar stream of a layer blob of the store, checked against its size and
 /// digest while it streams.
 fn open_layer(store: &Store, layer: &Descriptor) -> Result<Box<dyn Read + Send>> {
-    let path = store.blob_path(&layer.digest);
+    let path = store.blob_path(&layer.blob()?);
     let file = store.open_blob(layer)?;
-    crate::image::layer::open_stream(&layer.media_type, file)
-        .with_context(|| path.display().to_string())
+    crate::image::layer::open_stream(layer.kind(), file).with_context(|| path.display().to_string())
 }
 
 /// Where commands are looked up by `env` (the PATH of our images).

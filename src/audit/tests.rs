@@ -554,10 +554,10 @@ fn images_by_reference_in_every_compression_and_errors_name_the_blob() {
         let infos: Vec<crate::image::layer::LayerInfo> = [&bottom, &top]
             .iter()
             .map(|d| crate::image::layer::LayerInfo {
-                digest: d.digest.clone(),
-                diff_id: d.digest.clone(),
-                size: d.size,
-                tar_size: d.size,
+                digest: d.blob().unwrap(),
+                diff_id: d.blob().unwrap(),
+                size: d.size(),
+                tar_size: d.size(),
                 media_type: compression.media_type(),
             })
             .collect();
@@ -572,13 +572,13 @@ fn images_by_reference_in_every_compression_and_errors_name_the_blob() {
         );
 
         // A cut blob: the error names the image, the layer and its digest.
-        let path = store.blob_path(&bottom.digest);
+        let path = store.blob_path(&bottom.blob().unwrap());
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
         let err = format!("{:#}", audit_image(&store, &reference).unwrap_err());
         assert!(err.contains(&format!("image {reference}")), "{err}");
         assert!(
-            err.contains(&format!("layer 1 of 2 ({})", bottom.digest)),
+            err.contains(&format!("layer 1 of 2 ({})", bottom.digest())),
             "{err}"
         );
         std::fs::remove_file(&path).unwrap();

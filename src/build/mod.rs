@@ -33,7 +33,7 @@ use crate::image::StoredImage;
 use crate::image::config::ImageSpec;
 use crate::image::layer::{LayerInfo, LayerSplit, LayerWriter};
 use crate::image::reference::Reference;
-use crate::image::store::Store;
+use crate::image::store::{DescriptorExt, Store};
 use crate::import::{self, ImportOptions, standard_labels};
 use crate::progress::Verbosity;
 use crate::snapshot;
@@ -240,7 +240,7 @@ fn build_key(
     packages: &Path,
 ) -> Result<String> {
     let raw = match store.resolve(&raw.to_string()) {
-        Ok(desc) => desc.digest.to_string(),
+        Ok(desc) => desc.digest().to_string(),
         Err(_) => String::new(),
     };
     k.text("raw", &raw);
@@ -603,7 +603,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     let raw_stored = opts
         .store
         .read_index()?
-        .manifests
+        .manifests()
         .iter()
         .any(|d| d.ref_name() == Some(refs["raw"].to_string().as_str()));
     let mut known: Option<(String, key::KeyBuilder)> = None;
@@ -930,7 +930,7 @@ impl BuildSummary {
                 img.reference,
                 pkgs.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
                 crate::progress::human_size(img.size()),
-                img.manifest.digest
+                img.manifest.digest()
             );
         };
         row(&mut s, &self.raw, None);

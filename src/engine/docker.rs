@@ -37,7 +37,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::Session;
 use crate::image::layer::LayerCompression;
-use crate::image::store::Store;
+use crate::image::store::{DescriptorExt, Store};
 use crate::image::{StoredImage, open_image};
 use crate::import::{ImportOptions, STAGE_LABEL, import};
 use crate::net::docker::owner::Owner;
@@ -168,7 +168,7 @@ fn stored_image(session: &Session) -> Result<StoredImage> {
     let stage = session.stage.display();
     let index = session.store.read_index()?;
     if index
-        .manifests
+        .manifests()
         .iter()
         .any(|d| d.ref_name() == Some(reference.as_str()))
     {
@@ -203,7 +203,8 @@ fn stage_of(store: &Store, image: &StoredImage) -> Result<Option<String>> {
     let config: serde_json::Value = serde_json::from_slice(&bytes).with_context(|| {
         format!(
             "{}: the config {} is not valid JSON",
-            image.reference, image.config.digest
+            image.reference,
+            image.config.digest()
         )
     })?;
     Ok(config["config"]["Labels"][STAGE_LABEL]

@@ -1,16 +1,22 @@
 //! The image config and manifest: platform (from the stage's own ELF binaries), environment,
 //! command, volumes, labels and the creation time.
 //!
-//! Everything here is a pure function of its inputs, serialised with a fixed field order, so
-//! the same layer and settings always give the same config and manifest digests.
+//! Everything here is a pure function of its inputs, written as oci-spec's documents with
+//! their keys sorted ([`to_json`]), so the same layer and settings always give the same
+//! config and manifest digests.
 
 use std::collections::BTreeMap;
 
-use anyhow::{Result, bail};
+use std::collections::HashMap;
+
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::image::layer::LayerInfo;
-use crate::image::store::{CONFIG_MEDIA_TYPE, Descriptor, Digest, MANIFEST_MEDIA_TYPE};
+use crate::image::oci::{
+    Arch, ConfigBuilder, Descriptor, HistoryBuilder, ImageConfigurationBuilder,
+    ImageManifestBuilder, MediaType, Os, RootFsBuilder, to_json,
+};
 
 /// OS/architecture/variant, in OCI (GOARCH) terms.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -215,83 +221,53 @@ impl ImageSpec {
     }
 }
 
-#[derive(Serialize)]
-struct ConfigJson<'a> {
-    created: String,
-    architecture: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    variant: Option<&'a str>,
-    os: &'static str,
-    config: RunConfig<'a>,
-    rootfs: RootFs,
-    history: Vec<History<'a>>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct RunConfig<'a> {
-    env: &'a [String],
-    cmd: &'a [String],
-    volumes: BTreeMap<&'a str, serde_json::Map<String, serde_json::Value>>,
-    labels: &'a BTreeMap<String, String>,
-}
-
-#[derive(Serialize)]
-struct RootFs {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    diff_ids: Vec<Digest>,
-}
-
-#[derive(Serialize)]
-struct History<'a> {
-    created: String,
-    created_by: &'a str,
-}
-
 /// The config JSON for `spec` over `layers`.
 pub fn config_json(spec: &ImageSpec, layers: &[LayerInfo]) -> Result<Vec<u8>> {
     let created = rfc3339(spec.created);
-    let config = ConfigJson {
-        created: created.clone(),
-        architecture: &spec.platform.architecture,
-        variant: spec.platform.variant.as_deref(),
-        os: "linux",
-        config: RunConfig {
-            env: &spec.env,
-            cmd: &spec.cmd,
-            volumes: spec
-                .volumes
+    let run = ConfigBuilder::default()
+        .env(spec.env.clone())
+        .cmd(spec.cmd.clone())
+        .volumes(spec.volumes.clone())
+        .labels(
+            spec.labels
                 .iter()
-                .map(|v| (v.as_str(), serde_json::Map::new()))
-                .collect(),
-            labels: &spec.labels,
-        },
-        rootfs: RootFs {
-            kind: "layers",
-            diff_ids: layers.iter().map(|l| l.diff_id.clone()).collect(),
-        },
-        history: spec
-            .history
-            .iter()
-            .map(|h| History {
-                created: created.clone(),
-                created_by: h,
-            })
-            .collect(),
-    };
-    Ok(serde_json::to_vec(&config)?)
-}
-
-#[derive(Serialize)]
-struct ManifestJson<'a> {
-    #[serde(rename = "schemaVersion")]
-    schema_version: u32,
-    #[serde(rename = "mediaType")]
-    media_type: &'static str,
-    config: &'a Descriptor,
-    layers: Vec<Descriptor>,
-    annotations: &'a BTreeMap<String, String>,
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<HashMap<_, _>>(),
+        )
+        .build()
+        .context("cannot make the image config")?;
+    let rootfs = RootFsBuilder::default()
+        .typ("layers")
+        .diff_ids(
+            layers
+                .iter()
+                .map(|l| l.diff_id.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .build()
+        .context("cannot make the image config")?;
+    let history = spec
+        .history
+        .iter()
+        .map(|h| {
+            HistoryBuilder::default()
+                .created(created.clone())
+                .created_by(h.clone())
+                .build()
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .context("cannot make the image config")?;
+    let mut config = ImageConfigurationBuilder::default()
+        .created(created)
+        .architecture(Arch::from(spec.platform.architecture.as_str()))
+        .os(Os::Linux)
+        .config(run)
+        .rootfs(rootfs)
+        .history(history)
+        .build()
+        .context("cannot make the image config")?;
+    config.set_variant(spec.platform.variant.clone());
+    to_json(&config)
 }
 
 /// The manifest JSON for a stored config and layers.
@@ -300,18 +276,20 @@ pub fn manifest_json(
     layers: &[LayerInfo],
     annotations: &BTreeMap<String, String>,
 ) -> Result<Vec<u8>> {
-    let manifest = ManifestJson {
-        schema_version: 2,
-        media_type: MANIFEST_MEDIA_TYPE,
-        config,
-        layers: layers.iter().map(LayerInfo::descriptor).collect(),
-        annotations,
-    };
-    Ok(serde_json::to_vec(&manifest)?)
-}
-
-pub fn config_descriptor(digest: Digest, size: u64) -> Descriptor {
-    Descriptor::new(CONFIG_MEDIA_TYPE, digest, size)
+    let manifest = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageManifest)
+        .config(config.clone())
+        .layers(layers.iter().map(LayerInfo::descriptor).collect::<Vec<_>>())
+        .annotations(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<HashMap<_, _>>(),
+        )
+        .build()
+        .context("cannot make the image manifest")?;
+    to_json(&manifest)
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (UTC).

@@ -91,7 +91,7 @@ pub struct LayerInfo {
 
 impl LayerInfo {
     pub fn descriptor(&self) -> crate::image::store::Descriptor {
-        crate::image::store::Descriptor::new(self.media_type, self.digest.clone(), self.size)
+        crate::image::oci::descriptor(self.media_type, &self.digest, self.size)
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod gc;
 pub mod layer;
+pub mod oci;
 pub mod reference;
 pub mod store;
 
@@ -27,7 +28,7 @@ pub struct StoredImage {
 impl StoredImage {
     /// Bytes of the image as stored: config plus compressed layers.
     pub fn size(&self) -> u64 {
-        self.config.size + self.layers.iter().map(|l| l.size).sum::<u64>()
+        self.config.size() + self.layers.iter().map(|l| l.size()).sum::<u64>()
     }
 }
 
@@ -40,8 +41,7 @@ pub fn write_image(
     layers: &[LayerInfo],
 ) -> Result<StoredImage> {
     let config_bytes = config::config_json(spec, layers)?;
-    let cfg = store.put_bytes(store::CONFIG_MEDIA_TYPE, &config_bytes)?;
-    let config = config::config_descriptor(cfg.digest, cfg.size);
+    let config = store.put_bytes(store::CONFIG_MEDIA_TYPE, &config_bytes)?;
     let mut annotations = BTreeMap::new();
     annotations.insert(
         "org.opencontainers.image.created".to_string(),
@@ -75,8 +75,8 @@ pub fn open_image(store: &Store, reference: &str) -> Result<StoredImage> {
     let parsed = store.read_manifest(&manifest)?;
     Ok(StoredImage {
         reference: reference.to_string(),
-        config: parsed.config,
-        layers: parsed.layers,
+        config: parsed.config().clone(),
+        layers: parsed.layers().clone(),
         manifest,
     })
 }

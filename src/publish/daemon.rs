@@ -41,7 +41,7 @@ async fn engine_image_id(docker: &Docker, reference: &str) -> Result<Option<Stri
 /// Podman) or the manifest digest (Docker's containerd image store).
 fn is_our_image(id: &str, image: &StoredImage) -> bool {
     let hex = id.strip_prefix("sha256:").unwrap_or(id);
-    hex == image.config.digest.hex() || hex == image.manifest.digest.hex()
+    hex == image.config.digest().digest() || hex == image.manifest.digest().digest()
 }
 
 /// Make sure `reference` names `image` in the engine, loading it when needed.
@@ -58,7 +58,7 @@ pub async fn ensure_engine_image(
         }
         Some(id) => tracing::info!(
             "the engine's {reference} is another image ({id}); loading {}",
-            image.config.digest
+            image.config.digest()
         ),
         None => tracing::info!("loading {reference} into the engine"),
     }
@@ -73,7 +73,7 @@ pub async fn ensure_engine_image(
         .rsplit_once(':')
         .filter(|(_, tag)| !tag.contains('/'))
         .unwrap_or((reference, "latest"));
-    let mut sources = vec![image.config.digest.to_string()];
+    let mut sources = vec![image.config.digest().to_string()];
     sources.extend(loaded);
     let mut last_error = None;
     for source in &sources {
@@ -92,7 +92,7 @@ pub async fn ensure_engine_image(
     let why = last_error.map(|e| format!(": {e}")).unwrap_or_default();
     bail!(
         "the engine loaded {} but does not name it {reference} (tried tagging {}){why}",
-        image.config.digest,
+        image.config.digest(),
         sources.join(", ")
     )
 }

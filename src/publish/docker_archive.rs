@@ -15,7 +15,8 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::image::StoredImage;
-use crate::image::store::{INDEX_MEDIA_TYPE, Store, blob_error};
+use crate::image::oci::{ImageIndex, MediaType};
+use crate::image::store::{DescriptorExt, REF_NAME, Store, blob_error, to_json};
 
 /// Write `images` (all from `store`) to `dest` as one docker-archive.
 pub fn write(store: &Store, images: &[StoredImage], dest: &Path) -> Result<()> {
@@ -83,14 +84,14 @@ fn write_entries<W: Write>(
     for image in images {
         let blobs = image.layers.iter().chain([&image.config, &image.manifest]);
         for desc in blobs {
-            if !written.insert(desc.digest.clone()) {
+            if !written.insert(desc.digest().to_string()) {
                 continue;
             }
             let mut blob = store.open_blob(desc)?;
-            let mut h = header(desc.size);
+            let mut h = header(desc.size());
             tar.append_data(
                 &mut h,
-                format!("blobs/sha256/{}", desc.digest.hex()),
+                format!("blobs/sha256/{}", desc.blob()?.hex()),
                 &mut blob,
             )
             .map_err(|e| blob_error(e, blob.path(), "cannot copy blob"))?;
@@ -100,30 +101,23 @@ fn write_entries<W: Write>(
             .rsplit_once(':')
             .map(|(_, t)| t)
             .unwrap_or("latest");
-        index_entries.push(json!({
-            "mediaType": image.manifest.media_type,
-            "digest": image.manifest.digest,
-            "size": image.manifest.size,
-            "annotations": {
-                "io.containerd.image.name": image.reference,
-                "org.opencontainers.image.ref.name": tag,
-            },
-        }));
+        let mut entry = image.manifest.plain();
+        entry.set_annotation("io.containerd.image.name", &image.reference);
+        entry.set_annotation(REF_NAME, tag);
+        index_entries.push(entry);
         legacy.push(json!({
-            "Config": format!("blobs/sha256/{}", image.config.digest.hex()),
+            "Config": format!("blobs/sha256/{}", image.config.blob()?.hex()),
             "RepoTags": [image.reference],
             "Layers": image.layers.iter()
-                .map(|l| format!("blobs/sha256/{}", l.digest.hex()))
-                .collect::<Vec<_>>(),
+                .map(|l| Ok(format!("blobs/sha256/{}", l.blob()?.hex())))
+                .collect::<Result<Vec<_>>>()?,
         }));
     }
     add_bytes(tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    let index = json!({
-        "schemaVersion": 2,
-        "mediaType": INDEX_MEDIA_TYPE,
-        "manifests": index_entries,
-    });
-    add_bytes(tar, "index.json", &serde_json::to_vec(&index)?)?;
+    let mut index = ImageIndex::default();
+    index.set_media_type(Some(MediaType::ImageIndex));
+    index.set_manifests(index_entries);
+    add_bytes(tar, "index.json", &to_json(&index)?)?;
     add_bytes(tar, "manifest.json", &serde_json::to_vec(&legacy)?)?;
     Ok(())
 }

@@ -20,8 +20,11 @@ use sha2::{Digest as _, Sha256};
 use super::registry::{
     PushOptions, Registry, auth_host, body_text, content_digest, runtime_and_clients,
 };
+use crate::image::oci::Os;
 use crate::image::reference::Reference;
-use crate::image::store::{Descriptor, Digest, INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, Manifest};
+use crate::image::store::{
+    Descriptor, DescriptorExt, Digest, INDEX_MEDIA_TYPE, ImageManifest, MANIFEST_MEDIA_TYPE,
+};
 
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
@@ -40,7 +43,7 @@ pub struct RemoteImage {
     pub repository: String,
     /// Digest of the image manifest (the platform's, when the tag names an index).
     pub digest: Digest,
-    pub manifest: Manifest,
+    pub manifest: ImageManifest,
 }
 
 #[derive(Deserialize)]
@@ -130,7 +133,9 @@ impl Puller {
                     .ok_or_else(|| {
                         anyhow!("image {what}: the index {digest} has no manifest for linux/{arch}")
                     })?;
-                let child = chosen.digest.clone();
+                let child = chosen
+                    .blob()
+                    .with_context(|| format!("image {what}: the index {digest}"))?;
                 self.runtime
                     .block_on(get_manifest(
                         &registry,
@@ -141,7 +146,7 @@ impl Puller {
                     .with_context(|| format!("image {what}: manifest {child} of the index"))?
             }
         };
-        let manifest: Manifest = serde_json::from_slice(&bytes)
+        let manifest: ImageManifest = serde_json::from_slice(&bytes)
             .with_context(|| format!("image {what}: manifest {digest} is not an image manifest"))?;
         Ok(RemoteImage {
             reference: what,
@@ -154,18 +159,18 @@ impl Puller {
 
     /// The whole (small) blob `desc` names, checked against its digest and size.
     pub fn read_small(&mut self, image: &RemoteImage, desc: &Descriptor) -> Result<Vec<u8>> {
-        if desc.size > CONFIG_MAX {
+        if desc.size() > CONFIG_MAX {
             bail!(
                 "image {}: blob {} is {} bytes, more than the {CONFIG_MAX} expected",
                 image.reference,
-                desc.digest,
-                desc.size
+                desc.digest(),
+                desc.size()
             );
         }
-        let mut bytes = Vec::with_capacity(desc.size as usize);
+        let mut bytes = Vec::with_capacity(desc.size() as usize);
         self.open_blob(image, desc)?
             .read_to_end(&mut bytes)
-            .with_context(|| format!("image {}: blob {}", image.reference, desc.digest))?;
+            .with_context(|| format!("image {}: blob {}", image.reference, desc.digest()))?;
         Ok(bytes)
     }
 
@@ -178,8 +183,8 @@ impl Puller {
     ) -> Result<Box<dyn Read + Send>> {
         let registry = self.registry(&image.host)?;
         let repo = image.repository.clone();
-        let url = registry.url(&format!("v2/{repo}/blobs/{}", desc.digest))?;
-        let what = format!("GET blob {}", desc.digest);
+        let url = registry.url(&format!("v2/{repo}/blobs/{}", desc.digest()))?;
+        let what = format!("GET blob {}", desc.digest());
         let resp = self.runtime.block_on(async {
             let resp = registry
                 .send(Some(&repo), &what, true, || {
@@ -202,9 +207,9 @@ impl Puller {
                 chunk: Bytes::new(),
                 stall: registry.stall,
             },
-            format!("{}/{repo}: blob {}", registry.host, desc.digest),
-            desc.digest.clone(),
-            desc.size,
+            format!("{}/{repo}: blob {}", registry.host, desc.digest()),
+            desc.blob()?,
+            desc.size(),
         )))
     }
 }
@@ -297,13 +302,12 @@ fn index_entries(bytes: &[u8]) -> Result<Option<Vec<Descriptor>>> {
 }
 
 fn platform_matches(desc: &Descriptor, arch: &str, variant: Option<&str>) -> bool {
-    let Some(p) = &desc.platform else {
+    let Some(p) = desc.platform() else {
         return false;
     };
-    let field = |k: &str| p.get(k).and_then(|v| v.as_str());
-    field("os") == Some("linux")
-        && field("architecture") == Some(arch)
-        && (variant.is_none() || field("variant") == variant)
+    *p.os() == Os::Linux
+        && p.architecture().to_string() == arch
+        && (variant.is_none() || p.variant().as_deref() == variant)
 }
 
 /// An answer's body as a blocking reader, driven on the puller's runtime.
@@ -421,7 +425,7 @@ mod tests {
             .iter()
             .find(|d| platform_matches(d, "amd64", None))
             .unwrap();
-        assert!(amd.digest.as_str().ends_with("2222"));
+        assert!(amd.digest().to_string().ends_with("2222"));
         let manifest = br#"{"schemaVersion":2,"config":{},"layers":[]}"#;
         assert!(index_entries(manifest).unwrap().is_none());
     }

@@ -15,7 +15,10 @@ use futures_util::StreamExt;
 use reqwest::header::{self, HeaderValue};
 use reqwest::{StatusCode, Url};
 
-use crate::image::store::{Descriptor, Digest, INDEX_MEDIA_TYPE, Index};
+use crate::image::oci::MediaType;
+use crate::image::store::{
+    Descriptor, DescriptorExt, Digest, INDEX_MEDIA_TYPE, ImageIndex, to_json,
+};
 pub use crate::net::RetryPolicy;
 use crate::net::{
     Failure, Retries, Tried, describe, http_client, is_tls_refusal, retry_after, tls_config,
@@ -764,12 +767,12 @@ impl Registry {
             .get_index(repo, &format!("manifests/{tag}"), &what)
             .await?;
         let mut index = match resp.status() {
-            StatusCode::NOT_FOUND => Index::default(),
+            StatusCode::NOT_FOUND => ImageIndex::default(),
             StatusCode::OK => {
                 let bytes = read_limited(resp, MANIFEST_MAX, self.stall)
                     .await
                     .with_context(|| format!("{}: {what}", self.host))?;
-                serde_json::from_slice::<Index>(&bytes).with_context(|| {
+                serde_json::from_slice::<ImageIndex>(&bytes).with_context(|| {
                     format!("{}: {what}: not an OCI index; left as it is", self.host)
                 })?
             }
@@ -779,16 +782,25 @@ impl Registry {
                 body_text(resp, self.stall).await
             ),
         };
-        if index.manifests.iter().any(|d| d.digest == artifact.digest) {
+        if index
+            .manifests()
+            .iter()
+            .any(|d| d.digest() == artifact.digest())
+        {
             return Ok(());
         }
         let mut entry = artifact.plain();
-        entry.artifact_type = artifact.artifact_type.clone();
-        entry.annotations = artifact.annotations.clone();
-        entry.annotations.remove(crate::image::store::REF_NAME);
-        index.manifests.push(entry);
-        index.media_type = Some(INDEX_MEDIA_TYPE.to_string());
-        let bytes = serde_json::to_vec(&index).context("cannot write the referrers index")?;
+        entry.set_artifact_type(artifact.artifact_type().clone());
+        let mut annotations = artifact.annotations().clone().unwrap_or_default();
+        annotations.remove(crate::image::store::REF_NAME);
+        if !annotations.is_empty() {
+            entry.set_annotations(Some(annotations));
+        }
+        let mut manifests = index.manifests().clone();
+        manifests.push(entry);
+        index.set_manifests(manifests);
+        index.set_media_type(Some(MediaType::ImageIndex));
+        let bytes = to_json(&index).context("cannot write the referrers index")?;
         self.put_manifest(repo, &tag, INDEX_MEDIA_TYPE, Bytes::from(bytes))
             .await?;
         Ok(())

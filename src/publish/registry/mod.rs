@@ -30,7 +30,7 @@ use anyhow::{Context, Result, bail};
 use indicatif::{MultiProgress, ProgressDrawTarget};
 
 use crate::image::reference::Reference;
-use crate::image::store::{Digest, Store};
+use crate::image::store::{DescriptorExt, Digest, Store};
 use crate::image::{StoredImage, open_image};
 pub use crate::net::RetryPolicy;
 use crate::progress::Verbosity;
@@ -138,7 +138,7 @@ pub fn expand_references(store: &Store, refs: &[String], all_tags: bool) -> Resu
             None => vec![wanted.to_string()],
             Some(index) => {
                 let names: Vec<String> = index
-                    .manifests
+                    .manifests()
                     .iter()
                     .filter_map(|d| d.ref_name())
                     .filter(|name| {
@@ -254,18 +254,20 @@ impl Pusher {
             .with_context(|| format!("cannot push {dest}"))?;
         let mut bytes_sent = job.sent.load(Ordering::Relaxed);
         let mut referrers = Vec::new();
-        for artifact in self.store.referrers(&image.manifest.digest, None)? {
-            let what = || format!("cannot push the referrer {} of {dest}", artifact.digest);
+        let manifest_digest = image.manifest.blob()?;
+        for artifact in self.store.referrers(&manifest_digest, None)? {
+            let what = || format!("cannot push the referrer {} of {dest}", artifact.digest());
             let manifest = self.store.read_manifest(&artifact).with_context(what)?;
             let stored = StoredImage {
-                reference: format!("{dest}@{}", artifact.digest),
+                reference: format!("{dest}@{}", artifact.digest()),
                 manifest: artifact.clone(),
-                config: manifest.config,
-                layers: manifest.layers,
+                config: manifest.config().clone(),
+                layers: manifest.layers().clone(),
             };
+            let tag = artifact.digest().to_string();
             let job = ImagePush {
                 image: &stored,
-                tag: artifact.digest.as_str(),
+                tag: &tag,
                 sources: BTreeMap::new(),
                 sent: Arc::new(AtomicU64::new(0)),
                 ..job
@@ -278,26 +280,26 @@ impl Pusher {
             let api = c.subject_kept
                 || self
                     .runtime
-                    .block_on(registry.has_referrers_api(&repository, &image.manifest.digest))
+                    .block_on(registry.has_referrers_api(&repository, &manifest_digest))
                     .with_context(what)?;
             if !api {
                 self.runtime
                     .block_on(registry.add_to_referrers_tag(
                         &repository,
-                        &image.manifest.digest,
+                        &manifest_digest,
                         &artifact,
                     ))
                     .with_context(what)?;
             }
             referrers.push(Referrer {
-                digest: artifact.digest.clone(),
-                artifact_type: artifact.artifact_type.clone(),
+                digest: artifact.blob().with_context(what)?,
+                artifact_type: artifact.artifact_type().as_ref().map(|t| t.to_string()),
                 by_api: api,
             });
         }
         Ok(PushReport {
             reference: dest.to_string(),
-            digest: image.manifest.digest.clone(),
+            digest: manifest_digest,
             uploaded: counts.uploaded,
             mounted: counts.mounted,
             skipped: counts.skipped,
@@ -342,7 +344,7 @@ fn mount_sources(
         }
     }
     // The store's images for the same registry were probably pushed there before.
-    for entry in store.read_index()?.manifests {
+    for entry in store.read_index()?.manifests() {
         let Some(r) = entry.ref_name().and_then(|n| n.parse::<Reference>().ok()) else {
             continue;
         };
@@ -350,11 +352,12 @@ fn mount_sources(
         if auth_host(r_host) != host || r.repository == repository {
             continue;
         }
-        let Ok(manifest) = store.read_manifest(&entry) else {
+        let Ok(manifest) = store.read_manifest(entry) else {
             continue;
         };
-        for d in std::iter::once(&manifest.config).chain(&manifest.layers) {
-            let list = holders.entry(d.digest.clone()).or_default();
+        for d in std::iter::once(manifest.config()).chain(manifest.layers()) {
+            let Ok(digest) = d.blob() else { continue };
+            let list = holders.entry(digest).or_default();
             if !list.contains(&r.repository) {
                 list.push(r.repository.clone());
             }
@@ -362,13 +365,14 @@ fn mount_sources(
     }
     let mut out = BTreeMap::new();
     for blob in image.layers.iter().chain(std::iter::once(&image.config)) {
-        let mut list = holders.get(&blob.digest).cloned().unwrap_or_default();
+        let digest = blob.blob()?;
+        let mut list = holders.get(&digest).cloned().unwrap_or_default();
         for o in &others {
             if !list.contains(o) {
                 list.push(o.clone());
             }
         }
-        out.insert(blob.digest.clone(), list);
+        out.insert(digest, list);
     }
     Ok(out)
 }

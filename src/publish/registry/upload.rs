@@ -18,7 +18,7 @@ use reqwest::{StatusCode, Url};
 use sha2::{Digest as _, Sha256};
 
 use crate::image::StoredImage;
-use crate::image::store::{CorruptBlob, Descriptor, Digest, Found, Store};
+use crate::image::store::{CorruptBlob, Descriptor, DescriptorExt, Digest, Found, Store};
 use crate::net::{Failure, Retries, Tried};
 
 use super::client::*;
@@ -71,11 +71,11 @@ pub(super) struct CheckState {
 }
 
 impl UploadCheck {
-    pub(super) fn new(path: PathBuf, desc: &Descriptor) -> Self {
+    pub(super) fn new(path: PathBuf, digest: Digest, size: u64) -> Self {
         UploadCheck {
             path,
-            digest: desc.digest.clone(),
-            size: desc.size,
+            digest,
+            size,
             state: Mutex::new(CheckState {
                 hasher: Sha256::new(),
                 hashed: 0,
@@ -258,11 +258,11 @@ impl ImagePush<'_> {
         }
         // Every blob is confirmed before the tag can point at them.
         for d in &blobs {
-            if !registry.has_blob(repo, &d.digest).await? {
+            if !registry.has_blob(repo, &d.blob()?).await? {
                 bail!(
                     "{}: blob {} is not in {repo} after its upload; the manifest was not pushed",
                     registry.host,
-                    d.digest
+                    d.digest()
                 );
             }
         }
@@ -271,17 +271,17 @@ impl ImagePush<'_> {
             .put_manifest(
                 repo,
                 self.tag,
-                &self.image.manifest.media_type,
+                self.image.manifest.kind(),
                 Bytes::from(bytes),
             )
             .await?;
         if let Some(reported) = reported
-            && reported != self.image.manifest.digest.as_str()
+            && reported != self.image.manifest.digest().to_string()
         {
             bail!(
                 "{}: the registry stored the manifest as {reported}, not {}",
                 registry.host,
-                self.image.manifest.digest
+                self.image.manifest.digest()
             );
         }
         counts.subject_kept = subject_kept;
@@ -290,12 +290,12 @@ impl ImagePush<'_> {
             .or_default()
             .entry(repo.to_string())
             .or_default()
-            .extend(blobs.iter().map(|d| d.digest.clone()));
+            .extend(blobs.iter().filter_map(|d| d.blob().ok()));
         tracing::info!(
             "{}/{repo}:{} is {}",
             registry.host,
             self.tag,
-            self.image.manifest.digest
+            self.image.manifest.digest()
         );
         Ok(counts)
     }
@@ -304,7 +304,7 @@ impl ImagePush<'_> {
     pub(super) async fn ensure_blob(&self, desc: &Descriptor) -> Result<BlobOutcome> {
         let registry = self.registry;
         let repo = self.repository;
-        let digest = &desc.digest;
+        let digest = &desc.blob()?;
         if registry.has_blob(repo, digest).await? {
             tracing::info!("{repo}: {digest} is there already");
             return Ok(BlobOutcome::Skipped);
@@ -329,14 +329,17 @@ impl ImagePush<'_> {
 
     pub(super) fn bar(&self, desc: &Descriptor) -> Option<ProgressBar> {
         let multi = self.bars?;
-        let bar = multi.add(ProgressBar::new(desc.size));
+        let bar = multi.add(ProgressBar::new(desc.size()));
         let style = ProgressStyle::with_template(
             "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
         bar.set_style(style);
-        bar.set_message(format!("push {}", &desc.digest.hex()[..12]));
+        bar.set_message(format!(
+            "push {}",
+            desc.digest().digest().get(..12).unwrap_or("")
+        ));
         Some(bar)
     }
 
@@ -345,17 +348,17 @@ impl ImagePush<'_> {
     pub(super) async fn upload(&self, desc: &Descriptor, mut session: Option<Url>) -> Result<()> {
         let registry = self.registry;
         let repo = self.repository;
-        let digest = &desc.digest;
+        let digest = &desc.blob()?;
         let path = self.store.blob_path(digest);
         let on_disk = std::fs::metadata(&path)
             .with_context(|| format!("{}: cannot read blob {digest}", path.display()))?
             .len();
-        let check = Arc::new(UploadCheck::new(path, desc));
-        if on_disk != desc.size {
+        let check = Arc::new(UploadCheck::new(path, digest.clone(), desc.size()));
+        if on_disk != desc.size() {
             return Err(check.fail(Found::Size(on_disk)).into());
         }
         let bar = self.bar(desc);
-        let chunked = desc.size >= self.opts.chunk_threshold && self.opts.chunk_size > 0;
+        let chunked = desc.size() >= self.opts.chunk_threshold && self.opts.chunk_size > 0;
         let mut retries = Retries::new(&registry.retry);
         let what = format!("{}: upload of {digest} to {repo}", registry.host);
         // (session URL, bytes the registry has) of an upload in progress.
@@ -393,7 +396,7 @@ impl ImagePush<'_> {
                     if let Some(bar) = &bar {
                         bar.finish_and_clear();
                     }
-                    tracing::info!("{repo}: uploaded {digest} ({} bytes)", desc.size);
+                    tracing::info!("{repo}: uploaded {digest} ({} bytes)", desc.size());
                     return Ok(());
                 }
                 Err(failure) => {
@@ -454,12 +457,12 @@ impl ImagePush<'_> {
         let registry = self.registry;
         let mut url = location.clone();
         url.query_pairs_mut()
-            .append_pair("digest", desc.digest.as_str());
+            .append_pair("digest", desc.digest().as_ref());
         let activity = Activity::new();
         let body = file_body(
             check,
             0,
-            desc.size,
+            desc.size(),
             activity.clone(),
             self.sent.clone(),
             bar,
@@ -468,7 +471,7 @@ impl ImagePush<'_> {
             .client
             .put(url)
             .header(header::CONTENT_TYPE, "application/octet-stream")
-            .header(header::CONTENT_LENGTH, desc.size)
+            .header(header::CONTENT_LENGTH, desc.size())
             .body(body);
         self.put_blob(req, &activity).await
     }
@@ -483,8 +486,8 @@ impl ImagePush<'_> {
         bar: Option<ProgressBar>,
     ) -> Tried<()> {
         let registry = self.registry;
-        while *offset < desc.size {
-            let len = (desc.size - *offset).min(self.opts.chunk_size);
+        while *offset < desc.size() {
+            let len = (desc.size() - *offset).min(self.opts.chunk_size);
             let activity = Activity::new();
             let body = file_body(
                 check,
@@ -515,7 +518,7 @@ impl ImagePush<'_> {
         }
         let mut url = location.clone();
         url.query_pairs_mut()
-            .append_pair("digest", desc.digest.as_str());
+            .append_pair("digest", desc.digest().as_ref());
         let activity = Activity::new();
         let req = registry.client.put(url).header(header::CONTENT_LENGTH, "0");
         self.put_blob(req, &activity).await
