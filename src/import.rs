@@ -325,7 +325,7 @@ fn import_spec(opts: &ImportOptions, facts: &StageFacts, stage_digest: &str) -> 
         &opts.reference,
         created,
         "Gentoo stage3, imported by gentoo-mkimg",
-    );
+    )?;
     spec.labels
         .insert(STAGE_LABEL.to_string(), format!("sha256:{stage_digest}"));
     spec.labels.insert(
@@ -401,9 +401,9 @@ pub fn standard_labels(
     reference: &Reference,
     created: i64,
     description: &str,
-) -> std::collections::BTreeMap<String, String> {
-    [
-        ("created", crate::image::config::rfc3339(created)),
+) -> Result<std::collections::BTreeMap<String, String>> {
+    Ok([
+        ("created", crate::image::config::rfc3339(created)?),
         ("title", reference.name().to_string()),
         ("version", reference.tag.clone()),
         ("description", description.to_string()),
@@ -411,7 +411,7 @@ pub fn standard_labels(
     ]
     .into_iter()
     .map(|(k, v)| (format!("org.opencontainers.image.{k}"), v))
-    .collect()
+    .collect())
 }
 
 #[cfg(test)]

@@ -834,7 +834,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             reference,
             created,
             &format!("Gentoo {kind} image ({what}), built by gentoo-mkimg"),
-        );
+        )?;
         spec.labels.insert(key::LABEL.to_string(), key.clone());
         spec.labels
             .insert(PACKAGES_LABEL.to_string(), root.packages.len().to_string());

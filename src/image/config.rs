@@ -223,7 +223,7 @@ impl ImageSpec {
 
 /// The config JSON for `spec` over `layers`.
 pub fn config_json(spec: &ImageSpec, layers: &[LayerInfo]) -> Result<Vec<u8>> {
-    let created = rfc3339(spec.created);
+    let created = rfc3339(spec.created)?;
     let run = ConfigBuilder::default()
         .env(spec.env.clone())
         .cmd(spec.cmd.clone())
@@ -292,27 +292,12 @@ pub fn manifest_json(
     to_json(&manifest)
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (UTC).
-pub fn rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (UTC); an error for a time outside
+/// the years 0001 to 9999 (a file time in a tarball can be anything).
+pub fn rfc3339(secs: i64) -> Result<String> {
+    let time = jiff::Timestamp::from_second(secs)
+        .with_context(|| format!("the time {secs} (seconds since 1970) is out of range"))?;
+    Ok(time.to_string())
 }
 
 #[cfg(test)]
@@ -419,9 +404,11 @@ mod tests {
 
     #[test]
     fn timestamps_format_as_rfc3339() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_771_088_733), "2026-02-14T17:05:33Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(0).unwrap(), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_771_088_733).unwrap(), "2026-02-14T17:05:33Z");
+        assert_eq!(rfc3339(951_782_400).unwrap(), "2000-02-29T00:00:00Z");
+        let err = rfc3339(i64::MAX / 2).unwrap_err();
+        assert!(format!("{err:#}").contains("out of range"), "{err:#}");
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub fn write_image(
     let mut annotations = BTreeMap::new();
     annotations.insert(
         "org.opencontainers.image.created".to_string(),
-        config::rfc3339(spec.created),
+        config::rfc3339(spec.created)?,
     );
     let manifest_bytes = config::manifest_json(&config, layers, &annotations)?;
     let manifest = store.put_bytes(store::MANIFEST_MEDIA_TYPE, &manifest_bytes)?;

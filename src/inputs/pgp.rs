@@ -1148,8 +1148,10 @@ fn percent_encode(s: &str) -> String {
 /// `YYYY-MM-DD HH:MM:SS UTC` for seconds since the Unix epoch.
 fn fmt_utc(secs: i64) -> String {
     // `2020-01-05T00:00:00Z` → `2020-01-05 00:00:00 UTC`: easier to read in a message.
-    let iso = crate::image::config::rfc3339(secs);
-    format!("{} UTC", iso.trim_end_matches('Z').replacen('T', " ", 1))
+    match crate::image::config::rfc3339(secs) {
+        Ok(iso) => format!("{} UTC", iso.trim_end_matches('Z').replacen('T', " ", 1)),
+        Err(_) => format!("{secs} s after 1970"),
+    }
 }
 
 #[cfg(test)]
