@@ -70,6 +70,9 @@ pub enum Command {
     Shell(ShellArgs),
     /// Push images from the store to the registries their names say (OCI distribution API).
     Push(PushArgs),
+    /// Join images already pushed (one per platform, e.g. built on separate machines) into
+    /// one multi-platform image index in their registry, named TARGET.
+    Index(IndexArgs),
     /// Load images from the store into Docker or Podman (Docker Engine API: DOCKER_HOST or
     /// the default socket), named as in the store.
     Load(LoadArgs),
@@ -154,6 +157,23 @@ pub struct PushArgs {
     /// Push every image in the store of each REF's repository, whatever its tag.
     #[arg(long)]
     pub all_tags: bool,
+
+    /// Allow plain HTTP and unverified TLS for HOST or HOST:PORT (repeatable; loopback
+    /// hosts are always allowed).
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub insecure_registries: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct IndexArgs {
+    /// The index to put, e.g. registry.example/gentoo/musl-rt:1.
+    #[arg(value_name = "TARGET")]
+    pub target: String,
+
+    /// Images in TARGET's registry, one per platform, e.g.
+    /// registry.example/gentoo/musl-rt:1-arm64; an index adds all its entries.
+    #[arg(required = true, value_name = "SOURCE")]
+    pub sources: Vec<String>,
 
     /// Allow plain HTTP and unverified TLS for HOST or HOST:PORT (repeatable; loopback
     /// hosts are always allowed).

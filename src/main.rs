@@ -305,6 +305,18 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Index(args) => {
+            let opts = publish::registry::PushOptions {
+                insecure_registries: args.insecure_registries.clone(),
+                verbosity,
+                ..Default::default()
+            };
+            let report = publish::index::assemble(&args.target, &args.sources, &opts)?;
+            println!("{} {}", report.reference, report.digest);
+            if verbosity != Verbosity::Quiet {
+                eprintln!("{report}");
+            }
+        }
         Command::Inspect(args) => {
             let report = if args.remote {
                 let opts = publish::registry::PushOptions {

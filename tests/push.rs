@@ -817,3 +817,134 @@ fn tls_is_verified_unless_the_host_is_insecure() {
     let report = registry::push(&work.store, &image.reference, &impatient()).unwrap();
     assert_eq!((report.uploaded, report.skipped), (0, 2));
 }
+
+/// `skopeo inspect` of `reference` (with `--raw`: the manifest's bytes; `arch`: the image
+/// for that architecture; `extra` options, e.g. `--config`); None if skopeo fails.
+fn skopeo_inspect(
+    reference: &str,
+    home: &Path,
+    raw: bool,
+    arch: Option<&str>,
+    extra: &[&str],
+) -> Option<Vec<u8>> {
+    let mut cmd = Command::new("skopeo");
+    if let Some(arch) = arch {
+        cmd.arg("--override-arch").arg(arch);
+    }
+    cmd.arg("inspect").arg("--tls-verify=false");
+    if raw {
+        cmd.arg("--raw");
+    }
+    let out = cmd
+        .args(extra)
+        .arg(format!("docker://{reference}"))
+        .env("HOME", home)
+        .env("XDG_RUNTIME_DIR", home)
+        .output()
+        .expect("run skopeo");
+    out.status.success().then_some(out.stdout)
+}
+
+#[test]
+fn index_joins_images_pushed_separately_one_manifest_per_platform() {
+    let work = Work::new(64 << 10);
+    let reg = Registry::start(&work.path("registry"), RegistryAuth::None);
+    let host = reg.host();
+    let home = work.path("home");
+    // As two build machines would: each pushes its platform's image under its own name (the
+    // arm64 one in another repository, which index must mount from).
+    let amd = format!("{host}/gentoo/multi:1-amd64");
+    let arm = format!("{host}/gentoo/multi-arm64:1");
+    let amd_image = work.import(&work.stage_a, &amd);
+    let arm_image = import(
+        &work.store,
+        &ImportOptions {
+            stage: work.stage_b.clone(),
+            reference: arm.parse().unwrap(),
+            compression: LayerCompression::Gzip,
+            platform: Some("linux/arm64".parse().unwrap()),
+            source_date_epoch: Some(1_700_000_000),
+            verbosity: Verbosity::Quiet,
+            stage_digest: None,
+        },
+    )
+    .unwrap();
+    push_ok(&work, &home, &[&amd, &arm]);
+
+    let target = format!("{host}/gentoo/multi:1");
+    let out = work
+        .tool(&home)
+        .args(["index", &target, &amd, &arm])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let raw_bytes = skopeo_inspect(&target, &home, true, None, &[]).expect("the index is served");
+    let raw: serde_json::Value = serde_json::from_slice(&raw_bytes).unwrap();
+    assert_eq!(
+        raw["mediaType"], "application/vnd.oci.image.index.v1+json",
+        "{raw:#}"
+    );
+    let entries: Vec<(String, String)> = raw["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                format!(
+                    "{}/{}",
+                    m["platform"]["os"].as_str().unwrap(),
+                    m["platform"]["architecture"].as_str().unwrap()
+                ),
+                m["digest"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let amd_digest = amd_image.manifest.digest().to_string();
+    let arm_digest = arm_image.manifest.digest().to_string();
+    assert_eq!(
+        entries,
+        vec![
+            ("linux/amd64".to_string(), amd_digest.clone()),
+            ("linux/arm64".to_string(), arm_digest.clone())
+        ],
+        "{raw:#}"
+    );
+    let printed = printed(&out);
+    assert_eq!(printed.len(), 1, "{}", text(&out));
+    assert_eq!(printed[0].0, target);
+    assert_eq!(
+        gentoo_mkimg::image::store::Digest::of(&raw_bytes).to_string(),
+        printed[0].1,
+        "the printed digest is the index's"
+    );
+    // Each platform resolves to its own image's config, in the target's repository.
+    for (arch, image) in [("amd64", &amd_image), ("arm64", &arm_image)] {
+        let config = skopeo_inspect(&target, &home, true, Some(arch), &["--config"])
+            .expect("skopeo inspect --config");
+        assert_eq!(
+            gentoo_mkimg::image::store::Digest::of(&config).to_string(),
+            image.config.digest().to_string(),
+            "{arch}"
+        );
+        let config: serde_json::Value = serde_json::from_slice(&config).unwrap();
+        assert_eq!(config["architecture"], arch, "{config:#}");
+    }
+
+    // Two images of one platform: an error naming both, and no tag.
+    let again = format!("{host}/gentoo/multi:2");
+    let out = work
+        .tool(&home)
+        .args(["index", &again, &amd, &target])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&amd) && err.contains(&target) && err.contains("linux/amd64"),
+        "{err}"
+    );
+    assert!(
+        skopeo_inspect(&again, &home, true, None, &[]).is_none(),
+        "{again} was tagged"
+    );
+}

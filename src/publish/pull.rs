@@ -31,7 +31,7 @@ const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+
 /// Manifests and indexes larger than this are refused (the registry's own limit is 4 MiB).
 const MANIFEST_MAX: usize = 4 << 20;
 /// Image configs larger than this are refused.
-const CONFIG_MAX: u64 = 16 << 20;
+pub(super) const CONFIG_MAX: u64 = 16 << 20;
 
 /// An image manifest read from a registry.
 #[derive(Debug, Clone)]
@@ -109,13 +109,7 @@ impl Puller {
     /// The image manifest `reference` names (an index resolved to this host's platform).
     pub fn manifest(&mut self, reference: &str) -> Result<RemoteImage> {
         let dest: Reference = reference.parse()?;
-        let host = dest.registry.clone().unwrap_or_else(|| "docker.io".into());
-        let host = auth_host(&host).to_string();
-        let repository = if host == "docker.io" && !dest.repository.contains('/') {
-            format!("library/{}", dest.repository)
-        } else {
-            dest.repository.clone()
-        };
+        let (host, repository) = locate(&dest);
         let registry = self.registry(&host)?;
         registry.set_pull_scope(&repository);
         let what = dest.to_string();
@@ -214,9 +208,22 @@ impl Puller {
     }
 }
 
+/// The registry host (as credentials are filed: `docker.io` for Docker Hub) and the
+/// repository a reference names (`library/NAME` for Docker Hub's one-part names).
+pub(super) fn locate(reference: &Reference) -> (String, String) {
+    let host = reference.registry.as_deref().unwrap_or("docker.io");
+    let host = auth_host(host).to_string();
+    let repository = if host == "docker.io" && !reference.repository.contains('/') {
+        format!("library/{}", reference.repository)
+    } else {
+        reference.repository.clone()
+    };
+    (host, repository)
+}
+
 /// `GET /v2/REPO/manifests/REF`: the bytes and their digest (checked against `want`, and
 /// against the registry's `Docker-Content-Digest` when it sends one).
-async fn get_manifest(
+pub(super) async fn get_manifest(
     registry: &Registry,
     repo: &str,
     reference: &str,
@@ -287,7 +294,7 @@ async fn get_manifest(
 }
 
 /// The entries of an image index (OCI or Docker list), or `None` for anything else.
-fn index_entries(bytes: &[u8]) -> Result<Option<Vec<Descriptor>>> {
+pub(super) fn index_entries(bytes: &[u8]) -> Result<Option<Vec<Descriptor>>> {
     let parsed: IndexOnly =
         serde_json::from_slice(bytes).context("the manifest is not valid JSON")?;
     let is_index = matches!(

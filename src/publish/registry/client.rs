@@ -374,7 +374,7 @@ impl Registry {
     }
 
     /// Scopes for pushing to `repo`, mounting from `sources`.
-    pub(super) fn set_scopes(&self, repo: &str, sources: &[String]) {
+    pub(in crate::publish) fn set_scopes(&self, repo: &str, sources: &[String]) {
         let mut scopes = vec![auth::repository_scope(repo, "pull,push")];
         scopes.extend(sources.iter().map(|s| auth::repository_scope(s, "pull")));
         self.use_scopes(repo, scopes);
@@ -615,7 +615,7 @@ impl Registry {
     }
 
     /// Whether `repo` has blob `digest` (`HEAD`).
-    pub(super) async fn has_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {
+    pub(in crate::publish) async fn has_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {
         let url = self.url(&format!("v2/{repo}/blobs/{digest}"))?;
         let what = format!("HEAD blob {digest}");
         let resp = self
@@ -642,7 +642,7 @@ impl Registry {
     }
 
     /// Start an upload session, or mount `digest` from `from`: Ok(None) when mounted.
-    pub(super) async fn start_upload(
+    pub(in crate::publish) async fn start_upload(
         &self,
         repo: &str,
         digest: &Digest,
@@ -678,7 +678,7 @@ impl Registry {
     }
 
     /// Cancel an upload session we do not need (best effort).
-    pub(super) async fn cancel_upload(&self, repo: &str, location: Url) {
+    pub(in crate::publish) async fn cancel_upload(&self, repo: &str, location: Url) {
         let activity = Activity::new();
         let req = self.client.delete(location);
         let req = match self.authorization(Some(repo)).await {
@@ -693,7 +693,7 @@ impl Registry {
 
     /// Put the manifest `bytes` under `tag` (or a digest); returns the digest the registry
     /// reports and whether it answered with `OCI-Subject` (it keeps referrers itself).
-    pub(super) async fn put_manifest(
+    pub(in crate::publish) async fn put_manifest(
         &self,
         repo: &str,
         tag: &str,
@@ -811,7 +811,7 @@ impl Registry {
 pub(super) const MANIFEST_MAX: usize = 4 << 20;
 
 /// The body of `resp`, at most `limit` bytes (more is an error), each chunk within `stall`.
-pub(super) async fn read_limited(
+pub(in crate::publish) async fn read_limited(
     resp: reqwest::Response,
     limit: usize,
     stall: Duration,

@@ -39,7 +39,7 @@ mod client;
 mod upload;
 
 pub(in crate::publish) use client::{
-    Registry, auth_host, body_text, content_digest, runtime_and_clients,
+    Registry, auth_host, body_text, content_digest, read_limited, runtime_and_clients,
 };
 use upload::*;
 
