@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
 use crate::engine::EngineKind;
+use crate::image::config::Platform;
 use crate::image::layer::{DEFAULT_MAX_LAYERS, LayerCompression, LayerSplit, MIN_LAYERS};
 use crate::inputs::{self, Source};
 
@@ -178,6 +179,11 @@ settings! {
         /// stage must have the profile's layout (split-usr or merged-usr).
         #[arg(long, value_name = "PROFILE")]
         pub profile: Option<String>,
+        /// The platform the stage must be, e.g. linux/arm64 (a stage of another architecture
+        /// is refused) [default: the stage's, read from its programs]. A stage of another
+        /// architecture than the host's runs through a qemu-user binfmt_misc handler.
+        #[arg(long, value_name = "PLATFORM")]
+        pub platform: Option<String>,
         /// Do not check rt after the build (every ELF's interpreter and libraries, every #!
         /// interpreter, /bin/sh); a warning says so. In the file: `check = false`.
         #[arg(long = "no-check", num_args = 0, default_missing_value = "false")]
@@ -365,6 +371,8 @@ pub struct BuildPlan {
     pub install_mask: Vec<String>,
     /// The profile to build with, relative to the snapshot's profiles/ (`None`: the stage's).
     pub profile: Option<String>,
+    /// The platform the stage must be (`None`: whatever it is).
+    pub platform: Option<Platform>,
     /// Audit rt before tagging it (see [`crate::audit`]).
     pub check: bool,
     pub keep_going: bool,
@@ -422,8 +430,8 @@ impl Settings {
         Ok((stage3, snapshot))
     }
 
-    /// The settings' own checks: jobs, max layers, profile.
-    fn checked(&self) -> Result<(usize, Option<String>)> {
+    /// The settings' own checks: jobs, max layers, profile, platform.
+    fn checked(&self) -> Result<(usize, Option<String>, Option<Platform>)> {
         if self.jobs == Some(0) {
             bail!("jobs must be at least 1");
         }
@@ -435,13 +443,18 @@ impl Settings {
             );
         }
         let profile = self.profile.as_deref().map(check_profile).transpose()?;
-        Ok((max_layers, profile))
+        let platform = self
+            .platform
+            .as_deref()
+            .map(str::parse::<Platform>)
+            .transpose()?;
+        Ok((max_layers, profile, platform))
     }
 
     /// The plan: every default filled in, with the local stage3 and snapshot that the
     /// inputs step made of [`Settings::sources`].
     pub fn into_plan(self, stage3: PathBuf, snapshot: PathBuf) -> Result<BuildPlan> {
-        let (max_layers, profile) = self.checked()?;
+        let (max_layers, profile, platform) = self.checked()?;
         let defaulted = self.stage3.is_none();
         let engine = self.engine();
         let owned = |list: &[&str]| list.iter().map(|s| s.to_string()).collect();
@@ -469,6 +482,7 @@ impl Settings {
                 .install_mask
                 .unwrap_or_else(|| owned(DEFAULT_INSTALL_MASK)),
             profile,
+            platform,
             check: self.check.unwrap_or(true),
             keep_going: self.keep_going.unwrap_or(false),
             compression: self.compression.unwrap_or_default(),

@@ -218,6 +218,17 @@ pub struct Imported {
 /// stage is hashed first only when the store has an image of that name from some stage,
 /// otherwise while it is imported (one pass).
 pub fn import_stage(store: &Store, opts: &ImportOptions) -> Result<Imported> {
+    import_stage_checked(store, opts, &|_| Ok(()))
+}
+
+/// [`import_stage`], with `accept` asked about the stage's facts before the image is stored
+/// (or, when the store holds it already, returned): its error ends the import with nothing
+/// stored, e.g. a stage this host cannot run.
+pub fn import_stage_checked(
+    store: &Store,
+    opts: &ImportOptions,
+    accept: &dyn Fn(&StageFacts) -> Result<()>,
+) -> Result<Imported> {
     let file = opts.stage.display().to_string();
     let reference = opts.reference.to_string();
     let stored = store
@@ -233,6 +244,7 @@ pub fn import_stage(store: &Store, opts: &ImportOptions) -> Result<Imported> {
     if stored && let Some(digest) = &known {
         match stored_import(store, opts, digest) {
             Ok(Some((image, facts))) => {
+                accept(&facts)?;
                 tracing::info!(
                     "{reference} in the store was imported from this stage ({file}, \
                      sha256:{digest}) with the same settings; not reading the stage again"
@@ -248,7 +260,7 @@ pub fn import_stage(store: &Store, opts: &ImportOptions) -> Result<Imported> {
             Err(e) => tracing::warn!("{reference} in the store: {e:#}; importing {file} again"),
         }
     }
-    import_read(store, opts, known)
+    import_read(store, opts, known, accept)
 }
 
 /// The image `opts.reference` in `store` when it is exactly what importing the stage of
@@ -341,6 +353,7 @@ fn import_read(
     store: &Store,
     opts: &ImportOptions,
     stage_digest: Option<String>,
+    accept: &dyn Fn(&StageFacts) -> Result<()>,
 ) -> Result<Imported> {
     let blobs = store.session(); // a failure below removes the blobs written here
     let file = opts.stage.display().to_string();
@@ -373,6 +386,7 @@ fn import_read(
     };
 
     let facts = StageFacts::of(&scan);
+    accept(&facts)?;
     let spec = import_spec(opts, &facts, &stage_digest)?;
     let image = commit_image(
         store,

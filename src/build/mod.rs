@@ -647,7 +647,32 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     // 1. raw: the stored one when it was imported from this stage with these settings (the
     // stage is not read again), else the stage imported
     let t = Instant::now();
-    let imported = import::import_stage(
+    // Before the raw image is stored: the stage is of the platform asked for, and the
+    // sandbox can run its programs (natively, or through a binfmt_misc handler).
+    let accept = |facts: &import::StageFacts| -> Result<()> {
+        let Some(found) = facts.platform()? else {
+            return Ok(()); // the import refuses a stage of no known architecture
+        };
+        if let Some(want) = &plan.platform
+            && (want.architecture != found.architecture
+                || want.variant.is_some() && want.variant != found.variant)
+        {
+            bail!(
+                "stage3 {} is {found}, not {want} (--platform)",
+                plan.stage3.display()
+            );
+        }
+        if plan.engine == engine::EngineKind::Sandbox {
+            engine::binfmt::check_runnable(
+                &plan.stage3,
+                &found,
+                engine::binfmt::host_architecture(),
+                Path::new(engine::binfmt::BINFMT_MISC),
+            )?;
+        }
+        Ok(())
+    };
+    let imported = import::import_stage_checked(
         &opts.store,
         &ImportOptions {
             stage: stage.clone(),
@@ -658,6 +683,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             verbosity: opts.verbosity,
             stage_digest: known.as_ref().map(|(digest, _)| digest.clone()),
         },
+        &accept,
     )?;
     phases.push((
         if imported.reused {

@@ -10,6 +10,7 @@
 //! Both give the command the same view: the mounts at the same places, /proc, /sys, /dev,
 //! the host's network and resolv.conf, a hostname, a clean environment, and its exit status.
 
+pub mod binfmt;
 pub mod docker;
 pub mod export;
 pub mod sandbox;
