@@ -667,7 +667,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
                 &plan.stage3,
                 &found,
                 engine::binfmt::host_architecture(),
-                Path::new(engine::binfmt::BINFMT_MISC),
+                &engine::binfmt::binfmt_dir(),
             )?;
         }
         Ok(())

@@ -9,7 +9,7 @@
 //! install when there is none. It does not register handlers (`scripts/setup-host` does, on
 //! a host without systemd-binfmt).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
@@ -17,6 +17,15 @@ use crate::image::config::Platform;
 
 /// Where the kernel's binfmt_misc handlers are (one file each, plus `status` and `register`).
 pub const BINFMT_MISC: &str = "/proc/sys/fs/binfmt_misc";
+
+/// The binfmt_misc directory to read: [`BINFMT_MISC`], or `GENTOO_MKIMG_BINFMT_MISC` when set
+/// (the tests point it at handler files of their own; it can only make a build refuse a
+/// stage, or let one fail later when its programs cannot run).
+pub fn binfmt_dir() -> PathBuf {
+    std::env::var_os("GENTOO_MKIMG_BINFMT_MISC")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(BINFMT_MISC), PathBuf::from)
+}
 
 /// The host's architecture in OCI terms (`amd64`, `arm64`, ...), as this program was built
 /// for it.
