@@ -22,6 +22,9 @@ fn aarch64_handler(enabled: bool, flags: &str) -> String {
     )
 }
 
+/// binfmt_misc handler files: (name, text).
+type Handlers<'a> = Vec<(&'a str, String)>;
+
 /// A binfmt_misc directory of our own (GENTOO_MKIMG_BINFMT_MISC) with these handlers.
 fn binfmt_dir(root: &Path, handlers: &[(&str, String)]) -> PathBuf {
     let dir = root.join("binfmt_misc");
@@ -158,7 +161,7 @@ fn without_a_handler_with_the_f_flag_a_foreign_stage_is_refused_before_anything_
          qemu-user-static); ",
         stage.display()
     );
-    let cases: [(&str, Vec<(&str, String)>, &str); 3] = [
+    let cases: [(&str, Handlers, &str); 3] = [
         ("none", vec![], "has no handler for arm64 programs"),
         (
             "disabled",
