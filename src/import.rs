@@ -77,7 +77,19 @@ pub fn append_tar(
     input: impl Read,
     layer: &mut dyn EntrySink,
     opts: TarOptions,
+    progress: impl FnMut(),
+) -> Result<Scan> {
+    append_tar_checked(input, layer, opts, progress, &|_| Ok(()))
+}
+
+/// [`append_tar`], with `accept` asked about the platform as soon as it is found: its error
+/// ends the walk there.
+fn append_tar_checked(
+    input: impl Read,
+    layer: &mut dyn EntrySink,
+    opts: TarOptions,
     mut progress: impl FnMut(),
+    accept: &dyn Fn(&Platform) -> Result<()>,
 ) -> Result<Scan> {
     let mut scan = Scan::default();
     walk_tar(input, "archive", |mut meta, entry, last| {
@@ -116,6 +128,9 @@ pub fn append_tar(
                     .read_to_end(&mut data)
                     .map_err(|e| anyhow!("entry {last:?}: cannot read: {e}"))?;
                 scan.platform = platform_from_elf(&data);
+                if let Some(platform) = &scan.platform {
+                    accept(platform)?;
+                }
                 layer.append(&meta, &mut data.as_slice())
             }
             _ => layer.append(&meta, entry),
@@ -221,13 +236,14 @@ pub fn import_stage(store: &Store, opts: &ImportOptions) -> Result<Imported> {
     import_stage_checked(store, opts, &|_| Ok(()))
 }
 
-/// [`import_stage`], with `accept` asked about the stage's facts before the image is stored
-/// (or, when the store holds it already, returned): its error ends the import with nothing
-/// stored, e.g. a stage this host cannot run.
+/// [`import_stage`], with `accept` asked about the platform of the stage's programs as soon as
+/// the import finds it (or, when the store holds the image already, before it is returned):
+/// its error, as it is, ends the import with nothing stored, e.g. for a stage this host
+/// cannot run.
 pub fn import_stage_checked(
     store: &Store,
     opts: &ImportOptions,
-    accept: &dyn Fn(&StageFacts) -> Result<()>,
+    accept: &dyn Fn(&Platform) -> Result<()>,
 ) -> Result<Imported> {
     let file = opts.stage.display().to_string();
     let reference = opts.reference.to_string();
@@ -244,7 +260,9 @@ pub fn import_stage_checked(
     if stored && let Some(digest) = &known {
         match stored_import(store, opts, digest) {
             Ok(Some((image, facts))) => {
-                accept(&facts)?;
+                if let Some(platform) = facts.platform()? {
+                    accept(&platform)?;
+                }
                 tracing::info!(
                     "{reference} in the store was imported from this stage ({file}, \
                      sha256:{digest}) with the same settings; not reading the stage again"
@@ -353,7 +371,7 @@ fn import_read(
     store: &Store,
     opts: &ImportOptions,
     stage_digest: Option<String>,
-    accept: &dyn Fn(&StageFacts) -> Result<()>,
+    accept: &dyn Fn(&Platform) -> Result<()>,
 ) -> Result<Imported> {
     let blobs = store.session(); // a failure below removes the blobs written here
     let file = opts.stage.display().to_string();
@@ -373,10 +391,26 @@ fn import_read(
     let bar = progress::Bar::new(opts.verbosity, "import", input.size);
     let consumed = input.consumed.clone();
     let mut layer = LayerWriter::new(store, opts.compression)?;
-    let scan = append_tar(input.reader, &mut layer, TarOptions::default(), || {
-        bar.set(consumed.load(std::sync::atomic::Ordering::Relaxed))
-    })
-    .with_context(|| file.clone())?;
+    // accept's refusal is the error as it is, without the walk's context
+    let refused = std::cell::RefCell::new(None);
+    let scan = append_tar_checked(
+        input.reader,
+        &mut layer,
+        TarOptions::default(),
+        || bar.set(consumed.load(std::sync::atomic::Ordering::Relaxed)),
+        &|platform| {
+            accept(platform).map_err(|e| {
+                let text = format!("{e:#}");
+                *refused.borrow_mut() = Some(e);
+                anyhow!(text)
+            })
+        },
+    );
+    let scan = match (scan, refused.into_inner()) {
+        (Ok(scan), _) => scan,
+        (Err(_), Some(refusal)) => return Err(refusal),
+        (Err(e), None) => return Err(e.context(file.clone())),
+    };
     let info: LayerInfo = layer.finish(store).with_context(|| file.clone())?;
     bar.finish();
     let stage_digest = match (hash, stage_digest) {
@@ -386,7 +420,6 @@ fn import_read(
     };
 
     let facts = StageFacts::of(&scan);
-    accept(&facts)?;
     let spec = import_spec(opts, &facts, &stage_digest)?;
     let image = commit_image(
         store,

@@ -30,7 +30,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::config::BuildPlan;
 use crate::engine::{self, Mount, Session};
 use crate::image::StoredImage;
-use crate::image::config::ImageSpec;
+use crate::image::config::{ImageSpec, Platform};
 use crate::image::layer::{LayerInfo, LayerSplit, LayerWriter};
 use crate::image::reference::Reference;
 use crate::image::store::{DescriptorExt, Store};
@@ -649,10 +649,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     let t = Instant::now();
     // Before the raw image is stored: the stage is of the platform asked for, and the
     // sandbox can run its programs (natively, or through a binfmt_misc handler).
-    let accept = |facts: &import::StageFacts| -> Result<()> {
-        let Some(found) = facts.platform()? else {
-            return Ok(()); // the import refuses a stage of no known architecture
-        };
+    let accept = |found: &Platform| -> Result<()> {
         if let Some(want) = &plan.platform
             && (want.architecture != found.architecture
                 || want.variant.is_some() && want.variant != found.variant)
@@ -665,7 +662,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         if plan.engine == engine::EngineKind::Sandbox {
             engine::binfmt::check_runnable(
                 &plan.stage3,
-                &found,
+                found,
                 engine::binfmt::host_architecture(),
                 &engine::binfmt::binfmt_dir(),
             )?;
