@@ -29,14 +29,8 @@ pub fn fixtures_dir() -> PathBuf {
 /// Runs a fixture build script with bash and returns the single path it prints on
 /// stdout. Panics with the script's stderr if it fails.
 pub fn run_fixture_script(script: &Path) -> PathBuf {
-    run_fixture_script_with(script, &[])
-}
-
-/// [`run_fixture_script`] with arguments.
-pub fn run_fixture_script_with(script: &Path, args: &[&str]) -> PathBuf {
     let out = Command::new("bash")
         .arg(script)
-        .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -116,20 +110,6 @@ pub fn stage() -> Stage {
     let dir = DIR
         .get_or_init(|| run_fixture_script(&fixtures_dir().join("stage").join("build-stage.sh")));
     Stage { dir: dir.clone() }
-}
-
-/// The stand-in stage3 built for arm64 (`build-stage.sh arm64`: mmdebstrap --arch=arm64
-/// through qemu-user-static, make.profile -> `default/linux/arm64/23.0`, CHOST
-/// aarch64-unknown-linux-gnu): its `stage.tar`. Its programs run through binfmt_misc.
-pub fn arm64_stage() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        run_fixture_script_with(
-            &fixtures_dir().join("stage").join("build-stage.sh"),
-            &["arm64"],
-        )
-    })
-    .join("stage.tar")
 }
 
 /// The stand-in stage3 with a split /usr (real /bin, /sbin, /lib, /lib64, /usr/sbin; make.profile
