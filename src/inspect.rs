@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::image::store::{Descriptor, DescriptorExt, Store};
@@ -78,32 +78,13 @@ pub struct Package {
     pub repository: Option<String>,
 }
 
-/// The parts of an image config read here.
-#[derive(Deserialize)]
-struct ConfigPlatform {
-    #[serde(default)]
-    os: String,
-    #[serde(default)]
-    architecture: String,
-    #[serde(default)]
-    variant: Option<String>,
-}
-
 /// The platform an image config names.
 pub fn platform_of_config(bytes: &[u8]) -> Result<Platform> {
-    let c: ConfigPlatform =
-        serde_json::from_slice(bytes).context("the image config is not valid JSON")?;
-    if c.architecture.is_empty() {
-        bail!("the image config names no architecture");
-    }
+    let p = crate::image::oci::config_platform(bytes)?;
     Ok(Platform {
-        os: if c.os.is_empty() {
-            "linux".to_string()
-        } else {
-            c.os
-        },
-        architecture: c.architecture,
-        variant: c.variant.filter(|v| !v.is_empty()),
+        os: p.os().to_string(),
+        architecture: p.architecture().to_string(),
+        variant: p.variant().clone(),
     })
 }
 

@@ -94,6 +94,37 @@ impl Digest {
     }
 }
 
+/// The platform an image config names (any image's: OS `linux` when it names none). An
+/// error when it is not JSON or names no architecture.
+pub fn config_platform(config: &[u8]) -> Result<Platform> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        #[serde(default)]
+        os: String,
+        #[serde(default)]
+        architecture: String,
+        #[serde(default)]
+        variant: Option<String>,
+    }
+    let named: Named =
+        serde_json::from_slice(config).context("the image config is not valid JSON")?;
+    if named.architecture.is_empty() {
+        anyhow::bail!("the image config names no architecture");
+    }
+    let os = if named.os.is_empty() {
+        "linux"
+    } else {
+        &named.os
+    };
+    let mut platform = PlatformBuilder::default()
+        .os(Os::from(os))
+        .architecture(Arch::from(named.architecture.as_str()))
+        .build()
+        .context("the image config names no platform")?;
+    platform.set_variant(named.variant.filter(|v| !v.is_empty()));
+    Ok(platform)
+}
+
 /// The descriptor's platform as `OS/ARCH[/VARIANT]`.
 pub fn platform_text(platform: &Platform) -> String {
     let mut text = format!("{}/{}", platform.os(), platform.architecture());
@@ -125,6 +156,18 @@ mod tests {
             text.starts_with(r#"{"annotations":{"a":"a","b":"b","c":"c","m":"m","y":"y","z":"z"},"digest":"sha256:"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_platform_is_read_from_the_config() {
+        let p = config_platform(br#"{"os":"linux","architecture":"arm","variant":"v7"}"#);
+        assert_eq!(platform_text(&p.unwrap()), "linux/arm/v7");
+        let p = config_platform(br#"{"architecture":"amd64","variant":""}"#).unwrap();
+        assert_eq!(platform_text(&p), "linux/amd64");
+        let p = config_platform(br#"{"os":"freebsd","architecture":"riscv64"}"#).unwrap();
+        assert_eq!(platform_text(&p), "freebsd/riscv64");
+        assert!(config_platform(br#"{"os":"linux"}"#).is_err());
+        assert!(config_platform(b"{").is_err());
     }
 
     #[test]

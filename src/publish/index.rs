@@ -13,18 +13,15 @@ use std::fmt;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use serde::Deserialize;
 
 use crate::image::oci::{
-    Descriptor, DescriptorExt, ImageIndex, ImageManifest, MediaType, Os, Platform, PlatformBuilder,
-    descriptor, platform_text, to_json,
+    Descriptor, DescriptorExt, ImageIndex, ImageManifest, MediaType, config_platform, descriptor,
+    platform_text, to_json,
 };
 use crate::image::reference::Reference;
 use crate::image::store::{Digest, INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE};
-use crate::publish::pull::{CONFIG_MAX, get_manifest, index_entries, locate};
-use crate::publish::registry::{
-    PushOptions, Registry, body_text, read_limited, runtime_and_clients,
-};
+use crate::publish::pull::{CONFIG_MAX, get_blob, get_manifest, index_entries, locate};
+use crate::publish::registry::{PushOptions, Registry, read_limited, runtime_and_clients};
 
 /// What `index` put where.
 #[derive(Debug, Clone)]
@@ -169,7 +166,7 @@ async fn source_entries(
     let config = read_config(registry, source_repo, manifest.config())
         .await
         .with_context(|| format!("source {source}"))?;
-    let platform = platform_of(&config)
+    let platform = config_platform(&config)
         .with_context(|| format!("source {source}: its config {}", manifest.config().digest()))?;
     let media_type = manifest
         .media_type()
@@ -235,65 +232,13 @@ async fn read_config(registry: &Registry, repo: &str, desc: &Descriptor) -> Resu
         );
     }
     let want = desc.blob()?;
-    let url = registry.url(&format!("v2/{repo}/blobs/{want}"))?;
-    let what = format!("GET config {want}");
-    let resp = registry
-        .send(Some(repo), &what, true, || {
-            Ok(registry.client.get(url.clone()))
-        })
-        .await?;
-    if !resp.status().is_success() {
-        bail!(
-            "{}: {what} in {repo}: {}",
-            registry.host,
-            body_text(resp, registry.stall).await
-        );
-    }
+    let resp = get_blob(registry, repo, &want).await?;
     let bytes = read_limited(resp, CONFIG_MAX as usize, registry.stall)
         .await
-        .with_context(|| format!("{}: {what}", registry.host))?;
+        .with_context(|| format!("{}: GET blob {want}", registry.host))?;
     let found = Digest::of(&bytes);
     if found != want {
-        bail!("{}: {what}: the blob's digest is {found}", registry.host);
+        bail!("{}: GET blob {want}: its digest is {found}", registry.host);
     }
     Ok(bytes)
-}
-
-/// The platform an image config names (OS, architecture, variant).
-fn platform_of(config: &[u8]) -> Result<Platform> {
-    #[derive(Deserialize)]
-    struct Named {
-        #[serde(default)]
-        os: String,
-        #[serde(default)]
-        architecture: String,
-        #[serde(default)]
-        variant: Option<String>,
-    }
-    let named: Named = serde_json::from_slice(config).context("not valid JSON")?;
-    if named.architecture.is_empty() || named.os.is_empty() {
-        bail!("it names no OS or architecture");
-    }
-    let mut platform = PlatformBuilder::default()
-        .os(Os::from(named.os.as_str()))
-        .architecture(named.architecture.as_str())
-        .build()
-        .context("not a platform")?;
-    platform.set_variant(named.variant.filter(|v| !v.is_empty()));
-    Ok(platform)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_platform_is_read_from_the_config() {
-        let p = platform_of(br#"{"os":"linux","architecture":"arm","variant":"v7"}"#).unwrap();
-        assert_eq!(platform_text(&p), "linux/arm/v7");
-        let p = platform_of(br#"{"os":"linux","architecture":"amd64","variant":""}"#).unwrap();
-        assert_eq!(platform_text(&p), "linux/amd64");
-        assert!(platform_of(br#"{"os":"linux"}"#).is_err());
-        assert!(platform_of(b"{").is_err());
-    }
 }

@@ -177,23 +177,9 @@ impl Puller {
     ) -> Result<Box<dyn Read + Send>> {
         let registry = self.registry(&image.host)?;
         let repo = image.repository.clone();
-        let url = registry.url(&format!("v2/{repo}/blobs/{}", desc.digest()))?;
-        let what = format!("GET blob {}", desc.digest());
-        let resp = self.runtime.block_on(async {
-            let resp = registry
-                .send(Some(&repo), &what, true, || {
-                    Ok(registry.client.get(url.clone()))
-                })
-                .await?;
-            if !resp.status().is_success() {
-                bail!(
-                    "{}: {what} in {repo}: {}",
-                    registry.host,
-                    body_text(resp, registry.stall).await
-                );
-            }
-            Ok(resp)
-        })?;
+        let resp = self
+            .runtime
+            .block_on(get_blob(&registry, &repo, &desc.blob()?))?;
         Ok(Box::new(CheckedBody::new(
             Body {
                 runtime: self.runtime.clone(),
@@ -206,6 +192,29 @@ impl Puller {
             desc.size(),
         )))
     }
+}
+
+/// `GET /v2/REPO/blobs/DIGEST`: the answer, once it is a success.
+pub(super) async fn get_blob(
+    registry: &Registry,
+    repo: &str,
+    digest: &Digest,
+) -> Result<reqwest::Response> {
+    let url = registry.url(&format!("v2/{repo}/blobs/{digest}"))?;
+    let what = format!("GET blob {digest}");
+    let resp = registry
+        .send(Some(repo), &what, true, || {
+            Ok(registry.client.get(url.clone()))
+        })
+        .await?;
+    if !resp.status().is_success() {
+        bail!(
+            "{}: {what} in {repo}: {}",
+            registry.host,
+            body_text(resp, registry.stall).await
+        );
+    }
+    Ok(resp)
 }
 
 /// The registry host (as credentials are filed: `docker.io` for Docker Hub) and the
