@@ -663,7 +663,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             engine::binfmt::check_runnable(
                 &plan.stage3,
                 found,
-                engine::binfmt::host_architecture(),
+                crate::image::config::host_architecture(),
                 &engine::binfmt::binfmt_dir(),
             )?;
         }

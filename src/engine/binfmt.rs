@@ -12,6 +12,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
+use goblin::elf::header::{
+    EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV, EM_S390, EM_X86_64,
+};
 
 use crate::image::config::Platform;
 
@@ -27,38 +30,20 @@ pub fn binfmt_dir() -> PathBuf {
         .map_or_else(|| PathBuf::from(BINFMT_MISC), PathBuf::from)
 }
 
-/// The host's architecture in OCI terms (`amd64`, `arm64`, ...), as this program was built
-/// for it.
-pub fn host_architecture() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "x86" => "386",
-        "aarch64" => "arm64",
-        "arm" => "arm",
-        "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
-        "powerpc64" => "ppc64",
-        "powerpc" => "ppc",
-        "s390x" => "s390x",
-        "riscv64" => "riscv64",
-        "loongarch64" => "loong64",
-        other => other,
-    }
-}
-
 /// The ELF identity of an architecture's programs: (64-bit, little-endian, e_machine), and
 /// the name the kernel and qemu give it.
 fn elf_identity(architecture: &str) -> Option<(bool, bool, u16, &'static str)> {
     Some(match architecture {
-        "amd64" => (true, true, 62, "x86_64"),
-        "386" => (false, true, 3, "i386"),
-        "arm64" => (true, true, 183, "aarch64"),
-        "arm" => (false, true, 40, "arm"),
-        "ppc64le" => (true, true, 21, "ppc64le"),
-        "ppc64" => (true, false, 21, "ppc64"),
-        "ppc" => (false, false, 20, "ppc"),
-        "s390x" => (true, false, 22, "s390x"),
-        "riscv64" => (true, true, 243, "riscv64"),
-        "loong64" => (true, true, 258, "loongarch64"),
+        "amd64" => (true, true, EM_X86_64, "x86_64"),
+        "386" => (false, true, EM_386, "i386"),
+        "arm64" => (true, true, EM_AARCH64, "aarch64"),
+        "arm" => (false, true, EM_ARM, "arm"),
+        "ppc64le" => (true, true, EM_PPC64, "ppc64le"),
+        "ppc64" => (true, false, EM_PPC64, "ppc64"),
+        "ppc" => (false, false, EM_PPC, "ppc"),
+        "s390x" => (true, false, EM_S390, "s390x"),
+        "riscv64" => (true, true, EM_RISCV, "riscv64"),
+        "loong64" => (true, true, EM_LOONGARCH, "loongarch64"),
         _ => return None,
     })
 }
@@ -326,6 +311,6 @@ mod tests {
 
     #[test]
     fn the_host_architecture_has_an_elf_identity() {
-        assert!(elf_identity(host_architecture()).is_some());
+        assert!(elf_identity(crate::image::config::host_architecture()).is_some());
     }
 }

@@ -55,6 +55,24 @@ impl std::str::FromStr for Platform {
     }
 }
 
+/// The host's architecture in OCI terms (`amd64`, `arm64`, ...), as this program was built
+/// for it.
+pub fn host_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "x86" => "386",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
+        "powerpc64" => "ppc64",
+        "powerpc" => "ppc",
+        "s390x" => "s390x",
+        "riscv64" => "riscv64",
+        "loongarch64" => "loong64",
+        other => other,
+    }
+}
+
 const SHT_ARM_ATTRIBUTES: u32 = 0x7000_0003;
 
 /// Read the platform from the start of an ELF file (for ARM, the whole file: the CPU

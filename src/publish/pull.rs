@@ -20,6 +20,7 @@ use sha2::{Digest as _, Sha256};
 use super::registry::{
     PushOptions, Registry, auth_host, body_text, content_digest, runtime_and_clients,
 };
+use crate::image::config::host_architecture;
 use crate::image::oci::Os;
 use crate::image::reference::Reference;
 use crate::image::store::{
@@ -52,22 +53,6 @@ struct IndexOnly {
     media_type: Option<String>,
     #[serde(default)]
     manifests: Option<Vec<Descriptor>>,
-}
-
-/// This host's platform in OCI (GOARCH) terms: `(architecture, variant)`.
-pub fn host_platform() -> (&'static str, Option<&'static str>) {
-    match std::env::consts::ARCH {
-        "x86_64" => ("amd64", None),
-        "x86" => ("386", None),
-        "aarch64" => ("arm64", None),
-        "arm" => ("arm", None),
-        "powerpc64" if cfg!(target_endian = "little") => ("ppc64le", None),
-        "powerpc64" => ("ppc64", None),
-        "riscv64" => ("riscv64", None),
-        "s390x" => ("s390x", None),
-        "loongarch64" => ("loong64", None),
-        other => (other, None),
-    }
 }
 
 /// Reads images from registries; keeps connections and tokens between requests.
@@ -120,10 +105,10 @@ impl Puller {
         let (bytes, digest) = match index_entries(&bytes)? {
             None => (bytes, digest),
             Some(entries) => {
-                let (arch, variant) = host_platform();
+                let arch = host_architecture();
                 let chosen = entries
                     .iter()
-                    .find(|d| platform_matches(d, arch, variant))
+                    .find(|d| platform_matches(d, arch, None))
                     .ok_or_else(|| {
                         anyhow!("image {what}: the index {digest} has no manifest for linux/{arch}")
                     })?;
