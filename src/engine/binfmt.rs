@@ -121,7 +121,8 @@ impl Handler {
         let Some(magic) = &self.magic else {
             return false;
         };
-        let Some(data) = prefix.get(self.offset..self.offset + magic.len()) else {
+        let end = self.offset.saturating_add(magic.len());
+        let Some(data) = prefix.get(self.offset..end) else {
             return false;
         };
         magic.iter().enumerate().all(|(i, &m)| {
