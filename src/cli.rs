@@ -255,10 +255,13 @@ pub struct ShellArgs {
 #[derive(Debug, Args)]
 pub struct ImportArgs {
     /// The stage3 tarball (xz, bzip2, gzip, zstd or plain tar; detected from its content),
-    /// a URL or stage3:VARIANT[@TIMESTAMP].
-    pub stage3: String,
+    /// a URL or stage3:VARIANT[@TIMESTAMP]. Several, one per platform of --platform: each
+    /// becomes REF:TAG-ARCH, and REF:TAG an image index of them.
+    #[arg(required = true, num_args = 1..)]
+    pub stage3: Vec<String>,
 
     /// Name for the image, e.g. localhost/gentoo-musl-raw:20260214 (tag defaults to latest).
+    #[arg(required = true)]
     pub reference: String,
 
     /// Compression of the image layer.
@@ -270,7 +273,9 @@ pub struct ImportArgs {
     pub archive: Option<PathBuf>,
 
     /// Set the platform (e.g. linux/arm/v7) instead of reading it from the stage's binaries.
-    #[arg(long)]
+    /// With several stages: each one's platform, comma-separated in their order (each stage
+    /// must be its platform, as its binaries say).
+    #[arg(long, value_name = "PLATFORM[,PLATFORM...]")]
     pub platform: Option<String>,
 
     #[command(flatten)]
@@ -291,6 +296,11 @@ pub struct InspectArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    /// When the name is an image index of several platforms: the platform whose image to
+    /// inspect, e.g. linux/arm64 [default: this host's].
+    #[arg(long, value_name = "PLATFORM", conflicts_with = "remote")]
+    pub platform: Option<String>,
 
     /// With --remote: allow plain HTTP and unverified TLS for HOST or HOST:PORT (repeatable;
     /// loopback hosts are always allowed).

@@ -5,6 +5,7 @@
 //! unnoticed. Fetching the stage3 and snapshot is the inputs step's: this module only names
 //! them ([`Settings::sources`]).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -181,9 +182,17 @@ settings! {
         pub profile: Option<String>,
         /// The platform the stage must be, e.g. linux/arm64 (a stage of another architecture
         /// is refused) [default: the stage's, read from its programs]. A stage of another
-        /// architecture than the host's runs through a qemu-user binfmt_misc handler.
-        #[arg(long, value_name = "PLATFORM")]
+        /// architecture than the host's runs through a qemu-user binfmt_misc handler. Several,
+        /// comma-separated (linux/amd64,linux/arm64): each is built from its own stage3 (a
+        /// stage3:VARIANT names each platform's, or see stage3_by_platform) as REF:TAG-ARCH,
+        /// and raw, dev and rt are each stored as one image index of them.
+        #[arg(long, value_name = "PLATFORM[,PLATFORM...]")]
         pub platform: Option<String>,
+        /// The stage3 of each platform of a multi-platform build, by platform (config file
+        /// only: `[stage3_by_platform]` with `"linux/arm64" = "stage3-arm64-....tar.xz"`);
+        /// a tarball, a URL or stage3:VARIANT each.
+        #[arg(skip)]
+        pub stage3_by_platform: Option<BTreeMap<String, String>>,
         /// Do not check rt after the build (every ELF's interpreter and libraries, every #!
         /// interpreter, /bin/sh); a warning says so. In the file: `check = false`.
         #[arg(long = "no-check", num_args = 0, default_missing_value = "false")]
@@ -302,6 +311,11 @@ impl ConfigFile {
         Ok(ConfigFile {
             settings: Settings {
                 stage3: settings.stage3.map(source),
+                stage3_by_platform: settings.stage3_by_platform.map(|by| {
+                    by.into_iter()
+                        .map(|(platform, spec)| (platform, source(spec)))
+                        .collect()
+                }),
                 snapshot: settings.snapshot.map(source),
                 sbom: settings.sbom.map(rel),
                 repos: settings.repos.map(|repos| {
@@ -430,6 +444,60 @@ impl Settings {
         Ok((stage3, snapshot))
     }
 
+    /// The platforms to build, as `--platform` lists them (none: the stage's own).
+    pub fn platforms(&self) -> Result<Vec<Platform>> {
+        match &self.platform {
+            Some(list) => Platform::parse_list(list),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The stage3 of each platform of a multi-platform build: the config file's
+    /// `stage3_by_platform`, else the stage3:VARIANT given, for each platform's architecture.
+    pub fn platform_sources(&self) -> Result<Vec<(Platform, Source)>> {
+        let platforms = self.platforms()?;
+        if let Some(by) = &self.stage3_by_platform {
+            let mut named: Vec<(Platform, &String)> = Vec::new();
+            for (key, spec) in by {
+                let platform: Platform = key
+                    .parse()
+                    .with_context(|| format!("stage3_by_platform: key {key:?}"))?;
+                if !platforms.contains(&platform) {
+                    bail!(
+                        "stage3_by_platform names {platform}, which --platform does not list \
+                         ({})",
+                        self.platform.as_deref().unwrap_or("none")
+                    );
+                }
+                named.push((platform, spec));
+            }
+            return platforms
+                .into_iter()
+                .map(|platform| {
+                    let Some((_, spec)) = named.iter().find(|(p, _)| *p == platform) else {
+                        bail!("stage3_by_platform names no stage3 for {platform}");
+                    };
+                    Ok((platform, Source::parse(spec)?))
+                })
+                .collect();
+        }
+        let given = self.stage3.as_deref().unwrap_or(inputs::DEFAULT_STAGE3);
+        platforms
+            .into_iter()
+            .map(|platform| {
+                let source = Source::parse(given)?
+                    .for_platform(&platform)
+                    .with_context(|| {
+                        format!(
+                            "the stage3 of {platform}: give a stage3:VARIANT, or each platform's \
+                         stage3 in the config file's stage3_by_platform"
+                        )
+                    })?;
+                Ok((platform, source))
+            })
+            .collect()
+    }
+
     /// The settings' own checks: jobs, max layers, profile, platform.
     fn checked(&self) -> Result<(usize, Option<String>, Option<Platform>)> {
         if self.jobs == Some(0) {
@@ -443,11 +511,12 @@ impl Settings {
             );
         }
         let profile = self.profile.as_deref().map(check_profile).transpose()?;
-        let platform = self
-            .platform
-            .as_deref()
-            .map(str::parse::<Platform>)
-            .transpose()?;
+        // One platform: the stage must be it; several: each build gets its own.
+        let platforms = self.platforms()?;
+        let platform = match platforms.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        };
         Ok((max_layers, profile, platform))
     }
 
@@ -775,7 +844,9 @@ mod tests {
         for key in all {
             let in_example = example.lines().any(|line| {
                 let line = line.trim_start_matches('#').trim_start();
-                line.starts_with(&format!("{key} =")) || line.starts_with(&format!("[[{key}]]"))
+                line.starts_with(&format!("{key} ="))
+                    || line.starts_with(&format!("[[{key}]]"))
+                    || line.starts_with(&format!("[{key}]"))
             });
             assert!(in_example, "key {key} is not in examples/gentoo-mkimg.toml");
             let in_readme =

@@ -3,16 +3,20 @@
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
-use crate::image::store::{DescriptorExt, Digest, Store};
+use crate::image::index::{is_index, read_index};
+use crate::image::oci::{config_platform, platform_text};
+use crate::image::store::{Descriptor, DescriptorExt, Digest, Store};
 
 /// One line of the listing.
 #[derive(Debug, Clone)]
 pub struct ImageRow {
     pub reference: String,
     pub digest: Digest,
-    /// Config plus compressed layers, in bytes.
+    /// Config plus compressed layers, in bytes (of every platform, for an index).
     pub size: u64,
     pub created: String,
+    /// `linux/ARCH[/VARIANT]` of the image, or of each entry of an index.
+    pub platforms: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -21,7 +25,26 @@ struct CreatedOnly {
     created: String,
 }
 
-/// Every tagged image in the store, in index order.
+/// One image's size, creation time and platform.
+fn image_row(store: &Store, desc: &Descriptor, reference: &str) -> Result<(u64, String, String)> {
+    let manifest = store
+        .read_manifest(desc)
+        .with_context(|| format!("image {reference}"))?;
+    let config = store
+        .read_descriptor(manifest.config())
+        .with_context(|| format!("image {reference}"))?;
+    let created: CreatedOnly = serde_json::from_slice(&config)
+        .with_context(|| format!("image {reference}: config is not valid JSON"))?;
+    let platform = match config_platform(&config) {
+        Ok(p) => platform_text(&p),
+        Err(_) => "-".to_string(),
+    };
+    let size = manifest.config().size() + manifest.layers().iter().map(|l| l.size()).sum::<u64>();
+    Ok((size, created.created, platform))
+}
+
+/// Every tagged image in the store, in index order; an image index is one row with the
+/// platforms of its entries.
 pub fn list(store: &Store) -> Result<Vec<ImageRow>> {
     let index = store.read_index()?;
     let mut rows = Vec::new();
@@ -29,20 +52,31 @@ pub fn list(store: &Store) -> Result<Vec<ImageRow>> {
         let Some(reference) = desc.ref_name().map(str::to_string) else {
             continue;
         };
-        let manifest = store
-            .read_manifest(desc)
-            .with_context(|| format!("image {reference}"))?;
-        let config = store
-            .read_descriptor(manifest.config())
-            .with_context(|| format!("image {reference}"))?;
-        let config: CreatedOnly = serde_json::from_slice(&config)
-            .with_context(|| format!("image {reference}: config is not valid JSON"))?;
+        let (size, created, platforms) = if is_index(desc) {
+            let entries = read_index(store, desc).with_context(|| format!("image {reference}"))?;
+            let mut size = 0;
+            let mut created = String::new();
+            let mut platforms = Vec::new();
+            for entry in entries.manifests() {
+                if is_index(entry) {
+                    continue;
+                }
+                let (s, c, p) = image_row(store, entry, &reference)?;
+                size += s;
+                created = created.max(c);
+                platforms.push(p);
+            }
+            (size, created, platforms)
+        } else {
+            let (size, created, platform) = image_row(store, desc, &reference)?;
+            (size, created, vec![platform])
+        };
         rows.push(ImageRow {
             reference,
             digest: desc.blob()?,
-            size: manifest.config().size()
-                + manifest.layers().iter().map(|l| l.size()).sum::<u64>(),
-            created: config.created,
+            size,
+            created,
+            platforms,
         });
     }
     Ok(rows)

@@ -5,7 +5,7 @@
 //! way. Nothing reaches the store's index unless the whole tarball was read without fault.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 
@@ -14,7 +14,7 @@ use crate::archive::entries::walk_tar;
 use crate::image::config::{ImageSpec, Platform, platform_from_elf};
 use crate::image::layer::{EntryKind, EntrySink, LayerCompression, LayerInfo, LayerWriter};
 use crate::image::reference::Reference;
-use crate::image::store::{DescriptorExt, Store};
+use crate::image::store::{Descriptor, DescriptorExt, Store};
 use crate::image::{StoredImage, commit_image, open_image};
 use crate::portage::vdb;
 use crate::progress::{self, Verbosity};
@@ -279,6 +279,91 @@ pub fn import_stage_checked(
         }
     }
     import_read(store, opts, known, accept)
+}
+
+/// The stage `stage` is of the platform `want` asks for: the same architecture, and the same
+/// variant when `want` names one (`found`: the platform of its programs).
+pub fn check_platform(stage: &Path, want: &Platform, found: &Platform) -> Result<()> {
+    if want.architecture != found.architecture
+        || want.variant.is_some() && want.variant != found.variant
+    {
+        bail!(
+            "stage3 {} is {found}, not {want} (--platform)",
+            stage.display()
+        );
+    }
+    Ok(())
+}
+
+/// What [`import_platforms`] did.
+#[derive(Debug, Clone)]
+pub struct ImportedIndex {
+    /// Each platform's image, named as [`Reference::for_platform`] says, in the order given.
+    pub images: Vec<(Platform, Imported)>,
+    /// The image index of them, tagged `opts.reference`.
+    pub index: Descriptor,
+}
+
+/// Stages of several platforms under one name: each stage is imported as its platform's
+/// image (`REF-ARCH`, see [`Reference::for_platform`]; reused when the store has it from this
+/// stage), refused unless its programs are of that platform and `accept` takes it; then an
+/// image index of them is tagged `opts.reference`. `opts` gives the name, compression, time
+/// and verbosity; the stage, its platform and digest are each entry's of `stages`.
+pub fn import_platforms(
+    store: &Store,
+    opts: &ImportOptions,
+    stages: &[(Platform, PathBuf)],
+    accept: &dyn Fn(&Path, &Platform) -> Result<()>,
+) -> Result<ImportedIndex> {
+    let blobs = store.session(); // all or nothing: a failure below removes what was written
+    // The entries this call (re)tagged, with what they named before, to put back on failure.
+    let mut retagged: Vec<(String, Option<Descriptor>)> = Vec::new();
+    let result = (|| -> Result<ImportedIndex> {
+        let mut images = Vec::with_capacity(stages.len());
+        for (want, stage) in stages {
+            let one = ImportOptions {
+                stage: stage.clone(),
+                reference: opts.reference.for_platform(want)?,
+                platform: None,
+                stage_digest: None,
+                ..opts.clone()
+            };
+            let check = |found: &Platform| {
+                check_platform(stage, want, found)?;
+                accept(stage, found)
+            };
+            let name = one.reference.to_string();
+            let before = store.resolve(&name).ok();
+            let imported = import_stage_checked(store, &one, &check)?;
+            if !imported.reused {
+                retagged.push((name, before));
+            }
+            let platform = imported.facts.platform()?.unwrap_or_else(|| want.clone());
+            images.push((platform, imported));
+        }
+        let entries: Vec<_> = images
+            .iter()
+            .map(|(p, i)| (p.clone(), i.image.manifest.clone()))
+            .collect();
+        let index = crate::image::index::write_index(store, &entries)
+            .with_context(|| format!("the index {}", opts.reference))?;
+        store.tag(&opts.reference.to_string(), index.clone())?;
+        Ok(ImportedIndex { images, index })
+    })();
+    if result.is_ok() {
+        blobs.commit();
+    } else {
+        for (name, before) in retagged.into_iter().rev() {
+            let undone = match before {
+                Some(desc) => store.tag(&name, desc),
+                None => store.untag(&name),
+            };
+            if let Err(e) = undone {
+                tracing::warn!("{name}: cannot undo its import: {e:#}");
+            }
+        }
+    }
+    result
 }
 
 /// The image `opts.reference` in `store` when it is exactly what importing the stage of

@@ -13,6 +13,7 @@ use std::fmt::Write as _;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::image::index::{is_index, pick};
 use crate::image::store::{Descriptor, DescriptorExt, Store};
 use crate::portage::vdb::{Installed, Vdb};
 use crate::progress::human_size;
@@ -31,6 +32,10 @@ pub struct Inspection {
     /// Digest of the image manifest (for a registry index, the platform's manifest).
     pub digest: String,
     pub platform: Platform,
+    /// When the name is an image index (in the store): the index's digest and the platforms
+    /// of its entries; the rest of the report is about the entry of `platform`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<IndexInfo>,
     pub layers: Vec<Layer>,
     /// Sorted by `package`.
     pub packages: Vec<Package>,
@@ -52,6 +57,13 @@ impl std::fmt::Display for Platform {
         }
         Ok(())
     }
+}
+
+/// The image index a name is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IndexInfo {
+    pub digest: String,
+    pub platforms: Vec<Platform>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -88,13 +100,34 @@ pub fn platform_of_config(bytes: &[u8]) -> Result<Platform> {
     })
 }
 
-/// Inspect the image tagged `reference` in `store`.
-pub fn inspect_store(store: &Store, reference: &str) -> Result<Inspection> {
+/// Inspect the image tagged `reference` in `store`; when the name is an image index, its
+/// entry for `platform` (`None`: the host's architecture).
+pub fn inspect_store(
+    store: &Store,
+    reference: &str,
+    platform: Option<&crate::image::config::Platform>,
+) -> Result<Inspection> {
     let reference = reference
         .parse::<crate::image::reference::Reference>()?
         .to_string();
     let image = || format!("image {reference}");
-    let manifest_desc = store.resolve(&reference)?;
+    let mut manifest_desc = store.resolve(&reference)?;
+    let mut index = None;
+    if is_index(&manifest_desc) {
+        let platforms = crate::image::index::platforms(store, &manifest_desc)?
+            .iter()
+            .map(|p| Platform {
+                os: p.os().to_string(),
+                architecture: p.architecture().to_string(),
+                variant: p.variant().clone(),
+            })
+            .collect();
+        index = Some(IndexInfo {
+            digest: manifest_desc.digest().to_string(),
+            platforms,
+        });
+        manifest_desc = pick(store, &reference, &manifest_desc, platform)?;
+    }
     let manifest = store.read_manifest(&manifest_desc).with_context(image)?;
     let config = store
         .read_descriptor(manifest.config())
@@ -107,6 +140,7 @@ pub fn inspect_store(store: &Store, reference: &str) -> Result<Inspection> {
         source: "store".to_string(),
         digest: manifest_desc.digest().to_string(),
         platform,
+        index,
         layers: layer_rows(manifest.layers()),
         packages: packages(&installed),
     })
@@ -168,6 +202,7 @@ pub fn inspect_remote(puller: &mut Puller, reference: &str) -> Result<Inspection
         source: "registry".to_string(),
         digest: image.digest.to_string(),
         platform,
+        index: None,
         layers: layer_rows(layers),
         packages: packages(&installed),
     })
@@ -218,6 +253,15 @@ impl Inspection {
         let _ = writeln!(out, "Image:     {} ({})", self.reference, self.source);
         let _ = writeln!(out, "Digest:    {}", self.digest);
         let _ = writeln!(out, "Platform:  {}", self.platform);
+        if let Some(index) = &self.index {
+            let platforms: Vec<String> = index.platforms.iter().map(|p| p.to_string()).collect();
+            let _ = writeln!(
+                out,
+                "Index:     {} ({})",
+                index.digest,
+                platforms.join(", ")
+            );
+        }
         let _ = writeln!(
             out,
             "Layers:    {} ({})",
@@ -307,6 +351,7 @@ mod tests {
                 architecture: "amd64".into(),
                 variant: None,
             },
+            index: None,
             layers: vec![],
             packages: vec![Package {
                 package: "a/b-1".into(),

@@ -160,9 +160,24 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 engine::sandbox::check_usable()?;
             }
             let (stage3, snapshot) = settings.sources()?;
+            let platform_sources = match settings.platforms()?.len() {
+                0 | 1 => Vec::new(),
+                _ => settings.platform_sources()?,
+            };
             let inputs = inputs(&cli, args.inputs.clone().or(file.inputs), verbosity)?;
             let resolving = std::time::Instant::now();
-            let stage3 = inputs.get(&stage3).context("the stage3")?.path;
+            let mut stages = Vec::new();
+            for (platform, source) in &platform_sources {
+                let path = inputs
+                    .get(source)
+                    .with_context(|| format!("the stage3 of {platform}"))?
+                    .path;
+                stages.push((platform.clone(), path));
+            }
+            let stage3 = match stages.first() {
+                Some((_, path)) => path.clone(),
+                None => inputs.get(&stage3).context("the stage3")?.path,
+            };
             let snapshot = inputs.get(&snapshot).context("the snapshot")?.path;
             let inputs_took = resolving.elapsed();
             let plan = settings.into_plan(stage3, snapshot)?;
@@ -175,22 +190,51 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 source_date_epoch: import::source_date_epoch()?,
                 force: args.force,
                 fresh_packages: args.fresh_packages,
+                snapshot_tag: None,
             };
-            let mut summary = build::build(&opts)?;
-            summary
-                .phases
-                .insert(0, ("inputs (fetch, verify)".to_string(), inputs_took));
-            if verbosity != Verbosity::Quiet {
-                print!("{}", summary.render());
-            }
-            let made = [&summary.dev.image, &summary.rt.image];
+            // What is published: the images of one platform, or the indexes of several (and,
+            // in an archive, which holds no index, every platform's images by their names).
+            let (names, archived) = if stages.is_empty() {
+                let mut summary = build::build(&opts)?;
+                summary
+                    .phases
+                    .insert(0, ("inputs (fetch, verify)".to_string(), inputs_took));
+                if verbosity != Verbosity::Quiet {
+                    print!("{}", summary.render());
+                }
+                let names = vec![
+                    summary.dev.image.reference.clone(),
+                    summary.rt.image.reference.clone(),
+                ];
+                (
+                    names,
+                    vec![summary.raw, summary.dev.image, summary.rt.image],
+                )
+            } else {
+                let summary = build::platforms::build_platforms(&opts, &stages)?;
+                if verbosity != Verbosity::Quiet {
+                    println!(
+                        "inputs (fetch, verify)         {:>7.1}s",
+                        inputs_took.as_secs_f64()
+                    );
+                    print!("{}", summary.render());
+                }
+                let names = summary.indexes[1..]
+                    .iter()
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                let archived = summary
+                    .builds
+                    .into_iter()
+                    .flat_map(|(_, b)| [b.raw, b.dev.image, b.rt.image])
+                    .collect();
+                (names, archived)
+            };
             if let Some(path) = &args.archive {
-                let all = [summary.raw.clone(), made[0].clone(), made[1].clone()];
-                publish::docker_archive::write(&opts.store, &all, path)?;
+                publish::docker_archive::write(&opts.store, &archived, path)?;
             }
             if args.load {
-                let refs: Vec<String> = made.iter().map(|i| i.reference.clone()).collect();
-                publish::daemon::load(&opts.store, &refs)?;
+                publish::daemon::load(&opts.store, &names)?;
             }
             if args.push {
                 let push = publish::registry::PushOptions {
@@ -199,29 +243,68 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                     ..Default::default()
                 };
                 let mut pusher = publish::registry::Pusher::new(&opts.store, push)?;
-                for image in made {
-                    let report = pusher.push(&image.reference)?;
+                for name in &names {
+                    let report = pusher.push(name)?;
                     println!("{} {}", report.reference, report.digest);
                 }
             }
         }
         Command::Import(args) => {
             let inputs = inputs(&cli, args.inputs.clone(), verbosity)?;
-            let opts = import::ImportOptions {
-                stage: local(&inputs, &args.stage3, "stage3")?,
-                reference: args.reference.parse()?,
+            let reference: Reference = args.reference.parse()?;
+            let mut opts = import::ImportOptions {
+                stage: std::path::PathBuf::new(),
+                reference,
                 compression: args.compression,
-                platform: args.platform.as_deref().map(str::parse).transpose()?,
+                platform: None,
                 source_date_epoch: import::source_date_epoch()?,
                 verbosity,
                 stage_digest: None,
             };
-            let image = import::import(&store, &opts)?;
+            if let [stage3] = args.stage3.as_slice() {
+                opts.stage = local(&inputs, stage3, "stage3")?;
+                opts.platform = args.platform.as_deref().map(str::parse).transpose()?;
+                let image = import::import(&store, &opts)?;
+                if let Some(path) = &args.archive {
+                    publish::docker_archive::write(&store, std::slice::from_ref(&image), path)?;
+                }
+                if verbosity != Verbosity::Quiet {
+                    println!("{} {}", image.reference, image.manifest.digest());
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            // Several stages: one per platform, in the order --platform lists them.
+            let platforms = match &args.platform {
+                Some(list) => gentoo_mkimg::image::config::Platform::parse_list(list)?,
+                None => Vec::new(),
+            };
+            if platforms.len() != args.stage3.len() {
+                anyhow::bail!(
+                    "{} stages need --platform with as many platforms, in their order \
+                     (got {})",
+                    args.stage3.len(),
+                    platforms.len()
+                );
+            }
+            let mut stages = Vec::new();
+            for (platform, spec) in platforms.into_iter().zip(&args.stage3) {
+                stages.push((platform, local(&inputs, spec, "stage3")?));
+            }
+            opts.stage = stages[0].1.clone();
+            let imported = import::import_platforms(&store, &opts, &stages, &|_, _| Ok(()))?;
+            let images: Vec<_> = imported
+                .images
+                .iter()
+                .map(|(_, i)| i.image.clone())
+                .collect();
             if let Some(path) = &args.archive {
-                publish::docker_archive::write(&store, std::slice::from_ref(&image), path)?;
+                publish::docker_archive::write(&store, &images, path)?;
             }
             if verbosity != Verbosity::Quiet {
-                println!("{} {}", image.reference, image.manifest.digest());
+                for ((platform, _), image) in imported.images.iter().zip(&images) {
+                    println!("{} {} {platform}", image.reference, image.manifest.digest());
+                }
+                println!("{} {}", opts.reference, imported.index.digest());
             }
         }
         Command::Fetch(args) => {
@@ -327,7 +410,8 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 let mut puller = publish::pull::Puller::new(opts)?;
                 inspect::inspect_remote(&mut puller, &args.reference)
             } else {
-                inspect::inspect_store(&store, &args.reference)
+                let platform = args.platform.as_deref().map(str::parse).transpose()?;
+                inspect::inspect_store(&store, &args.reference, platform.as_ref())
             }
             .with_context(|| format!("cannot inspect {}", args.reference))?;
             if args.json {
@@ -351,16 +435,17 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 .unwrap_or(9)
                 .max(9);
             println!(
-                "{:width$}  {:19}  {:>10}  CREATED",
-                "REFERENCE", "DIGEST", "SIZE"
+                "{:width$}  {:19}  {:>10}  {:20}  PLATFORMS",
+                "REFERENCE", "DIGEST", "SIZE", "CREATED"
             );
             for row in rows {
                 println!(
-                    "{:width$}  {:19}  {:>10}  {}",
+                    "{:width$}  {:19}  {:>10}  {:20}  {}",
                     row.reference,
                     &row.digest.as_str()[..19],
                     gentoo_mkimg::progress::human_size(row.size),
-                    row.created
+                    row.created,
+                    row.platforms.join(",")
                 );
             }
         }

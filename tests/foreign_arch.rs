@@ -6,11 +6,13 @@
 #![cfg(target_arch = "x86_64")]
 
 mod common;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
+use support::tiny_arm64_stage;
 
 /// The handler Debian's qemu-user-static registers (as the kernel shows it), with `flags`.
 fn aarch64_handler(enabled: bool, flags: &str) -> String {
@@ -35,51 +37,6 @@ fn binfmt_dir(root: &Path, handlers: &[(&str, String)]) -> PathBuf {
         std::fs::write(dir.join(name), text).unwrap();
     }
     dir
-}
-
-/// The 64-byte header of an aarch64 PIE program, padded: all the import reads to learn the
-/// stage's platform.
-fn aarch64_elf() -> Vec<u8> {
-    let mut h = vec![0u8; 128];
-    h[..8].copy_from_slice(b"\x7fELF\x02\x01\x01\x00");
-    h[16..18].copy_from_slice(&3u16.to_le_bytes()); // ET_DYN
-    h[18..20].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
-    h[20..24].copy_from_slice(&1u32.to_le_bytes());
-    h[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
-    h[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
-    h[58..60].copy_from_slice(&64u16.to_le_bytes()); // e_shentsize
-    h
-}
-
-/// A tiny "arm64 stage": ./usr/bin/true is an aarch64 ELF header, ./usr/bin/emerge a script.
-fn tiny_arm64_stage(path: &Path) {
-    let mut tar = tar::Builder::new(std::fs::File::create(path).unwrap());
-    let mut add = |name: &str, kind: tar::EntryType, mode: u32, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_mtime(1_700_000_000);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_size(data.len() as u64);
-        tar.append_data(&mut h, name, data).unwrap();
-    };
-    for d in ["./", "./usr/", "./usr/bin/"] {
-        add(d, tar::EntryType::Directory, 0o755, &[]);
-    }
-    add(
-        "./usr/bin/true",
-        tar::EntryType::Regular,
-        0o755,
-        &aarch64_elf(),
-    );
-    add(
-        "./usr/bin/emerge",
-        tar::EntryType::Regular,
-        0o755,
-        b"#!/bin/sh\nexit 1\n",
-    );
-    tar.into_inner().unwrap().sync_all().unwrap();
 }
 
 fn mkimg(root: &Path) -> Command {

@@ -948,3 +948,209 @@ fn index_joins_images_pushed_separately_one_manifest_per_platform() {
         "{again} was tagged"
     );
 }
+
+/// The store's index.json entries: reference -> (media type, digest).
+fn store_entries(store: &Store) -> std::collections::BTreeMap<String, (String, String)> {
+    store
+        .read_index()
+        .unwrap()
+        .manifests()
+        .iter()
+        .filter_map(|d| {
+            let name = d.ref_name()?.to_string();
+            Some((name, (d.kind().to_string(), d.digest().to_string())))
+        })
+        .collect()
+}
+
+/// (OS/ARCH[/VARIANT], digest) of each entry of an image index's JSON.
+fn index_platforms(index: &serde_json::Value) -> Vec<(String, String)> {
+    index["manifests"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not an index: {index:#}"))
+        .iter()
+        .map(|m| {
+            let p = &m["platform"];
+            let mut name = format!(
+                "{}/{}",
+                p["os"].as_str().unwrap(),
+                p["architecture"].as_str().unwrap()
+            );
+            if let Some(v) = p["variant"].as_str() {
+                name = format!("{name}/{v}");
+            }
+            (name, m["digest"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+/// Stages of two platforms under one name (#14): `import STAGE... REF --platform ...` stores
+/// each platform's image as REF-ARCH and an OCI image index tagged REF, which skopeo reads and
+/// copies whole from the store; `images` and `inspect` show its platforms and `inspect`
+/// picks one; `push` sends it whole, and from the registry each platform resolves to its own
+/// config. A stage of another platform than named is refused, and nothing is left tagged.
+#[test]
+fn stages_of_two_platforms_make_an_index_that_skopeo_copies_and_push_sends_whole() {
+    let work = Work::new(64 << 10);
+    let reg = Registry::start(&work.path("registry"), RegistryAuth::None);
+    let host = reg.host();
+    let home = work.path("home");
+    let arm_stage = work.path("stages").join("arm64.tar");
+    support::tiny_arm64_stage(&arm_stage);
+    let name = format!("{host}/gentoo/multi-raw:1");
+
+    let out = work
+        .tool(&home)
+        .args(["import", "--platform", "linux/amd64,linux/arm64"])
+        .arg(&work.stage_a)
+        .arg(&arm_stage)
+        .arg(&name)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let entries = store_entries(&work.store);
+    let amd = &entries[&format!("{name}-amd64")];
+    let arm = &entries[&format!("{name}-arm64")];
+    let index = &entries[&name];
+    assert_eq!(index.0, "application/vnd.oci.image.index.v1+json");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            format!("{name}-amd64 {} linux/amd64", amd.1),
+            format!("{name}-arm64 {} linux/arm64/v8", arm.1),
+            format!("{name} {}", index.1),
+        ],
+        "{}",
+        text(&out)
+    );
+
+    // skopeo reads the index from the store, and copies it with both images.
+    let oci = format!("oci:{}:{name}", work.store.root().display());
+    let raw = Command::new("skopeo")
+        .args(["inspect", "--raw", &oci])
+        .output()
+        .unwrap();
+    assert!(raw.status.success(), "{}", text(&raw));
+    let raw: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert_eq!(
+        index_platforms(&raw),
+        [
+            ("linux/amd64".to_string(), amd.1.clone()),
+            ("linux/arm64/v8".to_string(), arm.1.clone())
+        ]
+    );
+    let copy = work.path("copy");
+    let out = Command::new("skopeo")
+        .args(["copy", "--all", "--quiet", &oci])
+        .arg(format!("oci:{}:copied", copy.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let copied = Store::new(&copy);
+    let copied_index = copied.resolve("copied").unwrap();
+    assert_eq!(
+        copied_index.digest().to_string(),
+        index.1,
+        "copied as it is"
+    );
+    for digest in [&amd.1, &arm.1] {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        assert!(copy.join("blobs/sha256").join(hex).is_file(), "{digest}");
+    }
+
+    // images lists the platforms; inspect picks the host's, or the one asked for.
+    let out = work.tool(&home).arg("images").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(row.ends_with("  linux/amd64,linux/arm64/v8"), "{row}");
+    let inspect = |platform: Option<&str>| -> serde_json::Value {
+        let mut cmd = work.tool(&home);
+        cmd.args(["inspect", "--json", &name]);
+        if let Some(p) = platform {
+            cmd.args(["--platform", p]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let host_entry = inspect(None);
+    assert_eq!(host_entry["digest"], amd.1.as_str(), "{host_entry:#}");
+    assert_eq!(host_entry["index"]["digest"], index.1.as_str());
+    assert_eq!(
+        host_entry["index"]["platforms"][1]["architecture"], "arm64",
+        "{host_entry:#}"
+    );
+    let arm_entry = inspect(Some("linux/arm64"));
+    assert_eq!(arm_entry["digest"], arm.1.as_str(), "{arm_entry:#}");
+    assert_eq!(arm_entry["platform"]["architecture"], "arm64");
+
+    // push sends the index whole: both images, then the index under the tag.
+    let out = push_ok(&work, &home, &[&name]);
+    assert_eq!(printed(&out), [(name.clone(), index.1.clone())]);
+    let served = skopeo_inspect(&name, &home, true, None, &[]).expect("the index is served");
+    assert_eq!(
+        gentoo_mkimg::image::store::Digest::of(&served).to_string(),
+        index.1,
+        "the registry serves the store's bytes"
+    );
+    for (arch, digest) in [("amd64", &amd.1), ("arm64", &arm.1)] {
+        let manifest = work
+            .store
+            .read_manifest(&work.store.resolve(&format!("{name}-{arch}")).unwrap())
+            .unwrap();
+        let config = skopeo_inspect(&name, &home, true, Some(arch), &["--config"])
+            .unwrap_or_else(|| panic!("no {arch} config"));
+        assert_eq!(
+            gentoo_mkimg::image::store::Digest::of(&config).to_string(),
+            manifest.config().digest().to_string(),
+            "{arch} ({digest})"
+        );
+        let config: serde_json::Value = serde_json::from_slice(&config).unwrap();
+        assert_eq!(config["architecture"], arch, "{config:#}");
+    }
+
+    // A stage of another platform than named: refused, naming it, and nothing left tagged.
+    let before = store_entries(&work.store);
+    let wrong = format!("{host}/gentoo/multi-raw:2");
+    let out = work
+        .tool(&home)
+        .args(["import", "--platform", "linux/amd64,linux/amd64"])
+        .arg(&work.stage_b)
+        .arg(&arm_stage)
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("platform linux/amd64 is listed twice"),
+        "{err}"
+    );
+    let out = work
+        .tool(&home)
+        .args(["import", "--platform", "linux/amd64,linux/riscv64"])
+        .arg(&work.stage_b)
+        .arg(&arm_stage)
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "stage3 {} is linux/arm64/v8, not linux/riscv64",
+            arm_stage.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        store_entries(&work.store),
+        before,
+        "the amd64 image was untagged again"
+    );
+}

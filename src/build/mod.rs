@@ -17,6 +17,7 @@ mod carry;
 mod key;
 pub mod layers;
 pub mod lock;
+pub mod platforms;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -58,6 +59,9 @@ pub struct BuildOptions {
     pub force: bool,
     /// Start a new TAG with no binary packages instead of those of an earlier TAG.
     pub fresh_packages: bool,
+    /// The TAG of `portage/TAG` when it is not the plan's: the platforms of one build share
+    /// their snapshot (see [`platforms`]).
+    pub snapshot_tag: Option<String>,
 }
 
 /// One finished image of the build.
@@ -558,6 +562,20 @@ fn check_rt(store: &Store, layers: &[LayerInfo], reference: &Reference) -> Resul
     )
 }
 
+/// Whether the engine can run the programs of `stage`, of platform `found`: the sandbox runs
+/// another architecture's only through a binfmt_misc handler (see [`engine::binfmt`]).
+fn runnable(engine: engine::EngineKind, stage: &Path, found: &Platform) -> Result<()> {
+    if engine == engine::EngineKind::Sandbox {
+        engine::binfmt::check_runnable(
+            stage,
+            found,
+            crate::image::config::host_architecture(),
+            &engine::binfmt::binfmt_dir(),
+        )?;
+    }
+    Ok(())
+}
+
 /// Run the whole build.
 pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     let blobs = opts.store.session(); // a failed build leaves no untagged blob
@@ -577,7 +595,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     let t = Instant::now();
     let (tree, extracted) = snapshot::prepare(
         &plan.snapshot,
-        &work.join("portage").join(&plan.tag),
+        &work
+            .join("portage")
+            .join(opts.snapshot_tag.as_ref().unwrap_or(&plan.tag)),
         opts.verbosity,
     )?;
     phases.push((
@@ -650,24 +670,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     // Before the raw image is stored: the stage is of the platform asked for, and the
     // sandbox can run its programs (natively, or through a binfmt_misc handler).
     let accept = |found: &Platform| -> Result<()> {
-        if let Some(want) = &plan.platform
-            && (want.architecture != found.architecture
-                || want.variant.is_some() && want.variant != found.variant)
-        {
-            bail!(
-                "stage3 {} is {found}, not {want} (--platform)",
-                plan.stage3.display()
-            );
+        if let Some(want) = &plan.platform {
+            import::check_platform(&plan.stage3, want, found)?;
         }
-        if plan.engine == engine::EngineKind::Sandbox {
-            engine::binfmt::check_runnable(
-                &plan.stage3,
-                found,
-                crate::image::config::host_architecture(),
-                &engine::binfmt::binfmt_dir(),
-            )?;
-        }
-        Ok(())
+        runnable(plan.engine, &plan.stage3, found)
     };
     let imported = import::import_stage_checked(
         &opts.store,

@@ -335,7 +335,16 @@ async fn run_in_engine(
     }
     let config = container_config(session, image, id)?;
     let name = guard.name.clone();
-    let options = CreateContainerOptionsBuilder::new().name(&name).build();
+    // The image's own platform, so that the engine runs a stage of another architecture as
+    // that one (through its binfmt_misc handler) instead of refusing or guessing.
+    let image_config = session.store.read_descriptor(&image.config)?;
+    let platform = crate::image::oci::config_platform(&image_config)
+        .map(|p| crate::image::oci::platform_text(&p))
+        .with_context(|| format!("{}: its config", image.reference))?;
+    let options = CreateContainerOptionsBuilder::new()
+        .name(&name)
+        .platform(&platform)
+        .build();
     guard.docker = Some(docker.clone());
     quick(docker.create_container(Some(options), config))
         .await

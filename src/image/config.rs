@@ -55,6 +55,21 @@ impl std::str::FromStr for Platform {
     }
 }
 
+impl Platform {
+    /// A comma-separated list of platforms (`linux/amd64,linux/arm64`), each once.
+    pub fn parse_list(text: &str) -> Result<Vec<Platform>> {
+        let mut platforms: Vec<Platform> = Vec::new();
+        for item in text.split(',').map(str::trim) {
+            let platform: Platform = item.parse()?;
+            if platforms.contains(&platform) {
+                bail!("platform {platform} is listed twice");
+            }
+            platforms.push(platform);
+        }
+        Ok(platforms)
+    }
+}
+
 /// The host's architecture in OCI terms (`amd64`, `arm64`, ...), as this program was built
 /// for it.
 pub fn host_architecture() -> &'static str {

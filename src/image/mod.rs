@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod gc;
+pub mod index;
 pub mod layer;
 pub mod oci;
 pub mod reference;
@@ -69,9 +70,23 @@ pub fn commit_image(
     Ok(image)
 }
 
-/// The image tagged `reference` in `store`.
+/// The image tagged `reference` in `store`; when the name is an image index of several
+/// platforms, its entry for the host's architecture.
 pub fn open_image(store: &Store, reference: &str) -> Result<StoredImage> {
-    let manifest = store.resolve(reference)?;
+    open_image_for(store, reference, None)
+}
+
+/// The image tagged `reference` in `store`; when the name is an image index, its entry for
+/// `platform` (`None`: the host's architecture).
+pub fn open_image_for(
+    store: &Store,
+    reference: &str,
+    platform: Option<&config::Platform>,
+) -> Result<StoredImage> {
+    let mut manifest = store.resolve(reference)?;
+    if index::is_index(&manifest) {
+        manifest = index::pick(store, reference, &manifest, platform)?;
+    }
     let parsed = store.read_manifest(&manifest)?;
     Ok(StoredImage {
         reference: reference.to_string(),

@@ -9,6 +9,8 @@ use std::str::FromStr;
 
 use anyhow::{Result, bail};
 
+use crate::image::config::Platform;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Reference {
     /// Registry host (with port), when the first component names one.
@@ -25,6 +27,28 @@ impl Reference {
             .rsplit('/')
             .next()
             .unwrap_or(&self.repository)
+    }
+}
+
+impl Reference {
+    /// The name of one platform's image among the images of several platforms that `self`
+    /// names as an index: the tag gets the architecture, and for 32-bit ARM the variant too
+    /// (`:1-amd64`, `:1-arm64`, `:1-arm-v7`).
+    pub fn for_platform(&self, platform: &Platform) -> Result<Reference> {
+        let mut tag = format!("{}-{}", self.tag, platform.architecture);
+        if platform.architecture == "arm"
+            && let Some(variant) = &platform.variant
+        {
+            tag.push('-');
+            tag.push_str(variant);
+        }
+        if !is_tag(&tag) {
+            bail!("{self}: the tag {tag:?} of its {platform} image is not a valid tag");
+        }
+        Ok(Reference {
+            tag,
+            ..self.clone()
+        })
     }
 }
 
@@ -123,6 +147,17 @@ mod tests {
         let r: Reference = "myrepo/base-dev".parse().unwrap();
         assert_eq!(r.registry, None);
         assert_eq!(r.to_string(), "myrepo/base-dev:latest");
+    }
+
+    #[test]
+    fn each_platform_has_its_own_tag() {
+        let r: Reference = "localhost/g-rt:1".parse().unwrap();
+        let tag = |p: &str| r.for_platform(&p.parse().unwrap()).unwrap().to_string();
+        assert_eq!(tag("linux/amd64"), "localhost/g-rt:1-amd64");
+        assert_eq!(tag("linux/arm64/v8"), "localhost/g-rt:1-arm64");
+        assert_eq!(tag("linux/arm/v7"), "localhost/g-rt:1-arm-v7");
+        let long: Reference = format!("a/b:{}", "t".repeat(126)).parse().unwrap();
+        assert!(long.for_platform(&"linux/amd64".parse().unwrap()).is_err());
     }
 
     #[test]

@@ -324,6 +324,21 @@ impl Store {
         write_atomic(&self.root.join("index.json"), &to_json(&index)?)
     }
 
+    /// Remove the entry `reference` from `index.json` (nothing when there is none); its
+    /// blobs stay until `gc`, or a failed command's [`BlobSession`], removes them.
+    pub fn untag(&self, reference: &str) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut index = self.read_index()?;
+        let mut manifests = index.manifests().clone();
+        let before = manifests.len();
+        manifests.retain(|d| d.ref_name() != Some(reference));
+        if manifests.len() == before {
+            return Ok(());
+        }
+        index.set_manifests(manifests);
+        write_atomic(&self.root.join("index.json"), &to_json(&index)?)
+    }
+
     /// The manifest descriptor tagged `reference`.
     pub fn resolve(&self, reference: &str) -> Result<Descriptor> {
         let index = self.read_index()?;

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+use crate::image::config::Platform;
 use crate::net::redact;
 use crate::progress::Verbosity;
 use fetch::{FetchError, Fetcher};
@@ -118,6 +119,44 @@ impl Source {
             return Ok(Source::Snapshot { date, squashfs });
         }
         Ok(Source::Path(PathBuf::from(spec)))
+    }
+
+    /// The same stage for another platform: `stage3:VARIANT` with the variant's architecture
+    /// replaced by the platform's (`amd64-musl-openrc` becomes `arm64-musl-openrc` for
+    /// linux/arm64). Only a `stage3:VARIANT` of a known architecture can be carried over.
+    pub fn for_platform(&self, platform: &Platform) -> Result<Source> {
+        /// OCI architecture (with variant), and Gentoo's first word of a stage's variant.
+        const ARCHES: &[(&str, &str)] = &[
+            ("amd64", "amd64"),
+            ("arm64", "arm64"),
+            ("386", "i686"),
+            ("ppc64le", "ppc64le"),
+            ("s390x", "s390x"),
+        ];
+        let Source::Stage3 { variant, timestamp } = self else {
+            bail!("only a stage3:VARIANT names the stages of other platforms");
+        };
+        let (first, rest) = variant.split_once('-').unwrap_or((variant.as_str(), ""));
+        if !ARCHES.iter().any(|(_, gentoo)| *gentoo == first) {
+            bail!("stage3:{variant}: no other platform's variant is known for {first}");
+        }
+        let plain = platform.variant.is_none()
+            || platform.architecture == "arm64" && platform.variant.as_deref() == Some("v8");
+        let Some((_, arch)) = ARCHES
+            .iter()
+            .find(|(oci, _)| plain && *oci == platform.architecture)
+        else {
+            bail!("no stage3 variant name is known for {platform}");
+        };
+        let variant = if rest.is_empty() {
+            arch.to_string()
+        } else {
+            format!("{arch}-{rest}")
+        };
+        Ok(Source::Stage3 {
+            variant,
+            timestamp: timestamp.clone(),
+        })
     }
 
     /// Whether this is a local path (config files resolve those relative to themselves).

@@ -29,6 +29,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use indicatif::{MultiProgress, ProgressDrawTarget};
 
+use crate::image::index::{is_index, read_index};
 use crate::image::reference::Reference;
 use crate::image::store::{DescriptorExt, Digest, Store};
 use crate::image::{StoredImage, open_image};
@@ -206,10 +207,72 @@ impl Pusher {
         })
     }
 
-    /// Push the store's image `reference` to the registry and repository it names.
+    /// Push the store's image `reference` to the registry and repository it names. A name
+    /// that is an image index of several platforms is pushed whole: each platform's image
+    /// (with its referrers) by digest, then the index under the tag.
     pub fn push(&mut self, reference: &str) -> Result<PushReport> {
         let dest: Reference = reference.parse()?;
-        let image = open_image(&self.store, &dest.to_string())?;
+        let desc = self.store.resolve(&dest.to_string())?;
+        if !is_index(&desc) {
+            let image = open_image(&self.store, &dest.to_string())?;
+            return self.push_image(&dest, &image, &dest.tag);
+        }
+        let index = read_index(&self.store, &desc)?;
+        let mut report = PushReport {
+            reference: dest.to_string(),
+            digest: desc.blob()?,
+            uploaded: 0,
+            mounted: 0,
+            skipped: 0,
+            bytes_sent: 0,
+            referrers: Vec::new(),
+        };
+        for entry in index.manifests() {
+            if is_index(entry) {
+                bail!(
+                    "{dest}: an index inside an index ({}) is not pushed",
+                    entry.digest()
+                );
+            }
+            let manifest = self
+                .store
+                .read_manifest(entry)
+                .with_context(|| format!("{dest}: its entry {}", entry.digest()))?;
+            let image = StoredImage {
+                reference: format!("{dest}@{}", entry.digest()),
+                manifest: entry.clone(),
+                config: manifest.config().clone(),
+                layers: manifest.layers().clone(),
+            };
+            let one = self.push_image(&dest, &image, entry.digest().as_ref())?;
+            report.uploaded += one.uploaded;
+            report.mounted += one.mounted;
+            report.skipped += one.skipped;
+            report.bytes_sent += one.bytes_sent;
+            report.referrers.extend(one.referrers);
+        }
+        // Every platform's manifest is there: the tag can point at the index.
+        let (_, repository, registry) = self.registry_for(&dest)?;
+        let bytes = bytes::Bytes::from(self.store.read_descriptor(&desc)?);
+        let (reported, _) = self
+            .runtime
+            .block_on(registry.put_manifest(&repository, &dest.tag, desc.kind(), bytes))
+            .with_context(|| format!("cannot push {dest}"))?;
+        if let Some(reported) = reported
+            && reported != desc.digest().to_string()
+        {
+            bail!(
+                "{}: the registry stored the index {dest} as {reported}, not {}",
+                registry.host,
+                desc.digest()
+            );
+        }
+        Ok(report)
+    }
+
+    /// The registry host (as its credentials are keyed), the repository and the connection
+    /// for `dest`, connected once per host.
+    fn registry_for(&mut self, dest: &Reference) -> Result<(String, String, Arc<Registry>)> {
         let host = dest
             .registry
             .clone()
@@ -237,14 +300,26 @@ impl Pusher {
                 r
             }
         };
+        Ok((host, repository, registry))
+    }
+
+    /// Push one image (a manifest, its blobs, and its referrers) as `tag` (a tag, or the
+    /// manifest's digest) to where `dest` names.
+    fn push_image(
+        &mut self,
+        dest: &Reference,
+        image: &StoredImage,
+        tag: &str,
+    ) -> Result<PushReport> {
+        let (host, repository, registry) = self.registry_for(dest)?;
         let job = ImagePush {
             registry: &registry,
             store: &self.store,
             opts: &self.opts,
-            image: &image,
+            image,
             repository: &repository,
-            tag: &dest.tag,
-            sources: mount_sources(&self.store, &host, &repository, &image)?,
+            tag,
+            sources: mount_sources(&self.store, &host, &repository, image)?,
             bars: self.bars.as_ref(),
             sent: Arc::new(AtomicU64::new(0)),
         };
