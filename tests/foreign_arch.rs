@@ -157,3 +157,60 @@ fn platform_refuses_a_stage_of_another_platform() {
         )
     );
 }
+
+/// A build of two platforms imports and checks every stage before it builds anything: the
+/// arm64 stage without a handler stops it in one line, after the amd64 stage was imported,
+/// and that import is undone (nothing tagged, no blob left). The stages come from the config
+/// file's `stage3_by_platform`, relative to it.
+#[test]
+fn a_two_platform_build_checks_every_stage_before_building_and_stores_nothing_on_refusal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    support::make_stage(&root.join("amd64.tar"), 1, 4096);
+    tiny_arm64_stage(&root.join("arm64.tar"));
+    let config = root.join("multi.toml");
+    let head = format!(
+        "snapshot = {:?}\nrepo = \"localhost\"\nbasename = \"multi\"\ntag = \"t1\"\n\
+         platform = \"linux/amd64,linux/arm64\"\n[stage3_by_platform]\n",
+        common::repo().display().to_string()
+    );
+    std::fs::write(
+        &config,
+        format!("{head}\"linux/amd64\" = \"amd64.tar\"\n\"linux/arm64\" = \"arm64.tar\"\n"),
+    )
+    .unwrap();
+    let binfmt = binfmt_dir(root, &[]);
+    let out = mkimg(root)
+        .args(["build", "--config"])
+        .arg(&config)
+        .env("GENTOO_MKIMG_BINFMT_MISC", &binfmt)
+        .output()
+        .unwrap();
+    let lines = stderr_lines(&out);
+    assert!(!out.status.success(), "the build did not fail: {lines:#?}");
+    assert_eq!(lines.len(), 1, "not one line: {lines:#?}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "gentoo-mkimg: error: stage3 {} is arm64 (aarch64), this host is amd64",
+            root.join("arm64.tar").display()
+        )),
+        "{}",
+        lines[0]
+    );
+    let store = root.join("images");
+    assert_eq!(tagged(&store), Vec::<String>::new(), "something was tagged");
+    assert_eq!(blobs(&store), Vec::<PathBuf>::new(), "blobs were stored");
+
+    // A platform the config names no stage for is named before anything is read.
+    std::fs::write(&config, format!("{head}\"linux/amd64\" = \"amd64.tar\"\n")).unwrap();
+    let out = mkimg(root)
+        .args(["build", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let lines = stderr_lines(&out);
+    assert_eq!(
+        lines,
+        ["gentoo-mkimg: error: stage3_by_platform names no stage3 for linux/arm64"]
+    );
+}
