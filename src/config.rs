@@ -723,6 +723,94 @@ mod tests {
     }
 
     #[test]
+    fn each_platform_gets_its_stage3() {
+        let platforms = |list: &str, stage3: Option<&str>| -> Result<Vec<String>> {
+            let settings = Settings {
+                platform: Some(list.to_string()),
+                stage3: stage3.map(str::to_string),
+                snapshot: Some("snapshot:latest".to_string()),
+                ..Settings::default()
+            };
+            Ok(settings
+                .platform_sources()?
+                .into_iter()
+                .map(|(p, s)| format!("{p}={s:?}"))
+                .collect())
+        };
+        let variant = |v: &str| format!("{:?}", Source::parse(v).unwrap());
+        assert_eq!(
+            platforms("linux/amd64,linux/arm64,linux/386", None).unwrap(),
+            [
+                format!("linux/amd64={}", variant("stage3:amd64-musl-openrc")),
+                format!("linux/arm64={}", variant("stage3:arm64-musl-openrc")),
+                format!("linux/386={}", variant("stage3:i686-musl-openrc")),
+            ]
+        );
+        assert_eq!(
+            platforms(
+                "linux/arm64/v8",
+                Some("stage3:amd64-musl-hardened@20260214T170533Z")
+            )
+            .unwrap(),
+            [format!(
+                "linux/arm64/v8={}",
+                variant("stage3:arm64-musl-hardened@20260214T170533Z")
+            )]
+        );
+        for (list, stage3, error) in [
+            (
+                "linux/amd64,linux/amd64",
+                None,
+                "platform linux/amd64 is listed twice",
+            ),
+            (
+                "linux/amd64,linux/arm/v7",
+                None,
+                "no stage3 variant name is known for linux/arm/v7",
+            ),
+            (
+                "linux/amd64,linux/arm64",
+                Some("/x/stage3.tar.xz"),
+                "only a stage3:VARIANT names the stages of other platforms",
+            ),
+        ] {
+            let got = format!("{:#}", platforms(list, stage3).unwrap_err());
+            assert!(got.contains(error), "{list}: {got}");
+        }
+        // The config file's table: every platform needs its stage, and only listed ones.
+        let by = |pairs: &[(&str, &str)]| Settings {
+            platform: Some("linux/amd64,linux/arm64".to_string()),
+            stage3_by_platform: Some(
+                pairs
+                    .iter()
+                    .map(|(p, s)| (p.to_string(), s.to_string()))
+                    .collect(),
+            ),
+            ..Settings::default()
+        };
+        let got = by(&[("linux/arm64", "/b.tar"), ("linux/amd64", "/a.tar")])
+            .platform_sources()
+            .unwrap();
+        assert_eq!(
+            got.iter()
+                .map(|(p, s)| format!("{p} {s:?}"))
+                .collect::<Vec<_>>(),
+            [
+                format!("linux/amd64 {:?}", Source::Path("/a.tar".into())),
+                format!("linux/arm64 {:?}", Source::Path("/b.tar".into())),
+            ]
+        );
+        let err = by(&[("linux/amd64", "/a.tar"), ("linux/riscv64", "/r.tar")])
+            .platform_sources()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("names linux/riscv64, which --platform does not list"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn input_settings_merge_with_the_command_line_first() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");

@@ -3,6 +3,7 @@
 //! input refused without touching the store.
 
 mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -526,6 +527,69 @@ fn load_puts_the_image_into_the_engine_under_its_name() {
     );
     let run = engine.docker(&["run", "--rm", &reference, "/bin/sh", "-c", "echo ok"]);
     let _ = engine.docker(&["rmi", "-f", &reference]);
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "ok\n",
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+/// `load` of a name that is an image index (#14) takes the entry of this host's platform:
+/// the engine gets the amd64 stand-in stage under the name, which runs, and not the arm64
+/// entry (a tiny tarball without a shell).
+#[test]
+fn load_of_an_index_takes_the_hosts_platform() {
+    let stage = common::stage();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("images");
+    let arm = tmp.path().join("arm64.tar");
+    support::tiny_arm64_stage(&arm);
+    let reference = format!("localhost/gentoo-mkimg-test-multi:{}", std::process::id());
+    let out = bin()
+        .arg("--store")
+        .arg(&store)
+        .args(["import", "--platform", "linux/amd64,linux/arm64"])
+        .arg(stage.zst())
+        .arg(&arm)
+        .arg(&reference)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, amd) = manifest(&store, &format!("{reference}-amd64"));
+    let engine = common::engine::engine();
+    let _ = engine.docker(&["rmi", "-f", &reference]);
+    let out = bin()
+        .arg("--store")
+        .arg(&store)
+        .args(["load", &reference])
+        .env("DOCKER_HOST", &engine.host)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "load: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = engine.docker_ok(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}} {{.Architecture}}",
+        &reference,
+    ]);
+    let run = engine.docker(&["run", "--rm", &reference, "/bin/sh", "-c", "echo ok"]);
+    let _ = engine.docker(&["rmi", "-f", &reference]);
+    let config = amd["config"]["digest"].as_str().unwrap();
+    assert_eq!(
+        id.trim(),
+        format!("{config} amd64"),
+        "the amd64 entry's config is the engine's image"
+    );
     assert_eq!(
         String::from_utf8_lossy(&run.stdout),
         "ok\n",
