@@ -1117,30 +1117,24 @@ fn stages_of_two_platforms_make_an_index_that_skopeo_copies_and_push_sends_whole
     // A stage of another platform than named: refused, naming it, and nothing left tagged.
     let before = store_entries(&work.store);
     let wrong = format!("{host}/gentoo/multi-raw:2");
-    let out = work
-        .tool(&home)
-        .args(["import", "--platform", "linux/amd64,linux/amd64"])
-        .arg(&work.stage_b)
-        .arg(&arm_stage)
-        .arg(&wrong)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{}", text(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let refused = |platforms: &str| -> String {
+        let out = work
+            .tool(&home)
+            .args(["import", "--platform", platforms])
+            .arg(&work.stage_b)
+            .arg(&arm_stage)
+            .arg(&wrong)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused("linux/amd64,linux/amd64");
     assert!(
         err.contains("platform linux/amd64 is listed twice"),
         "{err}"
     );
-    let out = work
-        .tool(&home)
-        .args(["import", "--platform", "linux/amd64,linux/riscv64"])
-        .arg(&work.stage_b)
-        .arg(&arm_stage)
-        .arg(&wrong)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{}", text(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused("linux/amd64,linux/riscv64");
     assert!(
         err.contains(&format!(
             "stage3 {} is linux/arm64/v8, not linux/riscv64",
