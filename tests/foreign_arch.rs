@@ -8,6 +8,7 @@
 mod common;
 mod support;
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -212,5 +213,396 @@ fn a_two_platform_build_checks_every_stage_before_building_and_stores_nothing_on
     assert_eq!(
         lines,
         ["gentoo-mkimg: error: stage3_by_platform names no stage3 for linux/arm64"]
+    );
+}
+
+/// A JSON blob of the store.
+fn blob_json(store: &Path, digest: &str) -> Value {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    serde_json::from_slice(&std::fs::read(store.join("blobs/sha256").join(hex)).unwrap()).unwrap()
+}
+
+/// The manifest of a tagged image of the store.
+fn manifest(store: &Path, reference: &str) -> Value {
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(store.join("index.json")).unwrap()).unwrap();
+    let entry = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == reference)
+        .unwrap_or_else(|| panic!("{reference} is not in the store"));
+    blob_json(store, entry["digest"].as_str().unwrap())
+}
+
+/// The bytes of the regular file `path` in the image (the last layer that has it wins), read
+/// from its gzip layers.
+fn file_bytes(store: &Path, manifest: &Value, path: &str) -> Option<Vec<u8>> {
+    let mut bytes = None;
+    for layer in manifest["layers"].as_array().unwrap() {
+        assert_eq!(
+            layer["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip",
+            "{layer}"
+        );
+        let hex = layer["digest"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("sha256:")
+            .unwrap();
+        let file = std::fs::File::open(store.join("blobs/sha256").join(hex)).unwrap();
+        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        for entry in tar.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let name = entry.path().unwrap().to_string_lossy().into_owned();
+            if name.trim_start_matches("./") == path
+                && entry.header().entry_type() == tar::EntryType::Regular
+            {
+                let mut content = Vec::new();
+                entry.read_to_end(&mut content).unwrap();
+                bytes = Some(content);
+            }
+        }
+    }
+    bytes
+}
+
+/// The whole job for an arm64 stage on this amd64 host, with the sandbox engine: `build
+/// --platform linux/arm64` of the arm64 stand-in stage (tests/fixtures/arm64-stage) with the
+/// test repository, whose arm64 profile cuts @system down to the C library, baselayout and
+/// /bin/sh (the stage's @world is app-misc/hello: a C program and library compiled by the
+/// stage's emulated gcc). The repository's ebuilds say KEYWORDS="amd64": the config accepts
+/// that keyword. raw, dev and rt say arm64, rt's programs are aarch64 ELF and pass the
+/// runtime check, and `shell` runs `uname -m` in the stage as aarch64.
+///
+/// Ignored: over the CI budget. Measured cold on the 2-core test machine (amd64, qemu-user
+/// 7.2, nice 10 beside another build's compiles), with the arm64 stage already built: 11.9 and
+/// 12.5 min (715 s, 748 s): raw image 3 s, in the stage 509 s to build the 9 packages of the
+/// cut-down @system and @world (~55 s a package: Portage's Python and bash run emulated) and
+/// 210 s to merge dev (9) and rt (8) at the same time, ~25 s for the rest (the stage's
+/// extraction, `shell`). Building the arm64 stage itself, once (then cached): 6 min (365 s;
+/// 660 s beside a cargo build).
+#[test]
+#[ignore = "12 min cold under qemu-user (see above); cargo test --release --test foreign_arch -- --ignored"]
+fn an_arm64_stage_builds_on_this_host_with_platform_linux_arm64() {
+    let handler = Path::new("/proc/sys/fs/binfmt_misc/qemu-aarch64");
+    let text = std::fs::read_to_string(handler).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}: scripts/setup-host registers it",
+            handler.display()
+        )
+    });
+    assert!(
+        text.lines().any(|l| l == "enabled")
+            && text
+                .lines()
+                .any(|l| l.starts_with("flags:") && l.contains('F')),
+        "{} is not enabled with the F flag:\n{text}",
+        handler.display()
+    );
+    let stage = common::arm64_stage();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let config = root.join("arm64.toml");
+    let rt = [
+        "sys-apps/baselayout",
+        "app-alternatives/sh",
+        "app-shells/bash",
+        "virtual/libc",
+        "app-misc/hello",
+    ];
+    std::fs::write(
+        &config,
+        format!(
+            "stage3 = {stage:?}\nsnapshot = {snapshot:?}\nrepo = \"localhost\"\n\
+             basename = \"foreign\"\ntag = \"t1\"\nengine = \"sandbox\"\njobs = 2\n\
+             platform = \"linux/arm64\"\nrt_packages = {rt:?}\n\
+             # the test repository's ebuilds are keyworded amd64 alone\n\
+             package_accept_keywords = [\"*/* amd64\"]\n",
+            stage = stage.display().to_string(),
+            snapshot = common::repo().display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = mkimg(root)
+        .arg("build")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the arm64 build failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // the summary (time per phase), for --nocapture
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    let store = root.join("images");
+    for kind in ["raw", "dev", "rt"] {
+        let m = manifest(&store, &format!("localhost/foreign-{kind}:t1"));
+        let config = blob_json(&store, m["config"]["digest"].as_str().unwrap());
+        assert_eq!(config["os"], "linux", "{kind}");
+        assert_eq!(config["architecture"], "arm64", "{kind}");
+    }
+    let rt = manifest(&store, "localhost/foreign-rt:t1");
+    for program in ["usr/bin/hello", "usr/bin/bash"] {
+        let bytes =
+            file_bytes(&store, &rt, program).unwrap_or_else(|| panic!("rt has no /{program}"));
+        let header = goblin::elf::Elf::parse_header(&bytes)
+            .unwrap_or_else(|e| panic!("/{program} is no ELF: {e}"));
+        assert_eq!(
+            header.e_ident[goblin::elf::header::EI_CLASS],
+            goblin::elf::header::ELFCLASS64,
+            "/{program}"
+        );
+        assert_eq!(
+            header.e_machine,
+            goblin::elf::header::EM_AARCH64,
+            "/{program} is no aarch64 ELF"
+        );
+    }
+
+    // the raw stage, through binfmt_misc: qemu-user answers uname as the machine it emulates
+    let out = mkimg(root)
+        .arg("shell")
+        .arg(&stage)
+        .args(["--tag", "t1", "--", "uname", "-m"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "shell failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "aarch64");
+}
+
+/// `build --platform linux/amd64,linux/arm64` (#14) from the amd64 and arm64 stand-in
+/// stages named in the config file's `[stage3_by_platform]`: each platform is built as
+/// `:t1-amd64` and `:t1-arm64` (binary packages in packages/t1-ARCH, one shared portage/t1),
+/// and raw, dev and rt are each an OCI image index of the two, which skopeo reads and copies
+/// whole from the store; pushed to the local registry, each platform of rt resolves to its
+/// own config.
+///
+/// Ignored: over the CI budget (the arm64 build of the test above, plus an amd64 build).
+#[test]
+#[ignore = "about 20 min cold: the arm64 build under qemu-user and an amd64 build; cargo test --release --test foreign_arch -- --ignored"]
+fn two_platforms_build_into_one_index_per_image() {
+    let amd64 = common::stage().tar();
+    let arm64 = common::arm64_stage();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let config = root.join("multi.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "snapshot = {snapshot:?}\nrepo = \"localhost\"\nbasename = \"multi\"\n\
+             tag = \"t1\"\njobs = 2\nplatform = \"linux/amd64,linux/arm64\"\n\
+             rt_packages = [\"sys-apps/baselayout\", \"app-alternatives/sh\", \
+             \"app-shells/bash\", \"virtual/libc\", \"app-misc/hello\"]\n\
+             package_accept_keywords = [\"*/* amd64\"]\n\
+             [stage3_by_platform]\n\"linux/amd64\" = {amd64:?}\n\"linux/arm64\" = {arm64:?}\n",
+            snapshot = common::repo().display().to_string(),
+            amd64 = amd64.display().to_string(),
+            arm64 = arm64.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = mkimg(root)
+        .args(["build", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the two-platform build failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    let store = root.join("images");
+    let entry = |name: &str| -> Value {
+        let index: Value =
+            serde_json::from_slice(&std::fs::read(store.join("index.json")).unwrap()).unwrap();
+        index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == name)
+            .unwrap_or_else(|| panic!("{name} is not in the store"))
+            .clone()
+    };
+    for kind in ["raw", "dev", "rt"] {
+        let name = format!("localhost/multi-{kind}:t1");
+        assert_eq!(
+            entry(&name)["mediaType"],
+            "application/vnd.oci.image.index.v1+json"
+        );
+        let out = Command::new("skopeo")
+            .args(["inspect", "--raw"])
+            .arg(format!("oci:{}:{name}", store.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let index: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let entries: Vec<(String, String)> = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["platform"]["architecture"].as_str().unwrap().to_string(),
+                    m["digest"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let own = |arch: &str| {
+            entry(&format!("{name}-{arch}"))["digest"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            entries,
+            [
+                ("amd64".to_string(), own("amd64")),
+                ("arm64".to_string(), own("arm64"))
+            ],
+            "{kind}: {index:#}"
+        );
+        let copy = root.join(format!("copy-{kind}"));
+        let out = Command::new("skopeo")
+            .args(["copy", "--all", "--quiet"])
+            .arg(format!("oci:{}:{name}", store.display()))
+            .arg(format!("oci:{}:copied", copy.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for arch in ["amd64", "arm64"] {
+        let packages = root.join("packages").join(format!("t1-{arch}"));
+        assert!(
+            packages.join("Packages").is_file(),
+            "{}",
+            packages.display()
+        );
+        assert!(!root.join("portage").join(format!("t1-{arch}")).exists());
+    }
+    assert!(root.join("portage/t1").is_dir());
+
+    // Pushed, each platform resolves to its own config.
+    let registry = support::Registry::start(&root.join("registry"), support::RegistryAuth::None);
+    let pushed = format!("{}/multi-rt:t1", registry.host());
+    let out = mkimg(root)
+        .args(["tag", "localhost/multi-rt:t1", &pushed])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = mkimg(root).args(["push", &pushed]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for arch in ["amd64", "arm64"] {
+        let out = Command::new("skopeo")
+            .args([
+                "--override-arch",
+                arch,
+                "inspect",
+                "--tls-verify=false",
+                "--config",
+                "--raw",
+            ])
+            .arg(format!("docker://{pushed}"))
+            .env("HOME", root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(config["architecture"], arch, "{config:#}");
+    }
+}
+
+/// The arm64 stand-in stage's recipe is the amd64 one (tests/fixtures/stage/build-stage.sh,
+/// left as it is) with exact edits, each of which must still fit: `--recipe` prints it
+/// without building anything. It builds for arm64 into entries of its own and never prunes
+/// the amd64 stage's.
+#[test]
+fn the_arm64_stage_recipe_is_the_amd64_one_with_its_edits() {
+    let script = common::fixtures_dir()
+        .join("arm64-stage")
+        .join("build-arm64-stage.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("--recipe")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recipe = String::from_utf8(out.stdout).unwrap();
+    let amd64 =
+        std::fs::read_to_string(common::fixtures_dir().join("stage").join("build-stage.sh"))
+            .unwrap();
+    assert_ne!(recipe, amd64);
+    for line in [
+        "PORTAGE_PROFILE=default/linux/arm64/23.0",
+        "CHOST=aarch64-unknown-linux-gnu",
+        "WORLD_ATOMS=(app-misc/hello)",
+        "FINAL=\"$CACHE_ROOT/arm64-stage-$KEY\"",
+        "for old in \"$CACHE_ROOT\"/arm64-stage-????????????????; do",
+        "\tstep_arm64_dpkg_lists",
+    ] {
+        assert!(
+            recipe.lines().any(|l| l.starts_with(line)),
+            "no line {line:?}"
+        );
+    }
+    assert!(recipe.contains("--variant=minbase --arch=arm64 "));
+    for gone in [
+        "\"$CACHE_ROOT\"/stage-*",
+        ".stage.lock",
+        ".stage-tmp.",
+        "\tstep_compress\n",
+    ] {
+        assert!(!recipe.contains(gone), "the recipe still has {gone:?}");
+    }
+    let syntax = Command::new("bash")
+        .arg("-n")
+        .stdin(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(recipe.as_bytes())?;
+            child.wait()
+        })
+        .unwrap();
+    assert!(syntax.success(), "the arm64 recipe is no valid bash");
+    assert!(
+        common::repo()
+            .join("profiles/default/linux/arm64/23.0/packages")
+            .is_file()
     );
 }

@@ -127,6 +127,22 @@ pub fn split_usr_stage() -> PathBuf {
     .join("stage.tar")
 }
 
+/// The stand-in stage3 for arm64 (`tests/fixtures/arm64-stage/build-arm64-stage.sh`: the
+/// stand-in stage's recipe with mmdebstrap --arch=arm64, make.profile ->
+/// `default/linux/arm64/23.0`, CHOST aarch64-unknown-linux-gnu, @world app-misc/hello): its
+/// `stage.tar`. Its programs run through binfmt_misc and qemu-user-static.
+pub fn arm64_stage() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        run_fixture_script(
+            &fixtures_dir()
+                .join("arm64-stage")
+                .join("build-arm64-stage.sh"),
+        )
+    })
+    .join("stage.tar")
+}
+
 /// The test ebuild repository `tests/fixtures/repo`: a plain directory that stands in for
 /// ::gentoo (`profiles/repo_name` is `gentoo`); pass it as the snapshot. With the stand-in
 /// stage it is a small real system: see `tests/fixture_repo.rs` and the repository's
