@@ -381,7 +381,7 @@ fn an_arm64_stage_builds_on_this_host_with_platform_linux_arm64() {
 
 /// `build --platform linux/amd64,linux/arm64` (#14) from the amd64 and arm64 stand-in
 /// stages named in the config file's `[stage3_by_platform]`: each platform is built as
-/// `:t1-amd64` and `:t1-arm64` (binary packages in packages/t1-ARCH, one shared portage/t1),
+/// `:t1-amd64` and `:t1-arm64` (binary packages in packages/t1-ARCH),
 /// and raw, dev and rt are each an OCI image index of the two, which skopeo reads and copies
 /// whole from the store; pushed to the local registry, each platform of rt resolves to its
 /// own config.
@@ -497,9 +497,8 @@ fn two_platforms_build_into_one_index_per_image() {
             "{}",
             packages.display()
         );
-        assert!(!root.join("portage").join(format!("t1-{arch}")).exists());
     }
-    assert!(root.join("portage/t1").is_dir());
+    // (The snapshot is a directory here, used in place: no portage/TAG is extracted.)
 
     // Pushed, each platform resolves to its own config.
     let registry = support::Registry::start(&root.join("registry"), support::RegistryAuth::None);
