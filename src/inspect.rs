@@ -90,14 +90,19 @@ pub struct Package {
     pub repository: Option<String>,
 }
 
+impl From<&crate::image::oci::Platform> for Platform {
+    fn from(p: &crate::image::oci::Platform) -> Self {
+        Platform {
+            os: p.os().to_string(),
+            architecture: p.architecture().to_string(),
+            variant: p.variant().clone(),
+        }
+    }
+}
+
 /// The platform an image config names.
 pub fn platform_of_config(bytes: &[u8]) -> Result<Platform> {
-    let p = crate::image::oci::config_platform(bytes)?;
-    Ok(Platform {
-        os: p.os().to_string(),
-        architecture: p.architecture().to_string(),
-        variant: p.variant().clone(),
-    })
+    Ok(Platform::from(&crate::image::oci::config_platform(bytes)?))
 }
 
 /// Inspect the image tagged `reference` in `store`; when the name is an image index, its
@@ -116,11 +121,7 @@ pub fn inspect_store(
     if is_index(&manifest_desc) {
         let platforms = crate::image::index::platforms(store, &manifest_desc)?
             .iter()
-            .map(|p| Platform {
-                os: p.os().to_string(),
-                architecture: p.architecture().to_string(),
-                variant: p.variant().clone(),
-            })
+            .map(Platform::from)
             .collect();
         index = Some(IndexInfo {
             digest: manifest_desc.digest().to_string(),

@@ -222,17 +222,43 @@ fn blob_json(store: &Path, digest: &str) -> Value {
     serde_json::from_slice(&std::fs::read(store.join("blobs/sha256").join(hex)).unwrap()).unwrap()
 }
 
-/// The manifest of a tagged image of the store.
-fn manifest(store: &Path, reference: &str) -> Value {
+/// The entry of index.json that tags `reference`.
+fn index_entry(store: &Path, reference: &str) -> Value {
     let index: Value =
         serde_json::from_slice(&std::fs::read(store.join("index.json")).unwrap()).unwrap();
-    let entry = index["manifests"]
+    index["manifests"]
         .as_array()
         .unwrap()
         .iter()
         .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == reference)
-        .unwrap_or_else(|| panic!("{reference} is not in the store"));
-    blob_json(store, entry["digest"].as_str().unwrap())
+        .unwrap_or_else(|| panic!("{reference} is not in the store"))
+        .clone()
+}
+
+/// The manifest of a tagged image of the store.
+fn manifest(store: &Path, reference: &str) -> Value {
+    blob_json(
+        store,
+        index_entry(store, reference)["digest"].as_str().unwrap(),
+    )
+}
+
+/// `build --config CONFIG` in `root`, which must succeed; its summary (time per phase) goes
+/// to stderr, for --nocapture.
+fn build_ok(root: &Path, config: &Path, what: &str) {
+    let out = mkimg(root)
+        .args(["build", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
 }
 
 /// The bytes of the regular file `path` in the image (the last layer that has it wins), read
@@ -323,21 +349,7 @@ fn an_arm64_stage_builds_on_this_host_with_platform_linux_arm64() {
         ),
     )
     .unwrap();
-    let out = mkimg(root)
-        .arg("build")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "the arm64 build failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // the summary (time per phase), for --nocapture
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    build_ok(root, &config, "the arm64 build");
     let store = root.join("images");
     for kind in ["raw", "dev", "rt"] {
         let m = manifest(&store, &format!("localhost/foreign-{kind}:t1"));
@@ -412,31 +424,9 @@ fn two_platforms_build_into_one_index_per_image() {
         ),
     )
     .unwrap();
-    let out = mkimg(root)
-        .args(["build", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "the two-platform build failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    build_ok(root, &config, "the two-platform build");
     let store = root.join("images");
-    let entry = |name: &str| -> Value {
-        let index: Value =
-            serde_json::from_slice(&std::fs::read(store.join("index.json")).unwrap()).unwrap();
-        index["manifests"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == name)
-            .unwrap_or_else(|| panic!("{name} is not in the store"))
-            .clone()
-    };
+    let entry = |name: &str| index_entry(&store, name);
     for kind in ["raw", "dev", "rt"] {
         let name = format!("localhost/multi-{kind}:t1");
         assert_eq!(
