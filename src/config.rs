@@ -132,7 +132,8 @@ settings! {
     #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
     pub struct Settings {
         /// The stage3: a tarball, a URL, or stage3:VARIANT[@TIMESTAMP] from the mirror
-        /// [default without arguments: stage3:amd64-musl-openrc].
+        /// [default without arguments: stage3:ARCH-musl-openrc, ARCH the --platform's, else
+        /// the host's: stage3:amd64-musl-openrc on amd64].
         pub stage3: Option<String>,
         /// The Portage tree: a snapshot tarball, a squashfs snapshot, a directory, a URL, or
         /// snapshot:latest, snapshot:YYYYMMDD, snapshot:sqfs:latest [default: snapshot:latest].
@@ -431,17 +432,38 @@ impl Settings {
     }
 
     /// The stage3 and the snapshot to fetch, once the settings are found sound (so nothing
-    /// is downloaded for a build that cannot start). Without any stage3, the newest amd64
-    /// musl OpenRC stage with the latest snapshot.
+    /// is downloaded for a build that cannot start). Without any stage3, the newest musl
+    /// OpenRC stage of the platform (see [`Settings::default_stage3`]) with the latest
+    /// snapshot.
     pub fn sources(&self) -> Result<(Source, Source)> {
         self.checked()?;
-        let stage3 = Source::parse(self.stage3.as_deref().unwrap_or(inputs::DEFAULT_STAGE3))?;
+        let stage3 = match &self.stage3 {
+            Some(given) => Source::parse(given)?,
+            None => self.default_stage3()?,
+        };
         let snapshot = match (&self.snapshot, &self.stage3) {
             (Some(s), _) => Source::parse(s)?,
             (None, None) => Source::parse(inputs::DEFAULT_SNAPSHOT)?,
             (None, Some(_)) => bail!("no snapshot given (argument or config key `snapshot`)"),
         };
         Ok((stage3, snapshot))
+    }
+
+    /// The stage3 when none is named: the musl OpenRC stage of the one `--platform` given,
+    /// else of the host's architecture (`stage3:amd64-musl-openrc` on amd64,
+    /// `stage3:arm64-musl-openrc` on arm64). A named stage3 is never changed: with
+    /// `--platform`, the build checks that it is that platform.
+    fn default_stage3(&self) -> Result<Source> {
+        let platform = match self.platforms()?.as_slice() {
+            [one] => one.clone(),
+            _ => Platform {
+                architecture: crate::image::config::host_architecture().to_string(),
+                variant: None,
+            },
+        };
+        Source::parse(inputs::DEFAULT_STAGE3)?
+            .for_platform(&platform)
+            .with_context(|| format!("no default stage3 for {platform}: name a stage3"))
     }
 
     /// The platforms to build, as `--platform` lists them (none: the stage's own).
@@ -699,7 +721,9 @@ mod tests {
         assert!(err.to_string().contains("snapshot"), "{err}");
     }
 
+    /// On an amd64 host: the amd64 musl stage (an arm64 host gets the arm64 one, below).
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn without_inputs_the_newest_musl_stage_and_snapshot_are_built() {
         let settings = Settings::default();
         let asked = settings.sources().unwrap();
@@ -719,6 +743,55 @@ mod tests {
         assert_eq!(
             plan.reference("dev"),
             "localhost/gentoo-musl-dev:20261122T170547Z"
+        );
+    }
+
+    #[test]
+    fn without_a_stage3_the_platforms_own_musl_stage_is_built() {
+        let stage3 = |platform: Option<&str>, stage3: Option<&str>| -> Result<Source> {
+            let settings = Settings {
+                platform: platform.map(str::to_string),
+                stage3: stage3.map(str::to_string),
+                snapshot: stage3.map(|_| "snapshot:latest".to_string()),
+                ..Default::default()
+            };
+            Ok(settings.sources()?.0)
+        };
+        let parse = |s: &str| Source::parse(s).unwrap();
+        assert_eq!(
+            stage3(Some("linux/arm64"), None).unwrap(),
+            parse("stage3:arm64-musl-openrc")
+        );
+        assert_eq!(
+            stage3(Some("linux/amd64"), None).unwrap(),
+            parse("stage3:amd64-musl-openrc")
+        );
+        assert_eq!(
+            stage3(Some("linux/386"), None).unwrap(),
+            parse("stage3:i686-musl-openrc")
+        );
+        // a named stage3 is kept: the build then checks it against --platform
+        assert_eq!(
+            stage3(Some("linux/arm64"), Some("stage3:amd64-musl-openrc")).unwrap(),
+            parse("stage3:amd64-musl-openrc")
+        );
+        // the host's own, on the hosts whose Gentoo name is known
+        let host = crate::image::config::host_architecture();
+        let gentoo = match host {
+            "amd64" | "arm64" | "ppc64le" | "s390x" => Some(host),
+            "386" => Some("i686"),
+            _ => None,
+        };
+        if let Some(gentoo) = gentoo {
+            assert_eq!(
+                stage3(None, None).unwrap(),
+                parse(&format!("stage3:{gentoo}-musl-openrc"))
+            );
+        }
+        let err = stage3(Some("linux/arm/v7"), None).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no default stage3 for linux/arm/v7: name a stage3"),
+            "{err:#}"
         );
     }
 
