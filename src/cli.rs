@@ -289,7 +289,7 @@ pub struct InspectArgs {
     pub reference: String,
 
     /// Read the image from the registry its name says instead of the store (an index
-    /// resolves to this host's platform).
+    /// resolves to this host's platform, or --platform's).
     #[arg(long)]
     pub remote: bool,
 
@@ -299,7 +299,7 @@ pub struct InspectArgs {
 
     /// When the name is an image index of several platforms: the platform whose image to
     /// inspect, e.g. linux/arm64 [default: this host's].
-    #[arg(long, value_name = "PLATFORM", conflicts_with = "remote")]
+    #[arg(long, value_name = "PLATFORM")]
     pub platform: Option<String>,
 
     /// With --remote: allow plain HTTP and unverified TLS for HOST or HOST:PORT (repeatable;

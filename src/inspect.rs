@@ -32,8 +32,9 @@ pub struct Inspection {
     /// Digest of the image manifest (for a registry index, the platform's manifest).
     pub digest: String,
     pub platform: Platform,
-    /// When the name is an image index (in the store): the index's digest and the platforms
-    /// of its entries; the rest of the report is about the entry of `platform`.
+    /// When the name is an image index (in the store or the registry): the index's digest
+    /// and the platforms of its entries; the rest of the report is about the entry of
+    /// `platform`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<IndexInfo>,
     pub layers: Vec<Layer>,
@@ -186,10 +187,14 @@ fn installed_in_layers<R: std::io::Read + Send + 'static>(
     Ok(vdb.installed())
 }
 
-/// Inspect the image `reference` in its registry (the manifest for this host's platform when
-/// the tag names an index), streaming the layers.
-pub fn inspect_remote(puller: &mut Puller, reference: &str) -> Result<Inspection> {
-    let image = puller.manifest(reference)?;
+/// Inspect the image `reference` in its registry, streaming the layers; when the tag names an
+/// index, its entry for `platform` (`None`: the host's architecture).
+pub fn inspect_remote(
+    puller: &mut Puller,
+    reference: &str,
+    platform: Option<&crate::image::config::Platform>,
+) -> Result<Inspection> {
+    let image = puller.manifest(reference, platform)?;
     let name = image.reference.clone();
     let config = puller.read_small(&image, image.manifest.config())?;
     let platform = platform_of_config(&config)
@@ -203,7 +208,10 @@ pub fn inspect_remote(puller: &mut Puller, reference: &str) -> Result<Inspection
         source: "registry".to_string(),
         digest: image.digest.to_string(),
         platform,
-        index: None,
+        index: image.index.as_ref().map(|(digest, platforms)| IndexInfo {
+            digest: digest.to_string(),
+            platforms: platforms.iter().map(Platform::from).collect(),
+        }),
         layers: layer_rows(layers),
         packages: packages(&installed),
     })

@@ -401,6 +401,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
             }
         }
         Command::Inspect(args) => {
+            let platform = args.platform.as_deref().map(str::parse).transpose()?;
             let report = if args.remote {
                 let opts = publish::registry::PushOptions {
                     insecure_registries: args.insecure_registries.clone(),
@@ -408,9 +409,8 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                     ..Default::default()
                 };
                 let mut puller = publish::pull::Puller::new(opts)?;
-                inspect::inspect_remote(&mut puller, &args.reference)
+                inspect::inspect_remote(&mut puller, &args.reference, platform.as_ref())
             } else {
-                let platform = args.platform.as_deref().map(str::parse).transpose()?;
                 inspect::inspect_store(&store, &args.reference, platform.as_ref())
             }
             .with_context(|| format!("cannot inspect {}", args.reference))?;

@@ -1068,9 +1068,12 @@ fn stages_of_two_platforms_make_an_index_that_skopeo_copies_and_push_sends_whole
         .find(|l| l.starts_with(&format!("{name} ")))
         .unwrap_or_else(|| panic!("{stdout}"));
     assert!(row.ends_with("  linux/amd64,linux/arm64/v8"), "{row}");
-    let inspect = |platform: Option<&str>| -> serde_json::Value {
+    let inspect_in = |remote: bool, platform: Option<&str>| -> serde_json::Value {
         let mut cmd = work.tool(&home);
         cmd.args(["inspect", "--json", &name]);
+        if remote {
+            cmd.arg("--remote");
+        }
         if let Some(p) = platform {
             cmd.args(["--platform", p]);
         }
@@ -1078,6 +1081,7 @@ fn stages_of_two_platforms_make_an_index_that_skopeo_copies_and_push_sends_whole
         assert!(out.status.success(), "{}", text(&out));
         serde_json::from_slice(&out.stdout).unwrap()
     };
+    let inspect = |platform: Option<&str>| inspect_in(false, platform);
     let host_entry = inspect(None);
     assert_eq!(host_entry["digest"], amd.1.as_str(), "{host_entry:#}");
     assert_eq!(host_entry["index"]["digest"], index.1.as_str());
@@ -1098,6 +1102,18 @@ fn stages_of_two_platforms_make_an_index_that_skopeo_copies_and_push_sends_whole
         index.1,
         "the registry serves the store's bytes"
     );
+    // inspect --remote reads the index from the registry as inspect reads the store's
+    for platform in [None, Some("linux/arm64")] {
+        let local = inspect_in(false, platform);
+        let remote = inspect_in(true, platform);
+        assert_eq!(remote["source"], "registry");
+        for field in ["digest", "platform", "index", "layers", "packages"] {
+            assert_eq!(
+                remote[field], local[field],
+                "{field} of {platform:?}: {remote:#}"
+            );
+        }
+    }
     for (arch, digest) in [("amd64", &amd.1), ("arm64", &arm.1)] {
         let manifest = work
             .store

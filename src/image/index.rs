@@ -63,21 +63,30 @@ pub fn pick(
     desc: &Descriptor,
     want: Option<&Platform>,
 ) -> Result<Descriptor> {
+    let index = read_index(store, desc).with_context(|| reference.to_string())?;
+    choose(index.manifests(), reference, want)
+}
+
+/// The entry of `entries` (an index's, of the image `reference`) for `want`, or for the
+/// host's architecture when `want` is `None`; an error naming the platforms there are
+/// otherwise. The store's indexes and a registry's alike.
+pub fn choose(
+    entries: &[Descriptor],
+    reference: &str,
+    want: Option<&Platform>,
+) -> Result<Descriptor> {
     let host = Platform {
         architecture: config::host_architecture().to_string(),
         variant: None,
     };
     let want = want.unwrap_or(&host);
-    let index = read_index(store, desc).with_context(|| reference.to_string())?;
-    if let Some(entry) = index
-        .manifests()
+    if let Some(entry) = entries
         .iter()
         .find(|d| d.platform().as_ref().is_some_and(|p| serves(p, want)))
     {
         return Ok(entry.clone());
     }
-    let has: Vec<String> = index
-        .manifests()
+    let has: Vec<String> = entries
         .iter()
         .filter_map(|d| d.platform().as_ref().map(oci::platform_text))
         .collect();

@@ -20,8 +20,8 @@ use sha2::{Digest as _, Sha256};
 use super::registry::{
     PushOptions, Registry, auth_host, body_text, content_digest, runtime_and_clients,
 };
-use crate::image::config::host_architecture;
-use crate::image::oci::Os;
+use crate::image::index::choose;
+use crate::image::oci::Platform;
 use crate::image::reference::Reference;
 use crate::image::store::{
     Descriptor, DescriptorExt, Digest, INDEX_MEDIA_TYPE, ImageManifest, MANIFEST_MEDIA_TYPE,
@@ -45,6 +45,8 @@ pub struct RemoteImage {
     /// Digest of the image manifest (the platform's, when the tag names an index).
     pub digest: Digest,
     pub manifest: ImageManifest,
+    /// When the tag names an index: its digest and the platforms of its entries.
+    pub index: Option<(Digest, Vec<Platform>)>,
 }
 
 #[derive(Deserialize)]
@@ -91,8 +93,13 @@ impl Puller {
         Ok(r)
     }
 
-    /// The image manifest `reference` names (an index resolved to this host's platform).
-    pub fn manifest(&mut self, reference: &str) -> Result<RemoteImage> {
+    /// The image manifest `reference` names; an index is resolved to `platform`'s entry (by
+    /// default the host's).
+    pub fn manifest(
+        &mut self,
+        reference: &str,
+        platform: Option<&crate::image::config::Platform>,
+    ) -> Result<RemoteImage> {
         let dest: Reference = reference.parse()?;
         let (host, repository) = locate(&dest);
         let registry = self.registry(&host)?;
@@ -102,19 +109,20 @@ impl Puller {
             .runtime
             .block_on(get_manifest(&registry, &repository, &dest.tag, None))
             .with_context(|| format!("image {what}"))?;
+        let mut index = None;
         let (bytes, digest) = match index_entries(&bytes)? {
             None => (bytes, digest),
             Some(entries) => {
-                let arch = host_architecture();
-                let chosen = entries
-                    .iter()
-                    .find(|d| platform_matches(d, arch, None))
-                    .ok_or_else(|| {
-                        anyhow!("image {what}: the index {digest} has no manifest for linux/{arch}")
-                    })?;
+                let chosen = choose(&entries, &format!("image {what}"), platform)
+                    .with_context(|| format!("the index {digest}"))?;
                 let child = chosen
                     .blob()
                     .with_context(|| format!("image {what}: the index {digest}"))?;
+                let platforms = entries
+                    .iter()
+                    .filter_map(|d| d.platform().clone())
+                    .collect();
+                index = Some((digest, platforms));
                 self.runtime
                     .block_on(get_manifest(
                         &registry,
@@ -133,6 +141,7 @@ impl Puller {
             repository,
             digest,
             manifest,
+            index,
         })
     }
 
@@ -302,15 +311,6 @@ pub(super) fn index_entries(bytes: &[u8]) -> Result<Option<Vec<Descriptor>>> {
     })
 }
 
-fn platform_matches(desc: &Descriptor, arch: &str, variant: Option<&str>) -> bool {
-    let Some(p) = desc.platform() else {
-        return false;
-    };
-    *p.os() == Os::Linux
-        && p.architecture().to_string() == arch
-        && (variant.is_none() || p.variant().as_deref() == variant)
-}
-
 /// An answer's body as a blocking reader, driven on the puller's runtime.
 struct Body {
     runtime: Arc<tokio::runtime::Runtime>,
@@ -422,11 +422,19 @@ mod tests {
                "digest":"sha256:2222222222222222222222222222222222222222222222222222222222222222",
                "platform":{"os":"linux","architecture":"amd64"}}]}"#;
         let entries = index_entries(index).unwrap().unwrap();
-        let amd = entries
-            .iter()
-            .find(|d| platform_matches(d, "amd64", None))
-            .unwrap();
+        let want = |arch: &str| crate::image::config::Platform {
+            architecture: arch.to_string(),
+            variant: None,
+        };
+        let amd = choose(&entries, "i", Some(&want("amd64"))).unwrap();
         assert!(amd.digest().to_string().ends_with("2222"));
+        let arm = choose(&entries, "i", Some(&want("arm64"))).unwrap();
+        assert!(arm.digest().to_string().ends_with("1111"));
+        let err = choose(&entries, "i", Some(&want("s390x"))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "i is an image index of linux/arm64, linux/amd64: none is for linux/s390x"
+        );
         let manifest = br#"{"schemaVersion":2,"config":{},"layers":[]}"#;
         assert!(index_entries(manifest).unwrap().is_none());
     }
