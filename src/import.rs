@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::archive::decompress;
 use crate::archive::entries::walk_tar;
-use crate::image::config::{ImageSpec, Platform, platform_from_elf};
+use crate::image::config::{ELF_PROBE_LIMIT, ImageSpec, Platform, platform_from_elf};
 use crate::image::layer::{EntryKind, EntrySink, LayerCompression, LayerInfo, LayerWriter};
 use crate::image::reference::Reference;
 use crate::image::store::{Descriptor, DescriptorExt, Store};
@@ -59,9 +59,6 @@ pub struct TarOptions {
     /// No mtime later than this (SOURCE_DATE_EPOCH).
     pub clamp_mtime: Option<u64>,
 }
-
-/// Largest binary read whole to find the platform (ARM keeps it at the end of the file).
-const ELF_PROBE_LIMIT: u64 = 16 << 20;
 
 fn is_binary_dir(path: &[u8]) -> bool {
     let dir = match path.iter().rposition(|&b| b == b'/') {

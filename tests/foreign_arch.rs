@@ -142,6 +142,46 @@ fn without_a_handler_with_the_f_flag_a_foreign_stage_is_refused_before_anything_
     }
 }
 
+/// `shell` of a foreign stage without a handler: the same one line as the build's, not the
+/// kernel's "Exec format error" from inside the session, and no session is left behind.
+#[test]
+fn shell_of_a_foreign_stage_without_a_handler_says_what_to_install() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let stage = root.join("stage3-arm64.tar");
+    tiny_arm64_stage(&stage);
+    let binfmt = binfmt_dir(root, &[]);
+    let out = mkimg(root)
+        .arg("shell")
+        .arg(&stage)
+        .args(["--tag", "t1", "--", "/usr/bin/true"])
+        .env("GENTOO_MKIMG_BINFMT_MISC", &binfmt)
+        .output()
+        .unwrap();
+    let lines = stderr_lines(&out);
+    assert!(!out.status.success(), "the shell did not fail: {lines:#?}");
+    assert_eq!(
+        lines,
+        [format!(
+            "gentoo-mkimg: error: stage3 {} is arm64 (aarch64), this host is amd64: running it \
+             needs a qemu-user binfmt_misc handler registered with the F flag (Debian: apt \
+             install qemu-user-static); {} has no handler for arm64 programs",
+            stage.display(),
+            binfmt.display()
+        )]
+    );
+    let runs = root.join("cache").join("runs");
+    let left: Vec<_> = std::fs::read_dir(&runs)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        left,
+        Vec::<PathBuf>::new(),
+        "a session was left in {}",
+        runs.display()
+    );
+}
+
 #[test]
 fn platform_refuses_a_stage_of_another_platform() {
     let tmp = tempfile::tempdir().unwrap();

@@ -203,6 +203,31 @@ impl Dir {
         Ok(dir)
     }
 
+    /// Open the regular file `name` of this directory (one component) for reading. A
+    /// symlink, a directory, a FIFO or a device is refused with `ELOOP`, `EISDIR`, or
+    /// `EINVAL`: it is opened `O_PATH` first and only reopened (through `/proc/self/fd`)
+    /// once it is known to be a regular file, so nothing else is ever opened.
+    pub fn open_regular(&self, name: &[u8]) -> io::Result<std::fs::File> {
+        if name.is_empty() || name.contains(&b'/') || name == b".." || name == b"." {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("not a plain name: {:?}", String::from_utf8_lossy(name)),
+            ));
+        }
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        let fd = openat2(self.fd.as_fd(), OsStr::from_bytes(name), how)?;
+        let stat = fstat(&fd)?;
+        match stat.st_mode & libc::S_IFMT {
+            libc::S_IFREG => {}
+            libc::S_IFLNK => return Err(io::Error::from_raw_os_error(libc::ELOOP)),
+            libc::S_IFDIR => return Err(io::Error::from_raw_os_error(libc::EISDIR)),
+            _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+        std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+    }
+
     /// Names in this directory (not `.` and `..`), sorted bytewise.
     pub fn names(&self) -> Result<Vec<Vec<u8>>> {
         let list = || anyhow!("{}: cannot list", self.path.display());

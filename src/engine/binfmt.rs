@@ -9,14 +9,16 @@
 //! install when there is none. It does not register handlers (`scripts/setup-host` does, on
 //! a host without systemd-binfmt).
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use goblin::elf::header::{
     EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV, EM_S390, EM_X86_64,
 };
 
-use crate::image::config::Platform;
+use crate::archive::pinned::Dir;
+use crate::image::config::{ELF_PROBE_LIMIT, Platform, platform_from_elf};
 
 /// Where the kernel's binfmt_misc handlers are (one file each, plus `status` and `register`).
 pub const BINFMT_MISC: &str = "/proc/sys/fs/binfmt_misc";
@@ -135,6 +137,58 @@ impl Handler {
     }
 }
 
+/// The directories whose first ELF program tells a stage's platform (as `import` reads a
+/// stage's archive).
+const PROGRAM_DIRS: [&str; 4] = ["bin", "sbin", "usr/bin", "usr/sbin"];
+
+/// The platform of the programs of the stage extracted at `rootfs`: that of the first ELF
+/// program (by name) in bin, sbin, usr/bin or usr/sbin. Nothing in the stage is followed: a
+/// directory that is a symlink (merged /usr) is skipped, and only regular files are read.
+/// `None` when there is no such program.
+pub fn rootfs_platform(rootfs: &Path) -> Result<Option<Platform>> {
+    let root = Dir::open(rootfs)?;
+    for dir in PROGRAM_DIRS {
+        let Ok(dir) = root.beneath(dir.as_bytes()) else {
+            continue;
+        };
+        for name in dir.names()? {
+            let Ok(file) = dir.open_regular(&name) else {
+                continue;
+            };
+            let what = || dir.display(&name);
+            let mut data = Vec::new();
+            let mut file = file.take(ELF_PROBE_LIMIT);
+            (&mut file)
+                .take(4)
+                .read_to_end(&mut data)
+                .with_context(|| format!("{}: cannot read", what()))?;
+            if data != b"\x7fELF" {
+                continue;
+            }
+            file.read_to_end(&mut data)
+                .with_context(|| format!("{}: cannot read", what()))?;
+            if let Some(platform) = platform_from_elf(&data) {
+                return Ok(Some(platform));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// [`check_runnable`] for the stage `stage` extracted at `rootfs`, whose platform its own
+/// programs tell ([`rootfs_platform`]); a stage without an ELF program passes.
+pub fn check_rootfs_runnable(stage: &Path, rootfs: &Path) -> Result<()> {
+    match rootfs_platform(rootfs)? {
+        Some(platform) => check_runnable(
+            stage,
+            &platform,
+            crate::image::config::host_architecture(),
+            &binfmt_dir(),
+        ),
+        None => Ok(()),
+    }
+}
+
 /// Fails unless this host can run the programs of a stage of `platform`: natively, or through
 /// an enabled binfmt_misc handler in `binfmt_dir` (normally [`BINFMT_MISC`]) with the F flag
 /// that matches them. The error is one line naming `stage`, both architectures, what is
@@ -232,6 +286,53 @@ mod tests {
 
     fn check(dir: &Path, host: &str) -> Result<()> {
         check_runnable(Path::new("/x/stage3.tar.xz"), &arm64(), host, dir)
+    }
+
+    /// A 64-bit little-endian ELF executable header of `machine`.
+    fn elf64(machine: u16) -> Vec<u8> {
+        let mut h = vec![0u8; 64];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = 2; // 64-bit
+        h[5] = 1; // little-endian
+        h[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        h[18..20].copy_from_slice(&machine.to_le_bytes());
+        h
+    }
+
+    #[test]
+    fn an_extracted_stage_tells_its_platform_by_its_first_program_and_follows_nothing() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        // merged /usr: bin is a link (skipped, not followed); sbin has only a link out of the
+        // stage, a FIFO and a script
+        std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+        std::fs::create_dir_all(root.join("sbin")).unwrap();
+        symlink("usr/bin", root.join("bin")).unwrap();
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(outside.path(), elf64(EM_X86_64)).unwrap();
+        symlink(outside.path(), root.join("sbin/a-link")).unwrap();
+        nix::unistd::mkfifo(&root.join("sbin/b-fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::fs::write(root.join("sbin/c-script"), "#!/bin/sh\nexit 0\n").unwrap();
+        assert_eq!(rootfs_platform(root).unwrap(), None);
+        std::fs::write(root.join("usr/bin/sh"), elf64(EM_AARCH64)).unwrap();
+        assert_eq!(
+            rootfs_platform(root).unwrap().unwrap().to_string(),
+            "linux/arm64/v8"
+        );
+        // and so a session of that stage is refused without a handler, in one line
+        let dir = binfmt(&[], "enabled\n");
+        let e = format!(
+            "{:#}",
+            check_runnable(
+                Path::new("s"),
+                &rootfs_platform(root).unwrap().unwrap(),
+                "amd64",
+                dir.path()
+            )
+            .unwrap_err()
+        );
+        assert!(e.ends_with("has no handler for arm64 programs"), "{e}");
     }
 
     #[test]

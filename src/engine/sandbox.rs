@@ -119,6 +119,9 @@ fn run_session(session: &Session, run_dir: &Path, ids: IdShift) -> Result<i32> {
         session.verbosity,
         ids,
     )?;
+    // A foreign stage runs only through a binfmt_misc handler: one line saying what to
+    // install, rather than the kernel's "Exec format error" from inside the session.
+    super::binfmt::check_rootfs_runnable(&session.stage, &rootfs)?;
     run_in(session, &rootfs, run_dir, ids)
 }
 

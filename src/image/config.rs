@@ -90,6 +90,9 @@ pub fn host_architecture() -> &'static str {
 
 const SHT_ARM_ATTRIBUTES: u32 = 0x7000_0003;
 
+/// Largest program read whole to find the platform (ARM keeps it at the end of the file).
+pub const ELF_PROBE_LIMIT: u64 = 16 << 20;
+
 /// Read the platform from the start of an ELF file (for ARM, the whole file: the CPU
 /// architecture is in the `.ARM.attributes` section). `None` when `data` is not an ELF
 /// executable or shared object of a known machine.
