@@ -191,6 +191,7 @@ fn run(cli: Cli, verbosity: Verbosity) -> Result<ExitCode> {
                 force: args.force,
                 fresh_packages: args.fresh_packages,
                 snapshot_tag: None,
+                stage_digest: None,
             };
             // What is published: the images of one platform, or the indexes of several (and,
             // in an archive, which holds no index, every platform's images by their names).

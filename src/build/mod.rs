@@ -62,6 +62,9 @@ pub struct BuildOptions {
     /// The TAG of `portage/TAG` when it is not the plan's: the platforms of one build share
     /// their snapshot (see [`platforms`]).
     pub snapshot_tag: Option<String>,
+    /// The stage's SHA-256 (hex) when the caller has just read it (a multi-platform build's
+    /// import): the build key then does not read the stage again.
+    pub stage_digest: Option<String>,
 }
 
 /// One finished image of the build.
@@ -631,8 +634,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         let t = Instant::now();
         // The stage is hashed here once: the key, the raw image's label and the engines use
         // it.
-        let stage_digest = crate::archive::digest::sha256_file(&stage)
-            .with_context(|| format!("{}: the build key", plan.stage3.display()))?;
+        let stage_digest = match &opts.stage_digest {
+            Some(digest) => digest.clone(),
+            None => crate::archive::digest::sha256_file(&stage)
+                .with_context(|| format!("{}: the build key", plan.stage3.display()))?,
+        };
         let inputs_key = input_key(opts, &refs, &stage_digest)?;
         let key = build_key(inputs_key.clone(), &opts.store, &refs["raw"], &packages)?;
         if !opts.force

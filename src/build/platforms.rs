@@ -80,7 +80,7 @@ pub fn build_platforms(
 
     // Each platform, as a build of its own.
     let mut builds = Vec::with_capacity(stages.len());
-    for ((want, stage), (found, _)) in stages.iter().zip(&imported.images) {
+    for ((want, stage), (found, stored)) in stages.iter().zip(&imported.images) {
         let tag = raw.for_platform(want)?.tag;
         let mut one = opts.clone();
         one.plan.stage3 = stage.clone();
@@ -91,6 +91,8 @@ pub fn build_platforms(
             .map(|dir| dir.join(&tag[plan.tag.len() + 1..]));
         one.plan.tag = tag;
         one.snapshot_tag = Some(opts.snapshot_tag.clone().unwrap_or(plan.tag.clone()));
+        // just read by the import: not read again for the build key
+        one.stage_digest = Some(stored.stage_digest.clone());
         if opts.verbosity != crate::progress::Verbosity::Quiet {
             eprintln!(
                 "gentoo-mkimg: building {want} as {}",
