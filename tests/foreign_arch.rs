@@ -621,16 +621,21 @@ fn two_platforms_build_into_one_index_per_image() {
     let trace = root.join("rerun.strace");
     let mut rerun = mkimg(root);
     rerun.args(["build", "--config"]).arg(&config);
-    let out = Command::new("strace")
+    let mut strace = Command::new("strace");
+    strace
         .args(["-f", "-qq", "-e", "trace=open,openat,openat2", "-o"])
         .arg(&trace)
         .arg(rerun.get_program())
         .args(rerun.get_args())
-        .env_remove("SOURCE_DATE_EPOCH")
-        .env_remove("GENTOO_MKIMG_BINFMT_MISC")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+        .stdin(Stdio::null());
+    // the environment mkimg() sets (here: what it removes), as it sets it
+    for (name, value) in rerun.get_envs() {
+        match value {
+            Some(value) => strace.env(name, value),
+            None => strace.env_remove(name),
+        };
+    }
+    let out = strace.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
